@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * flows.h: the flow table and the choice of a backend for a new flow.
+ *
+ * A balanced connection has two entries: the forward one (client -> VIP,
+ * rewrite the destination to the backend) and the reply one (backend ->
+ * client, rewrite the source back to the VIP).  A new flow picks its backend
+ * from the service's Maglev ring by a hash of its 5-tuple; the hash and the
+ * ring are the same on every node, so a standby that has not yet received a
+ * flow still picks the same backend for it.
+ */
+#ifndef ZFAST_FLOWS_H
+#define ZFAST_FLOWS_H
+
+#include "maps.h"
+#include "parse.h"
+
+/* murmur3's mixing steps: cheap, and good enough to spread 5-tuples. */
+static __always_inline __u32 zf_mix(__u32 h, __u32 v)
+{
+	v *= 0xcc9e2d51;
+	v = (v << 15) | (v >> 17);
+	v *= 0x1b873593;
+	h ^= v;
+	h = (h << 13) | (h >> 19);
+	return h * 5 + 0xe6546b64;
+}
+
+static __always_inline __u32 zf_flow_hash(const struct flow_key *k)
+{
+	__u32 h = 0x7a66;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		h = zf_mix(h, k->src.w[i]);
+		h = zf_mix(h, k->dst.w[i]);
+	}
+	h = zf_mix(h, ((__u32)k->sport << 16) | k->dport);
+	h = zf_mix(h, k->proto);
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/*
+ * Pick a backend for a new flow of service svc and install both directions.
+ * The reply entry goes in first, so that it exists before the backend can
+ * answer.
+ */
+static __always_inline int zf_flow_new(struct zf_pkt *p, struct service_value *svc,
+				       struct flow_value *fwd)
+{
+	struct flow_key rkey = {};
+	struct flow_value rval = {};
+	struct backend *be;
+	__u32 slot, bi, *idx;
+
+	slot = svc->ring * ZF_RING_SIZE + zf_flow_hash(&p->key) % ZF_RING_SIZE;
+	idx = rings.lookup(&slot);
+	if (!idx || *idx == ZF_NO_BACKEND)
+		return ZF_DROP_NO_BACKEND;
+	bi = *idx;
+	be = backends.lookup(&bi);
+	if (!be || !(be->flags & ZF_BACKEND_UP))
+		return ZF_DROP_NO_BACKEND;
+
+	fwd->addr = be->addr;
+	fwd->port = svc->target_port;
+	fwd->dir = ZF_DIR_FORWARD;
+	fwd->service = svc->index;
+	fwd->backend = bi;
+
+	rkey.src = be->addr;
+	rkey.dst = p->key.src;
+	rkey.sport = svc->target_port;
+	rkey.dport = p->key.sport;
+	rkey.proto = p->key.proto;
+	rkey.family = p->key.family;
+	rval.addr = p->key.dst;
+	rval.port = p->key.dport;
+	rval.dir = ZF_DIR_REPLY;
+	rval.service = svc->index;
+	rval.backend = bi;
+
+	if (flows.update(&rkey, &rval) || flows.update(&p->key, fwd))
+		return ZF_DROP_ERROR;
+	return ZF_CONTINUE;
+}
+
+/* A known flow whose backend went down is balanced again; a removed one drains. */
+static __always_inline int zf_backend_down(__u32 bi)
+{
+	struct backend *be = backends.lookup(&bi);
+
+	return be && (be->flags & ZF_BACKEND_DOWN);
+}
+
+/* The first fragment leaves its decision for the fragments that follow. */
+static __always_inline void zf_frag_remember(struct zf_pkt *p, struct flow_value *fv)
+{
+	struct frag_key fk = {};
+
+	fk.src = p->key.src;
+	fk.dst = p->key.dst;
+	fk.id = p->frag_id;
+	fk.proto = p->key.proto;
+	fk.family = p->key.family;
+	frags.update(&fk, fv);
+}
+
+static __always_inline struct flow_value *zf_frag_lookup(struct zf_pkt *p)
+{
+	struct frag_key fk = {};
+
+	fk.src = p->key.src;
+	fk.dst = p->key.dst;
+	fk.id = p->frag_id;
+	fk.proto = p->key.proto;
+	fk.family = p->key.family;
+	return frags.lookup(&fk);
+}
+
+#endif /* ZFAST_FLOWS_H */

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * maps.h: the data plane's maps.  Every size is a ZF_* constant of
+ * zfast_shared.h that the loader may override.  With ZF_PIN_DIR defined the
+ * maps live in bpffs under that directory, so a restarted daemon (or a new
+ * program) adopts them, flows included, instead of starting empty.
+ */
+#ifndef ZFAST_MAPS_H
+#define ZFAST_MAPS_H
+
+#include "zfast_shared.h"
+
+#ifdef ZF_PIN_DIR
+#define ZF_MAP(type, key, value, name, size) \
+	BPF_TABLE_PINNED(type, key, value, name, size, ZF_PIN_DIR "/" #name)
+#else
+#define ZF_MAP(type, key, value, name, size) \
+	BPF_TABLE(type, key, value, name, size)
+#endif
+
+/* Both directions of every balanced connection. */
+ZF_MAP("lru_hash", struct flow_key, struct flow_value, flows, ZF_FLOW_TABLE);
+/* First fragment's decision, for the fragments that follow it. */
+ZF_MAP("lru_hash", struct frag_key, struct flow_value, frags, ZF_FRAG_TABLE);
+/* (VIP, port, proto) -> service. */
+ZF_MAP("hash", struct service_key, struct service_value, services, ZF_MAX_SERVICE_PORTS);
+/* Backend index -> address. */
+ZF_MAP("array", u32, struct backend, backends, ZF_MAX_BACKENDS);
+/* Maglev lookup tables, ZF_RING_SIZE slots each: slot -> backend index. */
+ZF_MAP("array", u32, u32, rings, ZF_MAX_RINGS * ZF_RING_SIZE);
+
+/* Per-CPU counters: one per reason, per service, per backend. */
+ZF_MAP("percpu_array", u32, struct zf_counter, reason_stats, ZF_REASON_MAX);
+ZF_MAP("percpu_array", u32, struct zf_counter, service_stats, ZF_MAX_SERVICES);
+ZF_MAP("percpu_array", u32, struct zf_counter, backend_stats, ZF_MAX_BACKENDS);
+
+/* Egress ports for XDP_REDIRECT, indexed by ifindex (BCC 0.26 has no devmap_hash). */
+BPF_DEVMAP(tx_ports, ZF_MAX_IFINDEX);
+
+#endif /* ZFAST_MAPS_H */

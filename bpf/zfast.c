@@ -1,0 +1,123 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * zfast.c: the XDP entry point of a zfast balancer.
+ *
+ * One program serves every interface of a node: packets to a service's VIP
+ * are balanced to a backend (destination rewritten), the backends' replies
+ * are rewritten back to the VIP, and both leave through the FIB and the
+ * devmap.  Everything else goes to the kernel untouched.  Each packet ends in
+ * exactly one reason (zfast_shared.h), counted at the single exit.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "zfast_shared.h"
+#include "verdict.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+#include "nat.h"
+#include "flows.h"
+#include "icmp.h"
+#include "forward.h"
+#include "stats.h"
+
+/* A packet of a known flow, or of a new flow to a service. */
+static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
+{
+	struct flow_value *fv, new_fv = {};
+	struct service_value *svc;
+	struct service_key sk = {};
+	int reason = ZF_FWD_FLOW, ret;
+
+	fv = flows.lookup(&p->key);
+	if (fv && fv->dir == ZF_DIR_FORWARD && zf_backend_down(fv->backend))
+		fv = 0; /* its backend is unhealthy: balance the flow again */
+	if (!fv) {
+		sk.vip = p->key.dst;
+		sk.port = p->key.dport;
+		sk.proto = p->key.proto;
+		sk.family = p->key.family;
+		svc = services.lookup(&sk);
+		if (!svc)
+			return ZF_PASS_NO_SERVICE;
+		if (zf_ttl_expires(p))
+			return ZF_PASS_TTL;
+		ret = zf_flow_new(p, svc, &new_fv);
+		if (ret != ZF_CONTINUE)
+			return ret;
+		fv = &new_fv;
+		reason = ZF_FWD_NEW;
+	} else if (zf_ttl_expires(p)) {
+		return ZF_PASS_TTL;
+	}
+
+	if (fv->dir == ZF_DIR_FORWARD) {
+		ret = zf_nat(p, ZF_SIDE_DST, &fv->addr, fv->port);
+		zf_count_service(fv->service, fv->backend, p->len);
+	} else {
+		ret = zf_nat(p, ZF_SIDE_SRC, &fv->addr, fv->port);
+		reason = ZF_FWD_REPLY;
+	}
+	if (ret != ZF_CONTINUE)
+		return ret;
+	if (p->frag == ZF_FRAG_FIRST)
+		zf_frag_remember(p, fv);
+	return zf_forward(ctx, p, reason);
+}
+
+/* A fragment after the first: it follows the first one's decision. */
+static __always_inline int zf_fragment(struct xdp_md *ctx, struct zf_pkt *p)
+{
+	struct flow_value *fv = zf_frag_lookup(p);
+	__u32 diff = 0;
+	int ret;
+
+	if (!fv)
+		return ZF_PASS_FRAGMENT;
+	if (zf_ttl_expires(p))
+		return ZF_PASS_TTL;
+	ret = zf_set_l3_addr(p, fv->dir == ZF_DIR_FORWARD ? ZF_SIDE_DST : ZF_SIDE_SRC, &fv->addr, &diff);
+	if (ret != ZF_CONTINUE)
+		return ret;
+	if (fv->dir == ZF_DIR_FORWARD)
+		zf_count_service(fv->service, fv->backend, p->len);
+	return zf_forward(ctx, p, ZF_FWD_FRAGMENT);
+}
+
+static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
+{
+	struct flow_value *fv = 0;
+	int ret;
+
+	ret = parse_packet(ctx, p);
+	if (ret != ZF_CONTINUE)
+		return ret;
+	if (p->frag == ZF_FRAG_LATER)
+		return zf_fragment(ctx, p);
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
+		return zf_balance(ctx, p);
+	if ((p->family == ZF_AF_INET && p->proto == IPPROTO_ICMP) ||
+	    (p->family == ZF_AF_INET6 && p->proto == IPPROTO_ICMPV6)) {
+		if (zf_ttl_expires(p))
+			return ZF_PASS_TTL;
+		ret = zf_icmp_error(p, &fv);
+		if (ret != ZF_CONTINUE)
+			return ret;
+		return zf_forward(ctx, p, ZF_FWD_ICMP);
+	}
+	return ZF_PASS_NO_SERVICE;
+}
+
+int xdp_zfast(struct xdp_md *ctx)
+{
+	struct zf_pkt p = {};
+	int reason = zf_process(ctx, &p);
+
+	return zf_count_reason(reason, p.len);
+}

@@ -1,0 +1,143 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * zfast_shared.h: every type and constant that the data plane and the
+ * control plane both know.
+ *
+ * The Python side never repeats these layouts: map keys and values come from
+ * BCC's ctypes classes (bpf["map"].Key / .Leaf), and the verdict names are
+ * read from ZF_REASONS below by zfast/reasons.py.  Change a struct here and
+ * both sides follow.
+ */
+#ifndef ZFAST_SHARED_H
+#define ZFAST_SHARED_H
+
+/* ---- Sizes: compile-time defaults, overridden by the loader with -D ---- */
+#ifndef ZF_FLOW_TABLE
+#define ZF_FLOW_TABLE 65536     /* LRU flow entries (two per connection) */
+#endif
+#ifndef ZF_FRAG_TABLE
+#define ZF_FRAG_TABLE 4096      /* datagrams being fragmented right now */
+#endif
+#ifndef ZF_MAX_SERVICES
+#define ZF_MAX_SERVICES 64      /* services (stats slots) */
+#endif
+#ifndef ZF_MAX_SERVICE_PORTS
+#define ZF_MAX_SERVICE_PORTS 1024 /* (VIP, port, proto) entries */
+#endif
+#ifndef ZF_MAX_BACKENDS
+#define ZF_MAX_BACKENDS 4096
+#endif
+#ifndef ZF_RING_SIZE
+#define ZF_RING_SIZE 65537      /* Maglev table size: a prime */
+#endif
+#ifndef ZF_MAX_RINGS
+#define ZF_MAX_RINGS (2 * ZF_MAX_SERVICES) /* two per service: swap, not edit */
+#endif
+#ifndef ZF_MAX_IFINDEX
+#define ZF_MAX_IFINDEX 4096     /* devmap slots, indexed by ifindex */
+#endif
+#define ZF_MAX_EXTHDRS 6        /* IPv6 extension headers walked at most */
+
+/* ---- Address families as stored in keys ---- */
+#define ZF_AF_INET 4
+#define ZF_AF_INET6 6
+
+/* A v4 or v6 address; a v4 address sits in w[0], the rest is zero. */
+struct zf_addr {
+	__be32 w[4];
+};
+
+/* A flow as seen on the wire, in the direction the packet travels. */
+struct flow_key {
+	struct zf_addr src;
+	struct zf_addr dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+#define ZF_DIR_FORWARD 1 /* client -> VIP: rewrite the destination */
+#define ZF_DIR_REPLY 2   /* backend -> client: rewrite the source */
+
+/* What to do with packets of a flow: one entry per direction. */
+struct flow_value {
+	struct zf_addr addr; /* forward: backend address; reply: the VIP */
+	__be16 port;         /* forward: target port; reply: the service port */
+	__u8 dir;            /* ZF_DIR_* */
+	__u8 flags;
+	__u32 service;       /* service index (stats slot) */
+	__u32 backend;       /* backend index (stats slot, health) */
+	__u32 pad;
+};
+
+/* Fragments after the first carry no ports: they follow their first one. */
+struct frag_key {
+	struct zf_addr src;
+	struct zf_addr dst;
+	__u32 id;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct service_key {
+	struct zf_addr vip;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+struct service_value {
+	__u32 index;         /* service index: stats slot */
+	__u32 ring;          /* Maglev ring in use: rings[ring * ZF_RING_SIZE + slot] */
+	__be16 target_port;  /* port on the backends */
+	__u16 flags;
+};
+
+#define ZF_BACKEND_UP 1    /* new flows may be sent here */
+#define ZF_BACKEND_DOWN 2  /* unhealthy: its flows are re-balanced */
+/* Neither flag: removed from the config, established flows drain. */
+
+struct backend {
+	struct zf_addr addr;
+	__u8 family;
+	__u8 flags;
+	__u16 pad;
+};
+
+#define ZF_NO_BACKEND 0xffffffff /* ring slot of a service without backends */
+
+struct zf_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/*
+ * Every packet ends in exactly one reason; the action it takes is the
+ * prefix.  X(name, action, description): the Python side parses these lines.
+ */
+#define ZF_REASONS(X)                                                          \
+	X(FWD_NEW, REDIRECT, "first packet of a flow balanced to a backend")   \
+	X(FWD_FLOW, REDIRECT, "packet of a known flow sent to its backend")    \
+	X(FWD_REPLY, REDIRECT, "backend reply rewritten to the VIP")           \
+	X(FWD_ICMP, REDIRECT, "ICMP error of a balanced flow sent on")         \
+	X(FWD_FRAGMENT, REDIRECT, "later fragment sent after its first one")   \
+	X(PASS_NOT_IP, PASS, "not IPv4/IPv6: left to the kernel")              \
+	X(PASS_NO_SERVICE, PASS, "not for a service: left to the kernel")      \
+	X(PASS_FRAGMENT, PASS, "fragment whose first fragment was not seen")   \
+	X(PASS_TTL, PASS, "TTL or hop limit expired: the kernel answers ICMP") \
+	X(PASS_NO_NEIGH, PASS, "no neighbour entry yet: the kernel resolves it") \
+	X(PASS_FIB, PASS, "route is local, unreachable or too small an MTU")   \
+	X(PASS_VLAN, PASS, "balanced, then forwarded by the kernel's VLAN device") \
+	X(DROP_MALFORMED, DROP, "truncated or malformed header")               \
+	X(DROP_NO_BACKEND, DROP, "service has no healthy backend")             \
+	X(DROP_UDP6_NO_CSUM, DROP, "IPv6 UDP with a zero checksum")            \
+	X(DROP_ERROR, DROP, "internal error (a map refused an update)")
+
+#define ZF_REASON_ENUM(name, action, desc) ZF_##name,
+enum zf_reason { ZF_REASONS(ZF_REASON_ENUM) ZF_REASON_MAX };
+#undef ZF_REASON_ENUM
+
+#endif /* ZFAST_SHARED_H */

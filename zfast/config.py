@@ -1,0 +1,518 @@
+"""The project file: YAML in, frozen dataclasses out, or one ConfigError listing every problem.
+
+Every key and type is checked; a file is accepted whole or rejected whole. Each problem reads
+``<field path>: <value> <why>``, e.g. ``services.app.ports[0].port: 70000 is not a port
+(1-65535)``. A service is named by its ``name`` in paths, or by its index when the name is
+missing, invalid or used twice.
+
+Sections parsed here: ``project``, ``node``, ``services`` and ``datapath``. The sections ``ha``,
+``store``, ``public_ports``, ``routing``, ``telemetry`` and ``core`` are only checked for their
+shape (a mapping, or a list for ``public_ports``) and kept, like the whole file, in
+``Project.raw``.
+
+Extension of the spec, the data plane's sizes (all optional)::
+
+    datapath:
+      maglev_size: 65537   # slots of each service's Maglev table; must be prime
+      flow_table: 65536    # LRU flow entries (two per connection), >= 1024
+      max_services: 64     # services the data plane can hold
+      max_backends: 4096   # backends over all services
+      max_ifindex: 4096    # devmap slots, indexed by ifindex
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from zfast.maglev import is_prime, next_prime
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+PROTOCOLS = ("tcp", "udp")
+XDP_MODES = ("native", "generic", "auto")
+INTERFACE_ROLES = ("public", "private")
+HEALTH_KINDS = ("tcp", "http")
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+_NAME_RE = re.compile(NAME_PATTERN + r"\Z")
+_IFNAMSIZ = 16  # Linux: names are at most 15 bytes plus the NUL
+_BPF_MAP_LIMIT = 2**31 - 1  # keep sizes well inside max_entries (a u32)
+
+# Sections that later work parses; here only their shape is checked.
+_KEPT_SECTIONS = {"ha": dict, "store": dict, "public_ports": list, "routing": dict,
+                  "telemetry": dict, "core": dict}
+_TOP_LEVEL = {"project", "node", "services", "datapath", *_KEPT_SECTIONS}
+
+
+class ConfigError(Exception):
+    """A project file that cannot be used; ``problems`` lists every reason, one per field."""
+
+    def __init__(self, problems: list[str], source: str = "<file>"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    role: str  # public | private
+    mode: str | None = None  # overrides Node.mode for this interface
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    state_dir: str
+    interfaces: tuple[Interface, ...]
+    mode: str = "auto"  # native | generic | auto
+
+
+@dataclass(frozen=True)
+class PortMap:
+    port: int
+    proto: str  # tcp | udp
+    target_port: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: IPAddress
+    weight: int = 1  # 0 drains the backend: it keeps its flows, gets no new ones
+
+
+@dataclass(frozen=True)
+class Health:
+    kind: str  # tcp | http
+    interval_ms: int = 500
+    fall: int = 3  # failed checks in a row before a backend is down
+    rise: int = 2  # good checks in a row before it is up again
+    path: str | None = None  # http only; "/" by default
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    vip: IPAddress
+    ports: tuple[PortMap, ...]
+    backends: tuple[Backend, ...]
+    health: Health | None = None
+
+
+@dataclass(frozen=True)
+class Datapath:
+    maglev_size: int = 65537
+    flow_table: int = 65536
+    max_services: int = 64
+    max_backends: int = 4096
+    max_ifindex: int = 4096
+
+
+@dataclass(frozen=True)
+class Project:
+    project: str
+    node: Node | None
+    services: tuple[Service, ...]
+    datapath: Datapath
+    raw: dict = field(repr=False, hash=False)  # the whole file, for the sections parsed later
+
+
+def load(path: str | Path) -> Project:
+    """Read and check a project file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "is not UTF-8 text"
+        raise ConfigError([f"{source}: cannot read: {reason}"], source) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{source}: {_describe_yaml_error(err)}"], source) from None
+    return parse(data, source)
+
+
+def parse(data: Any, source: str = "<file>") -> Project:
+    """Check an already-read project file (the mapping YAML gives)."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: {_show(data)} is not a mapping of sections"], source)
+    problems = _Problems()
+    top = _Mapping(problems, "", data, _TOP_LEVEL)
+
+    name = top.name("project")
+    for section, kind in _KEPT_SECTIONS.items():
+        if section in data and not isinstance(data[section], kind):
+            problems.add(section, data[section],
+                         "is not a list" if kind is list else "is not a mapping")
+    node = _node(problems, data["node"]) if "node" in data else None
+    datapath = _datapath(problems, data.get("datapath", {}))
+    items = top.list("services", default=[]) or []
+    paths = _service_paths(items)
+    services = tuple(_service(problems, path, item, datapath) for path, item in zip(paths, items))
+    _check_services_together(problems, services, paths, datapath)
+    # Objects built above hold None where a field was bad; they never leave here then.
+    if problems:
+        raise ConfigError(problems, source)
+    return Project(project=name, node=node, services=services, datapath=datapath,
+                   raw=copy.deepcopy(data))
+
+
+# ---- sections -----------------------------------------------------------------------------
+
+def _node(problems: _Problems, value: Any) -> Node:
+    node = _Mapping(problems, "node", value, {"name", "state_dir", "interfaces", "mode"})
+    name = node.name("name")
+    state_dir = node.string("state_dir", default=f"/run/zfast/{name}")
+    mode = node.choice("mode", XDP_MODES, default="auto")
+    items = node.list("interfaces") or []
+    if node.data.get("interfaces") == []:
+        problems.add("node.interfaces", items, "has no interfaces (XDP attaches to them)")
+    interfaces = tuple(_interface(problems, f"node.interfaces[{i}]", item)
+                       for i, item in enumerate(items))
+    seen: dict[str, int] = {}
+    for i, interface in enumerate(interfaces):
+        if interface.name is None:
+            continue
+        if interface.name in seen:
+            problems.add(f"node.interfaces[{i}].name", interface.name,
+                         f"is already node.interfaces[{seen[interface.name]}]")
+        seen.setdefault(interface.name, i)
+    return Node(name=name, state_dir=state_dir, interfaces=interfaces, mode=mode)
+
+
+def _interface(problems: _Problems, path: str, value: Any) -> Interface:
+    interface = _Mapping(problems, path, value, {"name", "role", "mode"})
+    name = interface.string("name")
+    if name is not None and not _is_interface_name(name):
+        problems.add(f"{path}.name", name,
+                     "is not an interface name (1-15 characters, no '/', ':' or spaces)")
+        name = None
+    return Interface(name=name, role=interface.choice("role", INTERFACE_ROLES),
+                     mode=interface.choice("mode", XDP_MODES, default=None))
+
+
+def _datapath(problems: _Problems, value: Any) -> Datapath:
+    section = _Mapping(problems, "datapath", value, set(Datapath.__dataclass_fields__))
+    defaults = Datapath()
+    maglev_size = section.integer("maglev_size", default=defaults.maglev_size,
+                                  low=3, high=2**24)
+    if maglev_size is not None and not is_prime(maglev_size):
+        problems.add("datapath.maglev_size", maglev_size,
+                     f"is not a prime number (the next prime is {next_prime(maglev_size)})")
+        maglev_size = None
+    sizes = {"maglev_size": maglev_size}
+    for key, low in (("flow_table", 1024), ("max_services", 1), ("max_backends", 1),
+                     ("max_ifindex", 1)):
+        sizes[key] = section.integer(key, default=getattr(defaults, key), low=low,
+                                     high=_BPF_MAP_LIMIT)
+    # An invalid size is reported above; the checks that use it fall back to the default.
+    return Datapath(**{key: getattr(defaults, key) if size is None else size
+                       for key, size in sizes.items()})
+
+
+def _service_paths(items: list) -> list[str]:
+    """How problems name each service: by name when it is valid and unique, else by index."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    uses = Counter(name for name in names if isinstance(name, str))
+    return [f"services.{name}" if _is_name(name) and uses[name] == 1 else f"services[{i}]"
+            for i, name in enumerate(names)]
+
+
+def _service(problems: _Problems, path: str, value: Any, datapath: Datapath) -> Service:
+    service = _Mapping(problems, path, value, {"name", "vip", "ports", "backends", "health"})
+    name = service.name("name")
+    vip = service.address("vip", what="VIP")
+
+    port_items = service.list("ports") or []
+    if service.data.get("ports") == []:
+        problems.add(f"{path}.ports", port_items, "has no ports")
+    ports = tuple(_port(problems, f"{path}.ports[{i}]", item)
+                  for i, item in enumerate(port_items))
+
+    backend_items = service.list("backends", default=[]) or []
+    if service.ok and service.data.get("backends", []) == []:
+        problems.say(f"{path}.backends", "has no backends")
+    backends = tuple(_backend(problems, f"{path}.backends[{i}]", item)
+                     for i, item in enumerate(backend_items))
+    _check_backends(problems, path, vip, backends, datapath)
+
+    health = (_health(problems, f"{path}.health", service.data["health"])
+              if "health" in service.data else None)
+    return Service(name=name, vip=vip, ports=ports, backends=backends, health=health)
+
+
+def _port(problems: _Problems, path: str, value: Any) -> PortMap:
+    port_map = _Mapping(problems, path, value, {"port", "proto", "target_port"})
+    port = port_map.port("port")
+    return PortMap(port=port, proto=port_map.choice("proto", PROTOCOLS),
+                   target_port=port_map.port("target_port", default=port))
+
+
+def _backend(problems: _Problems, path: str, value: Any) -> Backend:
+    backend = _Mapping(problems, path, value, {"address", "weight"})
+    return Backend(address=backend.address("address", what="backend"),
+                   weight=backend.integer("weight", default=1, low=0, high=65535))
+
+
+def _health(problems: _Problems, path: str, value: Any) -> Health:
+    health = _Mapping(problems, path, value,
+                      {"kind", "interval_ms", "fall", "rise", "path"})
+    kind = health.choice("kind", HEALTH_KINDS)
+    url_path = None
+    if kind == "http":
+        url_path = health.string("path", default="/")
+        if url_path is not None and not url_path.startswith("/"):
+            problems.add(f"{path}.path", url_path, "does not start with '/'")
+    elif kind is not None and "path" in health.data:
+        problems.add(f"{path}.path", health.data["path"], "is only for http checks")
+    return Health(kind=kind,
+                  interval_ms=health.integer("interval_ms", default=500, low=10, high=3_600_000),
+                  fall=health.integer("fall", default=3, low=1, high=1000),
+                  rise=health.integer("rise", default=2, low=1, high=1000),
+                  path=url_path)
+
+
+# ---- checks across fields -------------------------------------------------------------------
+
+def _check_backends(problems: _Problems, path: str, vip: IPAddress | None,
+                    backends: tuple[Backend, ...], datapath: Datapath) -> None:
+    first_index: dict[IPAddress, int] = {}
+    for i, backend in enumerate(backends):
+        address = backend.address
+        if address is None:
+            continue
+        if vip is not None and address.version != vip.version:
+            problems.add(f"{path}.backends[{i}].address", str(address),
+                         f"is IPv{address.version} but the VIP {vip} is IPv{vip.version}")
+        if address in first_index:
+            problems.add(f"{path}.backends[{i}].address", str(address),
+                         f"is already {path}.backends[{first_index[address]}]")
+        first_index.setdefault(address, i)
+    if len(backends) > datapath.maglev_size:
+        problems.say(f"{path}.backends", f"{len(backends)} backends do not fit a Maglev table"
+                                          f" of {datapath.maglev_size} slots")
+
+
+def _check_services_together(problems: _Problems, services: tuple[Service, ...],
+                             paths: list[str], datapath: Datapath) -> None:
+    first_named: dict[str, str] = {}
+    first_listener: dict[tuple, str] = {}
+    for service, path in zip(services, paths):
+        if service.name is not None:
+            if service.name in first_named:
+                problems.add(f"{path}.name", service.name,
+                             f"is already the name of {first_named[service.name]}")
+            first_named.setdefault(service.name, path)
+        for i, port_map in enumerate(service.ports):
+            if service.vip is None or port_map.port is None or port_map.proto is None:
+                continue
+            listener = (service.vip, port_map.port, port_map.proto)
+            shown = f"{_host(service.vip)}:{port_map.port}/{port_map.proto}"
+            if listener in first_listener:
+                problems.add(f"{path}.ports[{i}]", shown,
+                             f"is already served by {first_listener[listener]}")
+            first_listener.setdefault(listener, f"{path}.ports[{i}]")
+
+    if len(services) > datapath.max_services:
+        problems.say("services", f"{len(services)} services are more than"
+                                 f" datapath.max_services ({datapath.max_services})")
+    backend_count = sum(len(service.backends) for service in services)
+    if backend_count > datapath.max_backends:
+        problems.say("services", f"{backend_count} backends in all are more than"
+                                 f" datapath.max_backends ({datapath.max_backends})")
+
+
+# ---- reading one mapping ----------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class _Problems(list):
+    """Every problem found so far, as the lines ConfigError shows."""
+
+    def add(self, path: str, value: Any, why: str) -> None:
+        """A bad value: `path: value why`."""
+        self.append(f"{path}: {_show(value)} {why}")
+
+    def say(self, path: str, text: str) -> None:
+        """A problem that is not about one value (a missing field, a count)."""
+        self.append(f"{path}: {text}")
+
+
+class _Mapping:
+    """One mapping of the file: hands out its fields by type, files problems under its path.
+
+    A getter returns the field's value, its default when absent, or None after filing a
+    problem. Nothing is filed twice: if the mapping itself is bad, its fields are not read.
+    """
+
+    def __init__(self, problems: _Problems, path: str, value: Any, known: set[str]):
+        self.problems = problems
+        self.path = path
+        self.ok = isinstance(value, dict)
+        self.data = value if self.ok else {}
+        if not self.ok:
+            problems.add(path, value, "is not a mapping")
+        for key in self.data:
+            if key not in known:
+                problems.say(self._path(key),
+                             f"unknown field (known: {', '.join(sorted(known))})")
+
+    def _path(self, key: Any) -> str:
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def _get(self, key: str, default: Any) -> tuple[bool, Any]:
+        """(present, value): a missing required field is filed and gives (False, None)."""
+        if key in self.data:
+            return True, self.data[key]
+        if default is _REQUIRED:
+            if self.ok:
+                self.problems.say(self._path(key), "is required")
+            return False, None
+        return False, default
+
+    def _bad(self, key: str, value: Any, why: str) -> None:
+        self.problems.add(self._path(key), value, why)
+
+    def string(self, key: str, default: Any = _REQUIRED) -> str | None:
+        present, value = self._get(key, default)
+        if present and (not isinstance(value, str) or not value):
+            self._bad(key, value, "is not a non-empty string")
+            return None
+        return value
+
+    def name(self, key: str, default: Any = _REQUIRED) -> str | None:
+        present, value = self._get(key, default)
+        if present and not _is_name(value):
+            self._bad(key, value, f"is not a name ({NAME_PATTERN})")
+            return None
+        return value
+
+    def integer(self, key: str, default: Any = _REQUIRED, low: int = 0,
+                high: int = _BPF_MAP_LIMIT) -> int | None:
+        present, value = self._get(key, default)
+        if not present:
+            return value
+        if not _is_int(value):  # YAML's true/false are not numbers, whatever Python says
+            self._bad(key, value, "is not an integer")
+            return None
+        if not low <= value <= high:
+            self._bad(key, value, f"is out of range ({low}-{high})")
+            return None
+        return value
+
+    def port(self, key: str, default: Any = _REQUIRED) -> int | None:
+        present, value = self._get(key, default)
+        if present and (not _is_int(value) or not 1 <= value <= 65535):
+            self._bad(key, value, "is not a port (1-65535)")
+            return None
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> str | None:
+        present, value = self._get(key, default)
+        if present and value not in choices:
+            self._bad(key, value, f"is not one of {', '.join(choices)}")
+            return None
+        return value
+
+    def list(self, key: str, default: Any = _REQUIRED) -> list | None:
+        present, value = self._get(key, default)
+        if present and not isinstance(value, list):
+            self._bad(key, value, "is not a list")
+            return None
+        return value
+
+    def address(self, key: str, what: str) -> IPAddress | None:
+        """A usable unicast IPv4 or IPv6 address (of a VIP or a backend)."""
+        present, value = self._get(key, _REQUIRED)
+        if not present:
+            return None
+        try:
+            # A string only: ip_address() would also take an int, which YAML gives for 123.
+            address = ipaddress.ip_address(value) if isinstance(value, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            self._bad(key, value, "is not an IP address")
+            return None
+        unusable = _unusable_reason(address)
+        if unusable:
+            self._bad(key, value, f"is {unusable}, not a usable {what} address")
+            return None
+        return address
+
+
+# ---- small helpers ------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and _NAME_RE.match(value) is not None
+
+
+def _is_interface_name(name: str) -> bool:
+    """What Linux accepts as a device name (dev_valid_name)."""
+    return (0 < len(name.encode()) < _IFNAMSIZ and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in name))
+
+
+def _unusable_reason(address: IPAddress) -> str | None:
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if getattr(address, "scope_id", None):
+        return "scoped to a link"
+    return None
+
+
+def _host(address: IPAddress) -> str:
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def _show(value: Any) -> str:
+    """A value as the problem line shows it: YAML-like and short."""
+    try:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_show(key)} is given twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _describe_yaml_error(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+    if mark is None:
+        return f"is not valid YAML: {problem}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: is not valid YAML: {problem}"

@@ -1,0 +1,250 @@
+"""Services and backends, from the project file into the data plane's maps.
+
+Reconciles desired services with what the maps hold, in an order that never
+breaks a live flow:
+  1. backends are written (new ones UP) before any ring points at them;
+  2. a changed Maglev table goes into the service's spare ring, and only then
+     do the service's (VIP, port, proto) entries switch to it, one atomic map
+     update each: a packet sees the old table or the new, never a mix;
+  3. removed backends and services are unhooked last; their established
+     flows drain (flow entries carry the backend's address, not a pointer).
+Indices (service slot, backend slot) stay with their name/address across
+applies, so counters and flows keep meaning the same thing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zfast import maglev
+from zfast.config import Service
+from zfast.datapath import (AF, BACKEND_UP, NO_BACKEND, PROTO, DatapathError, IPAddress,
+                            Loaded, set_addr)
+
+MAX_SERVICE_PORTS = 1024  # ZF_MAX_SERVICE_PORTS in bpf/zfast_shared.h
+
+
+class _Slots:
+    """Index allocator that hands out the longest-free slot first.
+
+    Reusing a slot late keeps a just-removed backend's counters and draining
+    flows apart from whatever takes its place.
+    """
+
+    def __init__(self, size: int):
+        self.free = deque(range(size))
+        self.used: dict = {}
+
+    def get(self, name) -> tuple[int, bool]:
+        """(slot, is_new) for name."""
+        if name in self.used:
+            return self.used[name], False
+        if not self.free:
+            raise DatapathError(f"no free slot for {name} (all {len(self.used)} in use)")
+        slot = self.free.popleft()
+        self.used[name] = slot
+        return slot, True
+
+    def release(self, name) -> None:
+        slot = self.used.pop(name, None)
+        if slot is not None:
+            self.free.append(slot)
+
+
+@dataclass
+class _Installed:
+    """What the maps hold for one service."""
+    index: int
+    ring_gen: int = 0
+    table: np.ndarray | None = None                       # backend slots per ring slot
+    backends: dict[IPAddress, int] = field(default_factory=dict)  # address -> slot
+    weights: dict[IPAddress, int] = field(default_factory=dict)
+    keys: dict[tuple, int] = field(default_factory=dict)  # (vip, port, proto) -> target port
+    spec: Service | None = None
+
+
+class ServiceTable:
+    def __init__(self, dp: Loaded):
+        self.dp = dp
+        self.services: dict[str, _Installed] = {}
+        self.service_slots = _Slots(dp.sizes.max_services)
+        self.backend_slots = _Slots(dp.sizes.max_backends)
+
+    # ---- one map entry at a time ---------------------------------------
+
+    def _service_key(self, vip: IPAddress, port: int, proto: str):
+        key = self.dp.table("services").Key()
+        set_addr(key.vip, vip)
+        key.port = _htons(port)
+        key.proto = PROTO[proto]
+        key.family = AF[vip.version]
+        return key
+
+    def _write_backend(self, slot: int, address: IPAddress, flags: int) -> None:
+        table = self.dp.table("backends")
+        value = table.Leaf()
+        set_addr(value.addr, address)
+        value.family = AF[address.version]
+        value.flags = flags
+        table[table.Key(slot)] = value
+
+    # ---- reconcile -------------------------------------------------------
+
+    def check_capacity(self, services: tuple[Service, ...]) -> list[str]:
+        """Problems that would make apply() fail half-way; checked before touching anything."""
+        problems = []
+        ports = sum(len(s.ports) for s in services)
+        if ports > MAX_SERVICE_PORTS:
+            problems.append(f"services: {ports} (VIP, port) entries, the data plane holds {MAX_SERVICE_PORTS}")
+        if len(services) > self.dp.sizes.max_services:
+            problems.append(f"services: {len(services)} services, datapath.max_services is "
+                            f"{self.dp.sizes.max_services}")
+        wanted = {(s.name, b.address) for s in services for b in s.backends}
+        kept = set(self.backend_slots.used) & wanted
+        if len(wanted - kept) > len(self.backend_slots.free):
+            problems.append(f"backends: {len(wanted)} backends, datapath.max_backends is "
+                            f"{self.dp.sizes.max_backends}")
+        return problems
+
+    def apply(self, services: tuple[Service, ...]) -> list[str]:
+        """Make the maps hold exactly these services; returns what changed, one line each."""
+        problems = self.check_capacity(services)
+        if problems:
+            raise DatapathError("; ".join(problems))
+        changes: list[str] = []
+        wanted = {s.name: s for s in services}
+        for svc in services:
+            changes += self._apply_service(svc)
+        for name in [n for n in self.services if n not in wanted]:
+            changes += self._remove_service(name)
+        return changes
+
+    def _apply_service(self, svc: Service) -> list[str]:
+        changes = []
+        inst = self.services.get(svc.name)
+        if inst is None:
+            index, _ = self.service_slots.get(svc.name)
+            _zero_percpu(self.dp.table("service_stats"), index)
+            inst = self.services[svc.name] = _Installed(index=index)
+            changes.append(f"+ service {svc.name} ({svc.vip})")
+
+        # 1. backends first
+        wanted = {b.address: b.weight for b in svc.backends}
+        for address, weight in wanted.items():
+            slot, new = self.backend_slots.get((svc.name, address))
+            if new:
+                _zero_percpu(self.dp.table("backend_stats"), slot)
+                changes.append(f"+ backend {svc.name} {address} weight {weight}")
+            elif inst.weights.get(address) != weight:
+                changes.append(f"~ backend {svc.name} {address} weight {inst.weights.get(address)} -> {weight}")
+            # weight 0: keeps its flows, gets no new ones (not UP, not DOWN)
+            self._write_backend(slot, address, BACKEND_UP if weight > 0 else 0)
+            inst.backends[address] = slot
+        inst.weights = dict(wanted)
+
+        # 2. the Maglev table, swapped in through the spare ring
+        table = self._build_ring(svc, inst)
+        if inst.table is None or not np.array_equal(table, inst.table):
+            gen = 1 - inst.ring_gen if inst.table is not None else 0
+            self.dp.write_ring(inst.index * 2 + gen, table)
+            inst.ring_gen, inst.table = gen, table
+            changes += self._write_keys(svc, inst, force=True)
+        else:
+            changes += self._write_keys(svc, inst, force=False)
+
+        # 3. removed backends drain
+        for address in [a for a in inst.backends if a not in wanted]:
+            slot = inst.backends.pop(address)
+            self._write_backend(slot, address, 0)
+            self.backend_slots.release((svc.name, address))
+            changes.append(f"- backend {svc.name} {address} (draining)")
+        inst.spec = svc
+        return changes
+
+    def _build_ring(self, svc: Service, inst: _Installed) -> np.ndarray:
+        size = self.dp.sizes.maglev_size
+        live = [(str(a), w) for a, w in inst.weights.items() if w > 0]
+        if not live:
+            return np.full(size, NO_BACKEND, dtype=np.uint32)
+        picks = maglev.build_table(live, size)
+        slots = np.array([inst.backends[ip_of(k)] for k, _ in live], dtype=np.uint32)
+        return slots[picks]
+
+    def _write_keys(self, svc: Service, inst: _Installed, force: bool) -> list[str]:
+        table = self.dp.table("services")
+        changes = []
+        wanted = {(svc.vip, p.port, p.proto): p.target_port for p in svc.ports}
+        for (vip, port, proto), target in wanted.items():
+            if not force and inst.keys.get((vip, port, proto)) == target:
+                continue
+            value = table.Leaf()
+            value.index = inst.index
+            value.ring = inst.index * 2 + inst.ring_gen
+            value.target_port = _htons(target)
+            table[self._service_key(vip, port, proto)] = value
+            if inst.keys.get((vip, port, proto)) != target:
+                changes.append(f"+ port {svc.name} {_hostport(vip, port)}/{proto} -> {target}")
+        for key in [k for k in inst.keys if k not in wanted]:
+            vip, port, proto = key
+            try:
+                del table[self._service_key(vip, port, proto)]
+            except KeyError:
+                pass
+            changes.append(f"- port {svc.name} {_hostport(vip, port)}/{proto}")
+        inst.keys = wanted
+        return changes
+
+    def _remove_service(self, name: str) -> list[str]:
+        inst = self.services.pop(name)
+        table = self.dp.table("services")
+        for vip, port, proto in inst.keys:
+            try:
+                del table[self._service_key(vip, port, proto)]
+            except KeyError:
+                pass
+        for address, slot in inst.backends.items():
+            self._write_backend(slot, address, 0)
+            self.backend_slots.release((name, address))
+        self.service_slots.release(name)
+        return [f"- service {name} (flows drain)"]
+
+    # ---- read back ----------------------------------------------------------
+
+    def counters(self) -> list[dict]:
+        """Per service and backend: packets and bytes clients sent."""
+        out = []
+        for name, inst in self.services.items():
+            packets, nbytes = self.dp.percpu_sum("service_stats", inst.index)
+            backends = []
+            for address, slot in inst.backends.items():
+                bp, bb = self.dp.percpu_sum("backend_stats", slot)
+                backends.append({"address": str(address), "packets": bp, "bytes": bb,
+                                 "weight": inst.weights.get(address, 0), "healthy": True})
+            out.append({"name": name, "vip": str(inst.spec.vip) if inst.spec else None,
+                        "packets": packets, "bytes": nbytes, "backends": backends})
+        return out
+
+
+def _htons(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def _hostport(vip: IPAddress, port: int) -> str:
+    return f"[{vip}]:{port}" if vip.version == 6 else f"{vip}:{port}"
+
+
+def ip_of(text: str) -> IPAddress:
+    import ipaddress
+    return ipaddress.ip_address(text)
+
+
+def _zero_percpu(table, slot: int) -> None:
+    """Reset one slot of a per-CPU counter array on every CPU."""
+    values = table.getvalue(table.Key(slot))
+    for v in values:
+        v.packets = 0
+        v.bytes = 0
+    table[table.Key(slot)] = values
