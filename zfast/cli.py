@@ -1,0 +1,253 @@
+"""The zfast command line: a thin shell over zfast's library and the node API.
+
+Errors are one line on stderr and a non-zero exit; --json output is one JSON
+document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from zfast import __version__, config
+from zfast.api import ApiError, Client
+
+RUN_DIR = Path("/run/zfast")
+
+
+class Failure(click.ClickException):
+    """An error that the CLI prints as one line, exit code 1."""
+
+    def show(self, file=None):
+        click.echo(f"zfast: error: {self.format_message()}", err=True)
+
+
+def _fail(message: str) -> None:
+    raise Failure(message)
+
+
+def _load(path: str) -> config.Project:
+    try:
+        return config.load(path)
+    except config.ConfigError as err:
+        _fail(f"{path}: {err}")
+
+
+def _state_dir(state_dir: str | None, config_file: str | None, node: str | None) -> Path:
+    """Which node to talk to: --state-dir, the file's node, --node, or the only one running."""
+    if state_dir:
+        return Path(state_dir)
+    if config_file:
+        project = _load(config_file)
+        if project.node is None:
+            _fail(f"{config_file}: no node section")
+        return Path(project.node.state_dir)
+    if node:
+        return RUN_DIR / node
+    running = sorted(p.parent for p in RUN_DIR.glob("*/api.sock"))
+    if len(running) == 1:
+        return running[0]
+    if not running:
+        _fail("no zfast node is running here (start one with `zfast up -c FILE`)")
+    _fail("several nodes run here; say which with --state-dir or --node: "
+          + ", ".join(p.name for p in running))
+
+
+def node_options(f):
+    f = click.option("--node", help="Node name (state dir /run/zfast/NAME).")(f)
+    f = click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+                     help="Project file whose node to talk to.")(f)
+    f = click.option("--state-dir", type=click.Path(file_okay=False),
+                     help="State dir of the node (default /run/zfast/<node name>).")(f)
+    return f
+
+
+def _client(state_dir, config_file, node) -> Client:
+    return Client(_state_dir(state_dir, config_file, node))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zfast")
+def main():
+    """zfast: an eBPF/XDP project balancer.
+
+    \b
+    Examples:
+      zfast up -c project.yaml        run a node in the foreground
+      zfast apply -c project.yaml     change the running node, hitless
+      zfast stats --json              counters per service, backend, reason
+      zfast demo                      a throw-away topology with real traffic
+    """
+
+
+@main.command()
+@click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              help="Project file (YAML).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the node does.")
+def up(config_file, verbose):
+    """Run one balancer node in the foreground until SIGTERM/SIGINT."""
+    import logging
+
+    from zfast.datapath import DatapathError
+    from zfast.node import Node, NodeError
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    project = _load(config_file)
+    try:
+        node = Node(project)
+        changes = node.start()
+    except (NodeError, DatapathError) as err:
+        _fail(str(err))
+    atts = ", ".join(f"{a.ifname} ({a.mode}, prog {a.prog_id})" for a in node.dp.attached.values())
+    click.echo(f"zfast: node {node.name} up on {atts}; {len(changes)} change(s); "
+               f"API at {node.state_dir}/api.sock", err=True)
+    node.run()
+    click.echo(f"zfast: node {node.name} stopped, interfaces detached", err=True)
+
+
+@main.command()
+@click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              help="Project file (YAML).")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="State dir of the node.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def apply(config_file, state_dir, as_json):
+    """Send a project file to the running node; prints what changed."""
+    project = _load(config_file)  # a bad file is refused here already, with every problem
+    client = Client(Path(state_dir) if state_dir else Path(project.node.state_dir))
+    try:
+        result = client.post("/apply", {"config": Path(config_file).read_text(), "source": config_file})
+    except ApiError as err:
+        _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for line in result["changes"] or ["no change"]:
+        click.echo(line)
+
+
+@main.command()
+@node_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def status(state_dir, config_file, node, as_json):
+    """Role, attached interfaces and modes, program ids, peer, controllers."""
+    try:
+        st = _client(state_dir, config_file, node).get("/status")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"node {st['node']} ({st['project']}): {st['role']}, revision {st['revision']}, pid {st['pid']}")
+    for itf in st["interfaces"]:
+        click.echo(f"  {itf['name']:<16} {itf['mode']:<8} prog {itf['prog_id']}")
+    click.echo(f"  peer: {st['peer'] or 'none (solo)'}")
+
+
+def _print_stats(st: dict, prev: dict | None, interval: float) -> None:
+    def rate(now: int, before: int | None) -> str:
+        if before is None or interval <= 0:
+            return ""
+        return f"{(now - before) / interval:>10.0f} pps"
+
+    prev_svc = {s["name"]: s for s in (prev or {}).get("services", [])}
+    click.echo(f"{'service / backend':<32} {'packets':>12} {'bytes':>14}")
+    for svc in st["services"]:
+        before = prev_svc.get(svc["name"])
+        click.echo(f"{svc['name'] + ' ' + (svc.get('vip') or ''):<32} {svc['packets']:>12} "
+                   f"{svc['bytes']:>14} {rate(svc['packets'], before and before['packets'])}")
+        prev_be = {b["address"]: b for b in (before or {}).get("backends", [])}
+        for be in svc["backends"]:
+            b0 = prev_be.get(be["address"])
+            click.echo(f"  {be['address']:<30} {be['packets']:>12} {be['bytes']:>14} "
+                       f"{rate(be['packets'], b0 and b0['packets'])}")
+    verdicts = {k: v for k, v in st["verdicts"].items() if v["packets"]}
+    if verdicts:
+        click.echo("verdicts:")
+        for name, v in verdicts.items():
+            click.echo(f"  {name:<30} {v['packets']:>12} {v['bytes']:>14}")
+
+
+@main.command()
+@node_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--watch", is_flag=True, help="Refresh every second with rates (Ctrl-C stops).")
+def stats(state_dir, config_file, node, as_json, watch):
+    """Packets and bytes per service, backend and verdict reason."""
+    client = _client(state_dir, config_file, node)
+    prev = None
+    try:
+        while True:
+            st = client.get("/stats")
+            if as_json:
+                click.echo(json.dumps(st))
+            else:
+                if watch:
+                    click.clear()
+                _print_stats(st, prev, st["time"] - prev["time"] if prev else 0)
+            if not watch:
+                return
+            prev = st
+            time.sleep(1)
+    except ApiError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("iface")
+@click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
+              show_default=True, help="XDP attach mode.")
+def attach(iface, mode):
+    """Load the data plane on IFACE without a config (no services: everything passes)."""
+    from zfast.datapath import DatapathError, Loaded, ifindex
+
+    try:
+        ifindex(iface)
+        dp = Loaded()
+        att = dp.attach(iface, mode)
+    except DatapathError as err:
+        _fail(str(err))
+    click.echo(f"attached zfast (prog {att.prog_id}) to {iface} in {att.mode} mode")
+
+
+@main.command()
+@click.argument("iface")
+def detach(iface):
+    """Unload whatever XDP program is on IFACE."""
+    from zfast.datapath import DatapathError, attached_prog, detach_interface
+
+    try:
+        before = attached_prog(iface)
+        detach_interface(iface)
+    except DatapathError as err:
+        _fail(str(err))
+    if before is None:
+        click.echo(f"{iface}: no XDP program was attached")
+    else:
+        click.echo(f"detached prog {before[0]} ({before[1]}) from {iface}")
+
+
+@main.command()
+@click.option("--duration", type=float, default=20.0, show_default=True,
+              help="Seconds of traffic.")
+@click.option("--connections", type=int, default=300, show_default=True,
+              help="TCP connections the client makes.")
+def demo(duration, connections):
+    """Build a throw-away topology (client, balancer, three backends), run real traffic
+    through it with live stats, then tear everything down."""
+    from zfast import demo as demo_mod
+
+    try:
+        demo_mod.run(duration=duration, connections=connections)
+    except demo_mod.DemoError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

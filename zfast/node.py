@@ -1,0 +1,187 @@
+"""One balancer node: the data plane on its interfaces, filled from the project file.
+
+``Node.start()`` checks everything it can before it touches the kernel
+(interfaces exist, the program loads), attaches to every interface or to none,
+and serves the control API.  ``Node.apply()`` reconciles a new project file
+with the maps; a file that fails validation changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from zfast import config
+from zfast.api import Server
+from zfast.datapath import Attachment, DatapathError, Loaded, ifindex
+from zfast.reasons import reasons
+from zfast.services import ServiceTable
+
+log = logging.getLogger("zfast.node")
+
+TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
+
+
+class NodeError(Exception):
+    """The node cannot start or cannot take this change; one line says why."""
+
+
+def check_interfaces(node: config.Node) -> None:
+    missing = []
+    for itf in node.interfaces:
+        try:
+            ifindex(itf.name)
+        except DatapathError:
+            missing.append(itf.name)
+    if missing:
+        raise NodeError("no such interface: " + ", ".join(missing))
+
+
+class Node:
+    def __init__(self, project: config.Project):
+        if project.node is None:
+            raise NodeError("the project file has no node section (name, interfaces)")
+        self.project = project
+        self.name = project.node.name
+        self.state_dir = Path(project.node.state_dir)
+        self.dp: Loaded | None = None
+        self.table: ServiceTable | None = None
+        self.api: Server | None = None
+        self.started = time.time()
+        self._lock_file = None
+        self._stop = threading.Event()
+        self._apply_lock = threading.Lock()
+        self.revision = 0
+
+    # ---- life cycle ---------------------------------------------------------
+
+    def start(self) -> list[str]:
+        node = self.project.node
+        check_interfaces(node)
+        self._take_lock()
+        try:
+            self.dp = Loaded(self.project.datapath)
+            self.table = ServiceTable(self.dp)
+            changes = self.table.apply(self.project.services)
+            self._refresh_tx_ports()
+            try:
+                for itf in node.interfaces:
+                    self.dp.attach(itf.name, itf.mode or node.mode)
+            except DatapathError:
+                self.dp.detach_all()  # all interfaces or none
+                raise
+            self.revision = 1
+            self.api = Server(self.state_dir, {
+                ("GET", "/status"): lambda _: (200, self.status()),
+                ("GET", "/stats"): lambda _: (200, self.stats()),
+                ("POST", "/apply"): self._api_apply,
+            })
+            self.api.start()
+        except Exception:
+            self._release_lock()
+            raise
+        return changes
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then detach cleanly."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(TX_PORTS_REFRESH_S):
+            self._refresh_tx_ports()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.api:
+            self.api.stop()
+            self.api = None
+        if self.dp:
+            self.dp.detach_all()
+        self._release_lock()
+
+    def _take_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.state_dir / "node.lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeError(f"node {self.name} is already running (state dir {self.state_dir})") from None
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
+    def _release_lock(self) -> None:
+        if self._lock_file:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _refresh_tx_ports(self) -> None:
+        self.dp.set_tx_ports([idx for idx, _ in socket.if_nameindex()])
+
+    # ---- apply ----------------------------------------------------------------
+
+    def apply(self, project: config.Project) -> list[str]:
+        if project.node is None or project.node.name != self.name:
+            raise NodeError(f"the file is for node {project.node.name if project.node else None!r}, "
+                            f"this node is {self.name!r}")
+        if project.datapath != self.project.datapath:
+            raise NodeError("datapath sizes differ from the running node's; restart it to resize")
+        if project.node.interfaces != self.project.node.interfaces or project.node.mode != self.project.node.mode:
+            raise NodeError("interfaces differ from the running node's; restart it to change them")
+        with self._apply_lock:
+            changes = self.table.apply(project.services)
+            self.project = project
+            self.revision += 1
+        return changes
+
+    def _api_apply(self, body: dict | None):
+        text = (body or {}).get("config")
+        if not isinstance(text, str):
+            return 400, {"error": "apply needs {\"config\": \"<YAML text>\"}"}
+        try:
+            project = config.parse(yaml.safe_load(text), source=(body or {}).get("source", "<api>"))
+            changes = self.apply(project)
+        except config.ConfigError as err:
+            return 400, {"error": f"{len(err.problems)} problem(s) in the file", "problems": err.problems}
+        except yaml.YAMLError as err:
+            return 400, {"error": f"not YAML: {err}"}
+        except (NodeError, DatapathError) as err:
+            return 409, {"error": str(err)}
+        return 200, {"revision": self.revision, "changes": changes}
+
+    # ---- read -----------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "node": self.name,
+            "project": self.project.project,
+            "role": "solo",
+            "pid": os.getpid(),
+            "revision": self.revision,
+            "started": self.started,
+            "interfaces": [{"name": a.ifname, "mode": a.mode, "prog_id": a.prog_id}
+                           for a in (self.dp.attached.values() if self.dp else [])],
+            "peer": None,
+            "controllers": {},
+        }
+
+    def stats(self) -> dict:
+        counters = self.dp.reason_counters()
+        return {
+            "node": self.name,
+            "time": time.time(),
+            "services": self.table.counters(),
+            "public_ports": [],
+            "drops": {name: p for name, (p, _) in counters.items() if name.startswith("drop_")},
+            "verdicts": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
+        }
+
+
+def reason_descriptions() -> dict[str, str]:
+    return {r.name: r.description for r in reasons()}
