@@ -74,10 +74,13 @@ static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 por
 
 		if (!uh)
 			return ZF_DROP_MALFORMED;
+		/* IPv6 UDP must carry a checksum; one without cannot be patched. */
+		if (!uh->check && p->family == ZF_AF_INET6)
+			return ZF_DROP_UDP6_NO_CSUM;
 		pp = side == ZF_SIDE_DST ? &uh->dest : &uh->source;
 		diff = zf_csum_diff16(diff, *pp, port);
 		*pp = port;
-		if (uh->check || p->family == ZF_AF_INET6) {
+		if (uh->check) {
 			check = zf_csum_apply(uh->check, diff);
 			/* A computed zero is sent as all ones (RFC 768). */
 			uh->check = check ? check : 0xffff;
