@@ -51,7 +51,7 @@ static __always_inline __u32 zf_flow_hash(const struct flow_key *k)
  * The reply entry goes in first, so that it exists before the backend can
  * answer.
  */
-static __always_inline int zf_flow_new(struct zf_pkt *p, struct service_value *svc,
+static __always_inline int zf_flow_new(struct zf_pkt *p, struct service_value *svc, __u32 fw_gen,
 				       struct flow_value *fwd)
 {
 	struct flow_key rkey = {};
@@ -73,6 +73,8 @@ static __always_inline int zf_flow_new(struct zf_pkt *p, struct service_value *s
 	fwd->dir = ZF_DIR_FORWARD;
 	fwd->service = svc->index;
 	fwd->backend = bi;
+	fwd->fw_port = svc->fw_port;
+	fwd->fw_gen = fw_gen;
 
 	rkey.src = be->addr;
 	rkey.dst = p->key.src;

@@ -11,12 +11,13 @@
 #include "zfast_shared.h"
 
 #ifdef ZF_PIN_DIR
-#define ZF_MAP(type, key, value, name, size) \
-	BPF_TABLE_PINNED(type, key, value, name, size, ZF_PIN_DIR "/" #name)
+#define ZF_MAP_F(type, key, value, name, size, flags) \
+	BPF_TABLE_PINNED(type, key, value, name, size, ZF_PIN_DIR "/" #name, flags)
 #else
-#define ZF_MAP(type, key, value, name, size) \
-	BPF_TABLE(type, key, value, name, size)
+#define ZF_MAP_F(type, key, value, name, size, flags) \
+	BPF_F_TABLE(type, key, value, name, size, flags)
 #endif
+#define ZF_MAP(type, key, value, name, size) ZF_MAP_F(type, key, value, name, size, 0)
 
 /* Both directions of every balanced connection. */
 ZF_MAP("lru_hash", struct flow_key, struct flow_value, flows, ZF_FLOW_TABLE);
@@ -33,6 +34,15 @@ ZF_MAP("array", u32, u32, rings, ZF_MAX_RINGS * ZF_RING_SIZE);
 ZF_MAP("percpu_array", u32, struct zf_counter, reason_stats, ZF_REASON_MAX);
 ZF_MAP("percpu_array", u32, struct zf_counter, service_stats, ZF_MAX_SERVICES);
 ZF_MAP("percpu_array", u32, struct zf_counter, backend_stats, ZF_MAX_BACKENDS);
+
+/* Firewall: port policies, two rule tries (one live, one being filled), config. */
+ZF_MAP("array", u32, struct fw_port, fw_ports, ZF_MAX_PUBLIC_PORTS);
+ZF_MAP_F("lpm_trie", struct fw_key, struct fw_rule, fw_rules0, ZF_MAX_RULES, BPF_F_NO_PREALLOC);
+ZF_MAP_F("lpm_trie", struct fw_key, struct fw_rule, fw_rules1, ZF_MAX_RULES, BPF_F_NO_PREALLOC);
+ZF_MAP("array", u32, struct zf_config, config, 1);
+ZF_MAP("lru_hash", struct rate_key, __u64, rate_state, ZF_RATE_TABLE);
+ZF_MAP("percpu_array", u32, struct zf_counter, rule_stats, ZF_MAX_RULES);
+ZF_MAP("percpu_array", u32, struct zf_counter, port_stats, ZF_MAX_PUBLIC_PORTS * ZF_PORT_VERDICTS);
 
 /* Egress ports for XDP_REDIRECT, indexed by ifindex (BCC 0.26 has no devmap_hash). */
 BPF_DEVMAP(tx_ports, ZF_MAX_IFINDEX);

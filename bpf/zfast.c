@@ -24,6 +24,7 @@
 #include "nat.h"
 #include "flows.h"
 #include "icmp.h"
+#include "firewall.h"
 #include "forward.h"
 #include "stats.h"
 
@@ -33,11 +34,26 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 	struct flow_value *fv, new_fv = {};
 	struct service_value *svc;
 	struct service_key sk = {};
+	struct zf_config *cfg;
 	int reason = ZF_FWD_FLOW, ret;
+	__u32 zero = 0;
 
+	cfg = config.lookup(&zero);
 	fv = flows.lookup(&p->key);
-	if (fv && fv->dir == ZF_DIR_FORWARD && zf_backend_down(fv->backend))
-		fv = 0; /* its backend is unhealthy: balance the flow again */
+	if (fv && fv->dir == ZF_DIR_FORWARD) {
+		if (zf_backend_down(fv->backend)) {
+			fv = 0; /* its backend is unhealthy: balance the flow again */
+		} else if (fv->fw_port && cfg && fv->fw_gen != (__u16)cfg->fw_gen) {
+			/* The rules changed since this flow was let in: ask again. */
+			ret = zf_firewall(p, fv->fw_port, cfg);
+			if (ret != ZF_CONTINUE) {
+				zf_count_port(fv->fw_port, ZF_PORT_DENIED, p->len);
+				flows.delete(&p->key);
+				return ret;
+			}
+			fv->fw_gen = cfg->fw_gen;
+		}
+	}
 	if (!fv) {
 		sk.vip = p->key.dst;
 		sk.port = p->key.dport;
@@ -46,9 +62,20 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		svc = services.lookup(&sk);
 		if (!svc)
 			return ZF_PASS_NO_SERVICE;
+		if (svc->fw_port) {
+			/* Denied or limited sources never get a flow entry. */
+			ret = zf_firewall(p, svc->fw_port, cfg);
+			if (ret == ZF_CONTINUE)
+				ret = zf_rate_limit(p, svc->fw_port);
+			if (ret != ZF_CONTINUE) {
+				zf_count_port(svc->fw_port, ret == ZF_DROP_RATE_LIMIT ? ZF_PORT_LIMITED : ZF_PORT_DENIED,
+					      p->len);
+				return ret;
+			}
+		}
 		if (zf_ttl_expires(p))
 			return ZF_PASS_TTL;
-		ret = zf_flow_new(p, svc, &new_fv);
+		ret = zf_flow_new(p, svc, cfg ? cfg->fw_gen : 0, &new_fv);
 		if (ret != ZF_CONTINUE)
 			return ret;
 		fv = &new_fv;
@@ -60,6 +87,8 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 	if (fv->dir == ZF_DIR_FORWARD) {
 		ret = zf_nat(p, ZF_SIDE_DST, &fv->addr, fv->port);
 		zf_count_service(fv->service, fv->backend, p->len);
+		if (fv->fw_port)
+			zf_count_port(fv->fw_port, ZF_PORT_ALLOWED, p->len);
 	} else {
 		ret = zf_nat(p, ZF_SIDE_SRC, &fv->addr, fv->port);
 		reason = ZF_FWD_REPLY;

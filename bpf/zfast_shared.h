@@ -36,6 +36,15 @@
 #ifndef ZF_MAX_IFINDEX
 #define ZF_MAX_IFINDEX 4096     /* devmap slots, indexed by ifindex */
 #endif
+#ifndef ZF_MAX_PUBLIC_PORTS
+#define ZF_MAX_PUBLIC_PORTS 256 /* firewalled public ports; slot 0 = project-wide */
+#endif
+#ifndef ZF_MAX_RULES
+#define ZF_MAX_RULES 131072     /* CIDR rules in each of the two rule tries */
+#endif
+#ifndef ZF_RATE_TABLE
+#define ZF_RATE_TABLE 65536     /* sources tracked by the new-connection rate limit */
+#endif
 #define ZF_MAX_EXTHDRS 6        /* IPv6 extension headers walked at most */
 
 /* ---- Address families as stored in keys ---- */
@@ -69,7 +78,8 @@ struct flow_value {
 	__u8 flags;
 	__u32 service;       /* service index (stats slot) */
 	__u32 backend;       /* backend index (stats slot, health) */
-	__u32 pad;
+	__u16 fw_port;       /* public port slot whose firewall let it in; 0 = none */
+	__u16 fw_gen;        /* rule generation it was checked against */
 };
 
 /* Fragments after the first carry no ports: they follow their first one. */
@@ -94,7 +104,59 @@ struct service_value {
 	__u32 ring;          /* Maglev ring in use: rings[ring * ZF_RING_SIZE + slot] */
 	__be16 target_port;  /* port on the backends */
 	__u16 flags;
+	__u16 fw_port;       /* public port slot (firewall, counters); 0 = a private VIP */
+	__u16 pad;
 };
+
+/* ---- Firewall of the public ports ---- */
+
+#define ZF_FW_ALLOW 1
+#define ZF_FW_DENY 2
+
+/* Per public port slot: default policy and new-connection rate limit. */
+struct fw_port {
+	__u8 policy;         /* ZF_FW_ALLOW / ZF_FW_DENY when no rule matches */
+	__u8 pad[3];
+	__u32 burst;         /* new connections a source may open at once; 0 = no limit */
+	__u64 interval_ns;   /* one new connection per interval, sustained */
+};
+
+/*
+ * LPM key: the prefix covers slot and family (24 bits) then the address, so
+ * one trie holds every port's rules, v4 and v6.  Slot 0 is the project-wide
+ * deny list.
+ */
+struct fw_key {
+	__u32 prefixlen;     /* 24 + CIDR prefix length */
+	__u8 slot[2];        /* public port slot, big endian */
+	__u8 family;
+	__u8 addr[16];
+};
+
+struct fw_rule {
+	__u8 action;         /* ZF_FW_ALLOW / ZF_FW_DENY */
+	__u8 pad[3];
+	__u32 id;            /* rule index: rule_stats slot */
+};
+
+/* Which rule trie is live, and the generation flows are checked against. */
+struct zf_config {
+	__u32 fw_trie;       /* 0 or 1 */
+	__u32 fw_gen;
+};
+
+/* Rate limit state of one source (a v4 /32 or a v6 /64) on one port: GCRA. */
+struct rate_key {
+	__u16 slot;
+	__u8 family;
+	__u8 pad;
+	__be32 addr[4];
+};
+
+#define ZF_PORT_ALLOWED 0    /* port_stats: slot * ZF_PORT_VERDICTS + verdict */
+#define ZF_PORT_DENIED 1
+#define ZF_PORT_LIMITED 2
+#define ZF_PORT_VERDICTS 3
 
 #define ZF_BACKEND_UP 1    /* new flows may be sent here */
 #define ZF_BACKEND_DOWN 2  /* unhealthy: its flows are re-balanced */
@@ -133,6 +195,9 @@ struct zf_counter {
 	X(PASS_VLAN, PASS, "balanced, then forwarded by the kernel's VLAN device") \
 	X(DROP_MALFORMED, DROP, "truncated or malformed header")               \
 	X(DROP_NO_BACKEND, DROP, "service has no healthy backend")             \
+	X(DROP_FW_PROJECT, DROP, "source on the project-wide deny list")       \
+	X(DROP_FW_DENY, DROP, "source denied by the public port's firewall")   \
+	X(DROP_RATE_LIMIT, DROP, "over the port's new-connection rate limit")  \
 	X(DROP_UDP6_NO_CSUM, DROP, "IPv6 UDP with a zero checksum")            \
 	X(DROP_ERROR, DROP, "internal error (a map refused an update)")
 

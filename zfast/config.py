@@ -48,9 +48,10 @@ _IFNAMSIZ = 16  # Linux: names are at most 15 bytes plus the NUL
 _BPF_MAP_LIMIT = 2**31 - 1  # keep sizes well inside max_entries (a u32)
 
 # Sections that later work parses; here only their shape is checked.
-_KEPT_SECTIONS = {"ha": dict, "store": dict, "public_ports": list, "routing": dict,
-                  "telemetry": dict, "core": dict}
-_TOP_LEVEL = {"project", "node", "services", "datapath", *_KEPT_SECTIONS}
+_KEPT_SECTIONS = {"ha": dict, "store": dict, "routing": dict, "telemetry": dict, "core": dict}
+_TOP_LEVEL = {"project", "node", "services", "datapath", "public_ports", "firewall",
+              *_KEPT_SECTIONS}
+ROUTING_PORTS = (80, 443)  # the routing service's (HTTP/HTTPS); not public_ports'
 
 
 class ConfigError(Exception):
@@ -115,6 +116,35 @@ class Datapath:
     max_services: int = 64
     max_backends: int = 4096
     max_ifindex: int = 4096
+    max_public_ports: int = 256   # slot 0 is the project-wide deny list
+    max_rules: int = 131072       # CIDR rules, all ports together
+
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    new_per_s: int   # sustained new connections per second from one source
+    burst: int       # how many it may open at once
+
+
+@dataclass(frozen=True)
+class Firewall:
+    policy: str = "allow"                      # when no rule matches: allow | deny
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class PublicPort:
+    port: int
+    proto: str
+    address: IPAddress       # a public address of the project
+    service: str
+    target_port: int
+    firewall: Firewall = Firewall()
 
 
 @dataclass(frozen=True)
@@ -124,6 +154,8 @@ class Project:
     services: tuple[Service, ...]
     datapath: Datapath
     raw: dict = field(repr=False, hash=False)  # the whole file, for the sections parsed later
+    public_ports: tuple[PublicPort, ...] = ()
+    project_deny: tuple[IPNetwork, ...] = ()   # `firewall: {deny: [...]}`: before every port
 
 
 def load(path: str | Path) -> Project:
@@ -159,11 +191,17 @@ def parse(data: Any, source: str = "<file>") -> Project:
     paths = _service_paths(items)
     services = tuple(_service(problems, path, item, datapath) for path, item in zip(paths, items))
     _check_services_together(problems, services, paths, datapath)
+    project_deny = _project_firewall(problems, data["firewall"]) if "firewall" in data else ()
+    port_items = top.list("public_ports", default=[]) or []
+    public_ports = tuple(_public_port(problems, f"public_ports[{i}]", item)
+                         for i, item in enumerate(port_items))
+    _check_public_ports(problems, public_ports, services, datapath, project_deny)
     # Objects built above hold None where a field was bad; they never leave here then.
     if problems:
         raise ConfigError(problems, source)
     return Project(project=name, node=node, services=services, datapath=datapath,
-                   raw=copy.deepcopy(data))
+                   raw=copy.deepcopy(data), public_ports=public_ports,
+                   project_deny=project_deny)
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -211,7 +249,7 @@ def _datapath(problems: _Problems, value: Any) -> Datapath:
         maglev_size = None
     sizes = {"maglev_size": maglev_size}
     for key, low in (("flow_table", 1024), ("max_services", 1), ("max_backends", 1),
-                     ("max_ifindex", 1)):
+                     ("max_ifindex", 1), ("max_public_ports", 2), ("max_rules", 16)):
         sizes[key] = section.integer(key, default=getattr(defaults, key), low=low,
                                      high=_BPF_MAP_LIMIT)
     # An invalid size is reported above; the checks that use it fall back to the default.
@@ -281,6 +319,71 @@ def _health(problems: _Problems, path: str, value: Any) -> Health:
                   path=url_path)
 
 
+def _project_firewall(problems: _Problems, value: Any) -> tuple[IPNetwork, ...]:
+    section = _Mapping(problems, "firewall", value, {"deny"})
+    items = section.list("deny", default=[]) or []
+    return tuple(n for n in (_cidr(problems, f"firewall.deny[{i}]", item, None)
+                             for i, item in enumerate(items)) if n is not None)
+
+
+def _public_port(problems: _Problems, path: str, value: Any) -> PublicPort:
+    item = _Mapping(problems, path, value,
+                    {"port", "proto", "address", "service", "target_port", "firewall"})
+    port = item.port("port")
+    proto = item.choice("proto", PROTOCOLS)
+    if port in ROUTING_PORTS:
+        problems.add(f"{path}.port", port, "belongs to the routing service (HTTP/HTTPS): "
+                                           "use routing.domains for it")
+        port = None
+    address = item.address("address", what="public")
+    firewall = (_firewall(problems, f"{path}.firewall", item.data["firewall"], address)
+                if "firewall" in item.data else Firewall())
+    return PublicPort(port=port, proto=proto, address=address, service=item.name("service"),
+                      target_port=item.port("target_port", default=port), firewall=firewall)
+
+
+def _firewall(problems: _Problems, path: str, value: Any, address: IPAddress | None) -> Firewall:
+    section = _Mapping(problems, path, value, {"policy", "allow", "deny", "limit"})
+    policy = section.choice("policy", ("allow", "deny"), default="allow")
+    lists = {}
+    for kind in ("allow", "deny"):
+        items = section.list(kind, default=[]) or []
+        lists[kind] = tuple(n for n in (_cidr(problems, f"{path}.{kind}[{i}]", item, address)
+                                        for i, item in enumerate(items)) if n is not None)
+    limit = None
+    if "limit" in section.data:
+        lim = _Mapping(problems, f"{path}.limit", section.data["limit"], {"new_per_s", "burst"})
+        rate = lim.integer("new_per_s", low=1, high=10_000_000)
+        burst = lim.integer("burst", default=rate, low=1, high=10_000_000)
+        if rate is not None and burst is not None:
+            limit = RateLimit(new_per_s=rate, burst=burst)
+    return Firewall(policy=policy, allow=lists["allow"], deny=lists["deny"], limit=limit)
+
+
+def _cidr(problems: _Problems, path: str, value: Any, address: IPAddress | None) -> IPNetwork | None:
+    """A CIDR of a firewall list; of the port address's family when it has one."""
+    if not isinstance(value, str):
+        problems.add(path, value, "is not a CIDR (like 198.51.100.0/24)")
+        return None
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as err:
+        try:
+            loose = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            loose = None
+        if loose is not None and "host bits set" in str(err):
+            problems.add(path, value, f"has host bits set (the network is {loose})")
+        else:
+            problems.add(path, value, "is not a CIDR (like 198.51.100.0/24 or 2001:db8::/32)")
+        return None
+    if address is not None and network.version != address.version:
+        problems.add(path, value, f"is IPv{network.version} but the port's address {address} "
+                                  f"is IPv{address.version}")
+        return None
+    return network
+
+
 # ---- checks across fields -------------------------------------------------------------------
 
 def _check_backends(problems: _Problems, path: str, vip: IPAddress | None,
@@ -329,6 +432,44 @@ def _check_services_together(problems: _Problems, services: tuple[Service, ...],
     if backend_count > datapath.max_backends:
         problems.say("services", f"{backend_count} backends in all are more than"
                                  f" datapath.max_backends ({datapath.max_backends})")
+
+
+def _check_public_ports(problems: _Problems, ports: tuple[PublicPort, ...],
+                        services: tuple[Service, ...], datapath: Datapath,
+                        project_deny: tuple[IPNetwork, ...]) -> None:
+    by_name = {s.name: s for s in services if s.name is not None}
+    listeners = {(s.vip, p.port, p.proto): f"services.{s.name}"
+                 for s in services for p in s.ports if s.vip is not None}
+    first: dict[tuple, str] = {}
+    for i, pp in enumerate(ports):
+        path = f"public_ports[{i}]"
+        if pp.service is not None:
+            service = by_name.get(pp.service)
+            if service is None:
+                problems.add(f"{path}.service", pp.service,
+                             "is not a service of this project (known: "
+                             f"{', '.join(sorted(by_name)) or 'none'})")
+            elif (pp.address is not None and service.vip is not None
+                  and service.vip.version != pp.address.version):
+                problems.add(f"{path}.address", str(pp.address),
+                             f"is IPv{pp.address.version} but service {pp.service}'s backends "
+                             f"are IPv{service.vip.version}")
+        if None in (pp.address, pp.port, pp.proto):
+            continue
+        listener = (pp.address, pp.port, pp.proto)
+        shown = f"{_host(pp.address)}:{pp.port}/{pp.proto}"
+        if listener in first:
+            problems.add(path, shown, f"is already {first[listener]}")
+        elif listener in listeners:
+            problems.add(path, shown, f"is already a port of {listeners[listener]}")
+        first.setdefault(listener, path)
+    if len(ports) >= datapath.max_public_ports:
+        problems.say("public_ports", f"{len(ports)} public ports are more than "
+                                     f"datapath.max_public_ports - 1 ({datapath.max_public_ports - 1})")
+    rules = len(project_deny) + sum(len(p.firewall.allow) + len(p.firewall.deny) for p in ports)
+    if rules > datapath.max_rules:
+        problems.say("public_ports", f"{rules} firewall rules are more than "
+                                     f"datapath.max_rules ({datapath.max_rules})")
 
 
 # ---- reading one mapping ----------------------------------------------------------------------

@@ -77,6 +77,8 @@ def cflags_for(sizes: Sizes, pin: Path | None = None) -> list[str]:
         f"-DZF_MAX_BACKENDS={sizes.max_backends}",
         f"-DZF_RING_SIZE={sizes.maglev_size}",
         f"-DZF_MAX_IFINDEX={sizes.max_ifindex}",
+        f"-DZF_MAX_PUBLIC_PORTS={sizes.max_public_ports}",
+        f"-DZF_MAX_RULES={sizes.max_rules}",
         "-Wno-unused-function",
         "-Wno-compare-distinct-pointer-types",
     ]
@@ -167,21 +169,42 @@ class Loaded:
         counts = self.percpu_all("reason_stats", len(reasons()))
         return {r.name: (int(counts[r.index, 0]), int(counts[r.index, 1])) for r in reasons()}
 
+    def update_batch(self, name: str, keys: np.ndarray, values: np.ndarray) -> None:
+        """Write many entries at once; keys/values are numpy arrays laid out like Key/Leaf."""
+        table = self.table(name)
+        n = len(keys)
+        if n == 0:
+            return
+        ct_keys = (table.Key * n).from_buffer(keys)
+        ct_values = (table.Leaf * n).from_buffer(values)
+        try:
+            table.items_update_batch(ct_keys, ct_values)
+        except Exception:
+            for k, v in zip(ct_keys, ct_values):  # map types or kernels without batch ops
+                table[k] = v
+
+    def delete_batch(self, name: str, keys: np.ndarray) -> None:
+        table = self.table(name)
+        n = len(keys)
+        if n == 0:
+            return
+        ct_keys = (table.Key * n).from_buffer(keys)
+        try:
+            table.items_delete_batch(ct_keys)
+        except Exception:
+            for k in ct_keys:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+
     def write_ring(self, ring: int, backend_ids: np.ndarray) -> None:
         """Fill Maglev ring number ``ring`` with backend indices, in one batch syscall."""
         size = self.sizes.maglev_size
         if len(backend_ids) != size:
             raise ValueError(f"a ring has {size} slots, got {len(backend_ids)}")
-        rings = self.table("rings")
         keys = np.arange(ring * size, (ring + 1) * size, dtype=np.uint32)
-        values = np.ascontiguousarray(backend_ids, dtype=np.uint32)
-        ct_keys = (rings.Key * size).from_buffer(keys)
-        ct_values = (rings.Leaf * size).from_buffer(values)
-        try:
-            rings.items_update_batch(ct_keys, ct_values)
-        except Exception:
-            for k, v in zip(keys.tolist(), values.tolist()):  # kernels without batch ops
-                rings[rings.Key(k)] = rings.Leaf(v)
+        self.update_batch("rings", keys, np.array(backend_ids, dtype=np.uint32))
 
     def set_tx_ports(self, ifindexes: list[int]) -> None:
         tx = self.table("tx_ports")

@@ -9,6 +9,7 @@ with the maps; a file that fails validation changes nothing.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,9 @@ import yaml
 
 from zfast import config
 from zfast.api import Server
-from zfast.datapath import Attachment, DatapathError, Loaded, ifindex
+from zfast.datapath import DatapathError, Loaded, ifindex
+from zfast.events import EventLog
+from zfast.firewall import FirewallTable, explain, listener
 from zfast.reasons import reasons
 from zfast.services import ServiceTable
 
@@ -54,6 +57,8 @@ class Node:
         self.state_dir = Path(project.node.state_dir)
         self.dp: Loaded | None = None
         self.table: ServiceTable | None = None
+        self.fw: FirewallTable | None = None
+        self.events = EventLog(self.state_dir, self.name)
         self.api: Server | None = None
         self.started = time.time()
         self._lock_file = None
@@ -70,7 +75,8 @@ class Node:
         try:
             self.dp = Loaded(self.project.datapath)
             self.table = ServiceTable(self.dp)
-            changes = self.table.apply(self.project.services)
+            self.fw = FirewallTable(self.dp)
+            changes = self._reconcile(self.project)
             self._refresh_tx_ports()
             try:
                 for itf in node.interfaces:
@@ -79,10 +85,14 @@ class Node:
                 self.dp.detach_all()  # all interfaces or none
                 raise
             self.revision = 1
+            self.events.log("apply", revision=1, changes=changes, start=True)
             self.api = Server(self.state_dir, {
                 ("GET", "/status"): lambda _: (200, self.status()),
                 ("GET", "/stats"): lambda _: (200, self.stats()),
                 ("POST", "/apply"): self._api_apply,
+                ("GET", "/fw"): lambda _: (200, self.fw_list()),
+                ("POST", "/fw"): self._api_fw_change,
+                ("POST", "/fw/test"): self._api_fw_test,
             })
             self.api.start()
         except Exception:
@@ -135,10 +145,91 @@ class Node:
         if project.node.interfaces != self.project.node.interfaces or project.node.mode != self.project.node.mode:
             raise NodeError("interfaces differ from the running node's; restart it to change them")
         with self._apply_lock:
-            changes = self.table.apply(project.services)
+            changes = self._reconcile(project)
             self.project = project
             self.revision += 1
+            self.events.log("apply", revision=self.revision, changes=changes)
+            for line in changes:
+                if "firewall" in line or "public port" in line:
+                    self.events.log("firewall", change=line, revision=self.revision)
         return changes
+
+    def _reconcile(self, project: config.Project) -> list[str]:
+        """Desired state into the maps, in an order that never drops a live flow: firewall
+        slots and rules first, then the services entries that point at them, then what
+        is no longer wanted."""
+        problems = self.table.check_capacity(project.services) + self.fw.check_capacity(project)
+        if problems:
+            raise NodeError("; ".join(problems))
+        changes = self.fw.apply(project)
+        changes += self.table.apply(project.services, project.public_ports,
+                                    self.fw.slot_map(project))
+        self.fw.release(project)
+        return changes
+
+    # ---- firewall edits (zfast fw): the same state as apply ---------------------
+
+    def _find_port(self, body: dict) -> tuple[int, config.PublicPort]:
+        matches = [(i, pp) for i, pp in enumerate(self.project.public_ports)
+                   if pp.port == body.get("port")
+                   and body.get("proto") in (None, pp.proto)
+                   and body.get("address") in (None, str(pp.address))]
+        if not matches:
+            raise NodeError(f"no public port {body.get('port')} "
+                            f"(have: {', '.join(str(pp.port) for pp in self.project.public_ports) or 'none'})")
+        if len(matches) > 1:
+            raise NodeError(f"public port {body.get('port')} is ambiguous: give --proto or --address")
+        return matches[0]
+
+    def fw_list(self) -> dict:
+        ports = []
+        for pp in self.project.public_ports:
+            fw = pp.firewall
+            ports.append({"port": pp.port, "proto": pp.proto, "address": str(pp.address),
+                          "service": pp.service, "policy": fw.policy,
+                          "allow": [str(n) for n in fw.allow], "deny": [str(n) for n in fw.deny],
+                          "limit": ({"new_per_s": fw.limit.new_per_s, "burst": fw.limit.burst}
+                                    if fw.limit else None)})
+        return {"project_deny": [str(n) for n in self.project.project_deny], "ports": ports,
+                "rules": self.fw.rule_counters(), "counters": self.fw.counters()}
+
+    def _api_fw_change(self, body: dict | None):
+        body = body or {}
+        op, cidr = body.get("op"), body.get("cidr")
+        if op not in ("allow", "deny", "remove") or not isinstance(cidr, str):
+            return 400, {"error": "fw needs {op: allow|deny|remove, port, cidr}"}
+        try:
+            i, _ = self._find_port(body)
+        except NodeError as err:
+            return 404, {"error": str(err)}
+        raw = json.loads(json.dumps(self.project.raw, default=str))
+        fw = raw["public_ports"][i].setdefault("firewall", {})
+        lists = {k: [c for c in fw.get(k, []) if c != cidr] for k in ("allow", "deny")}
+        if op == "remove" and all(cidr not in fw.get(k, []) for k in ("allow", "deny")):
+            return 404, {"error": f"{cidr} is in neither list of port {body.get('port')}"}
+        if op != "remove":
+            lists[op].append(cidr)
+        fw.update(lists)
+        try:
+            project = config.parse(raw, source="zfast fw")
+            changes = self.apply(project)
+        except config.ConfigError as err:
+            return 400, {"error": f"{len(err.problems)} problem(s)", "problems": err.problems}
+        except (NodeError, DatapathError) as err:
+            return 409, {"error": str(err)}
+        return 200, {"revision": self.revision, "changes": changes}
+
+    def _api_fw_test(self, body: dict | None):
+        body = body or {}
+        try:
+            _, pp = self._find_port(body)
+            result = explain(self.project, str(body.get("src")), pp)
+        except NodeError as err:
+            return 404, {"error": str(err)}
+        except ValueError:
+            return 400, {"error": f"{body.get('src')!r} is not an IP address"}
+        return 200, {"port": pp.port, "proto": pp.proto, "address": str(pp.address),
+                     "src": body.get("src"), **result}
 
     def _api_apply(self, body: dict | None):
         text = (body or {}).get("config")
@@ -177,7 +268,7 @@ class Node:
             "node": self.name,
             "time": time.time(),
             "services": self.table.counters(),
-            "public_ports": [],
+            "public_ports": self.fw.counters(),
             "drops": {name: p for name, (p, _) in counters.items() if name.startswith("drop_")},
             "verdicts": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
         }

@@ -20,22 +20,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zfast import maglev
-from zfast.config import Service
+from zfast.config import PublicPort, Service
 from zfast.datapath import (AF, BACKEND_UP, NO_BACKEND, PROTO, DatapathError, IPAddress,
                             Loaded, set_addr)
 
 MAX_SERVICE_PORTS = 1024  # ZF_MAX_SERVICE_PORTS in bpf/zfast_shared.h
 
 
-class _Slots:
+class Slots:
     """Index allocator that hands out the longest-free slot first.
 
     Reusing a slot late keeps a just-removed backend's counters and draining
     flows apart from whatever takes its place.
     """
 
-    def __init__(self, size: int):
-        self.free = deque(range(size))
+    def __init__(self, size: int, first: int = 0):
+        self.free = deque(range(first, size))
         self.used: dict = {}
 
     def get(self, name) -> tuple[int, bool]:
@@ -62,7 +62,7 @@ class _Installed:
     table: np.ndarray | None = None                       # backend slots per ring slot
     backends: dict[IPAddress, int] = field(default_factory=dict)  # address -> slot
     weights: dict[IPAddress, int] = field(default_factory=dict)
-    keys: dict[tuple, int] = field(default_factory=dict)  # (vip, port, proto) -> target port
+    keys: dict[tuple, tuple] = field(default_factory=dict)  # (addr, port, proto) -> (target, fw slot)
     spec: Service | None = None
 
 
@@ -70,8 +70,8 @@ class ServiceTable:
     def __init__(self, dp: Loaded):
         self.dp = dp
         self.services: dict[str, _Installed] = {}
-        self.service_slots = _Slots(dp.sizes.max_services)
-        self.backend_slots = _Slots(dp.sizes.max_backends)
+        self.service_slots = Slots(dp.sizes.max_services)
+        self.backend_slots = Slots(dp.sizes.max_backends)
 
     # ---- one map entry at a time ---------------------------------------
 
@@ -109,20 +109,27 @@ class ServiceTable:
                             f"{self.dp.sizes.max_backends}")
         return problems
 
-    def apply(self, services: tuple[Service, ...]) -> list[str]:
-        """Make the maps hold exactly these services; returns what changed, one line each."""
+    def apply(self, services: tuple[Service, ...], public_ports: tuple[PublicPort, ...] = (),
+              slot_of: dict[tuple, int] | None = None) -> list[str]:
+        """Make the maps hold exactly these services and the public ports that lead to them
+        (slot_of: the firewall slot of each public port); returns what changed."""
         problems = self.check_capacity(services)
         if problems:
             raise DatapathError("; ".join(problems))
         changes: list[str] = []
         wanted = {s.name: s for s in services}
         for svc in services:
-            changes += self._apply_service(svc)
+            entries = {(svc.vip, p.port, p.proto): (p.target_port, 0) for p in svc.ports}
+            for pp in public_ports:
+                if pp.service == svc.name:
+                    key = (pp.address, pp.port, pp.proto)
+                    entries[key] = (pp.target_port, (slot_of or {})[key])
+            changes += self._apply_service(svc, entries)
         for name in [n for n in self.services if n not in wanted]:
             changes += self._remove_service(name)
         return changes
 
-    def _apply_service(self, svc: Service) -> list[str]:
+    def _apply_service(self, svc: Service, entries: dict[tuple, tuple]) -> list[str]:
         changes = []
         inst = self.services.get(svc.name)
         if inst is None:
@@ -151,9 +158,9 @@ class ServiceTable:
             gen = 1 - inst.ring_gen if inst.table is not None else 0
             self.dp.write_ring(inst.index * 2 + gen, table)
             inst.ring_gen, inst.table = gen, table
-            changes += self._write_keys(svc, inst, force=True)
+            changes += self._write_keys(svc, inst, entries, force=True)
         else:
-            changes += self._write_keys(svc, inst, force=False)
+            changes += self._write_keys(svc, inst, entries, force=False)
 
         # 3. removed backends drain
         for address in [a for a in inst.backends if a not in wanted]:
@@ -173,19 +180,20 @@ class ServiceTable:
         slots = np.array([inst.backends[ip_of(k)] for k, _ in live], dtype=np.uint32)
         return slots[picks]
 
-    def _write_keys(self, svc: Service, inst: _Installed, force: bool) -> list[str]:
+    def _write_keys(self, svc: Service, inst: _Installed, wanted: dict[tuple, tuple],
+                    force: bool) -> list[str]:
         table = self.dp.table("services")
         changes = []
-        wanted = {(svc.vip, p.port, p.proto): p.target_port for p in svc.ports}
-        for (vip, port, proto), target in wanted.items():
-            if not force and inst.keys.get((vip, port, proto)) == target:
+        for (vip, port, proto), (target, slot) in wanted.items():
+            if not force and inst.keys.get((vip, port, proto)) == (target, slot):
                 continue
             value = table.Leaf()
             value.index = inst.index
             value.ring = inst.index * 2 + inst.ring_gen
             value.target_port = _htons(target)
+            value.fw_port = slot
             table[self._service_key(vip, port, proto)] = value
-            if inst.keys.get((vip, port, proto)) != target:
+            if inst.keys.get((vip, port, proto)) != (target, slot):
                 changes.append(f"+ port {svc.name} {_hostport(vip, port)}/{proto} -> {target}")
         for key in [k for k in inst.keys if k not in wanted]:
             vip, port, proto = key

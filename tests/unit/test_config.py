@@ -2,13 +2,13 @@
 
 import copy
 import dataclasses
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 import yaml
 
-from zfast.config import (Backend, ConfigError, Datapath, Health, Interface, Node, PortMap,
-                          Project, Service, load, parse)
+from zfast.config import (Backend, ConfigError, Datapath, Firewall, Health, Interface, Node,
+                          PortMap, Project, PublicPort, Service, load, parse)
 
 SPEC_EXAMPLE = """
 project: demo
@@ -41,7 +41,7 @@ public_ports:
     address: 203.0.113.10
     service: app
     target_port: 22
-    firewall: {policy: deny, allow: ["198.51.100.0/24", "2001:db8:1::/48"], deny: []}
+    firewall: {policy: deny, allow: ["198.51.100.0/24"], deny: []}
 routing:
   addresses: [203.0.113.10, "2001:db8::10"]
   domains:
@@ -69,7 +69,11 @@ def test_spec_example_parses():
             backends=(Backend(IPv4Address("10.1.0.2"), 1), Backend(IPv4Address("10.1.0.3"), 2)),
             health=Health(kind="tcp", interval_ms=500, fall=3, rise=2)),),
         datapath=Datapath(),
-        raw=example())
+        raw=example(),
+        public_ports=(PublicPort(port=2222, proto="tcp", address=IPv4Address("203.0.113.10"),
+                                 service="app", target_port=22,
+                                 firewall=Firewall(policy="deny",
+                                                   allow=(IPv4Network("198.51.100.0/24"),))),))
     assert project.raw["ha"]["priority"] == 100
     assert project.raw["public_ports"][0]["target_port"] == 22
 

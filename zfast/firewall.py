@@ -1,0 +1,230 @@
+"""The public ports' firewall, from the project file into the data plane.
+
+Each public port gets a slot (1..max_public_ports-1; slot 0 is the
+project-wide deny list). Its rules go into an LPM trie keyed by (slot,
+family, CIDR). Two tries alternate: a new rule set is written whole into the
+idle one, then ``config`` flips to it and bumps the rule generation, which
+makes established flows ask the firewall again at their next packet.
+
+The same rules answer ``zfast fw test`` here in Python, with the data plane's
+semantics: project-wide deny first, then the longest prefix of the port's
+rules (deny wins at an equal prefix), then the port's default policy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from dataclasses import dataclass
+
+import numpy as np
+
+from zfast.config import IPNetwork, Project, PublicPort
+from zfast.datapath import DatapathError, Loaded
+from zfast.services import Slots
+
+ALLOW, DENY = 1, 2
+ACTION_NAME = {ALLOW: "allow", DENY: "deny"}
+PROJECT_SLOT = 0
+
+# numpy views of struct fw_key / fw_rule (bpf/zfast_shared.h); checked against BCC's
+# ctypes classes at load, so a change of the C struct fails loudly here.
+FW_KEY = np.dtype([("prefixlen", "<u4"), ("slot", "u1", 2), ("family", "u1"),
+                   ("addr", "u1", 16), ("pad", "u1")])
+FW_RULE = np.dtype([("action", "u1"), ("pad", "u1", 3), ("id", "<u4")])
+FW_PORT = np.dtype([("policy", "u1"), ("pad", "u1", 3), ("burst", "<u4"), ("interval_ns", "<u8")])
+
+
+def listener(pp: PublicPort) -> tuple:
+    return (pp.address, pp.port, pp.proto)
+
+
+@dataclass(frozen=True)
+class Rule:
+    slot: int
+    network: IPNetwork
+    action: int
+    source: str          # where it comes from in the file, for people
+
+    @property
+    def key(self) -> tuple:
+        return (self.slot, self.network)
+
+
+def desired_rules(project: Project, slot_of: dict[tuple, int]) -> dict[tuple, Rule]:
+    """(slot, network) -> Rule for the whole project; deny wins at an equal prefix."""
+    rules: dict[tuple, Rule] = {}
+
+    def add(rule: Rule) -> None:
+        old = rules.get(rule.key)
+        if old is None or (rule.action == DENY and old.action != DENY):
+            rules[rule.key] = rule
+
+    for i, net in enumerate(project.project_deny):
+        add(Rule(PROJECT_SLOT, net, DENY, f"firewall.deny[{i}]"))
+    for i, pp in enumerate(project.public_ports):
+        slot = slot_of[listener(pp)]
+        for kind, action in (("allow", ALLOW), ("deny", DENY)):
+            for j, net in enumerate(getattr(pp.firewall, kind)):
+                add(Rule(slot, net, action, f"public_ports[{i}].firewall.{kind}[{j}]"))
+    return rules
+
+
+def explain(project: Project, src: str, pp: PublicPort) -> dict:
+    """Which rule decides for a source on a public port, and why (data-plane semantics)."""
+    addr = ipaddress.ip_address(src)
+    if addr.version != pp.address.version:
+        return {"verdict": "deny", "rule": None,
+                "why": f"{src} is IPv{addr.version}; the port listens on IPv{pp.address.version}"}
+    hits = [(net, i) for i, net in enumerate(project.project_deny) if addr in net]
+    if hits:
+        net, i = max(hits, key=lambda h: h[0].prefixlen)
+        return {"verdict": "deny", "rule": f"firewall.deny[{i}] {net}",
+                "why": "on the project-wide deny list (checked before every port)"}
+    candidates = [(net, "deny", j) for j, net in enumerate(pp.firewall.deny) if addr in net]
+    candidates += [(net, "allow", j) for j, net in enumerate(pp.firewall.allow) if addr in net]
+    if candidates:
+        # longest prefix; at an equal prefix deny (sorted first) wins
+        best = max(candidates, key=lambda c: (c[0].prefixlen, c[1] == "deny"))
+        net, kind, j = best
+        return {"verdict": kind, "rule": f"firewall.{kind}[{j}] {net}",
+                "why": f"longest matching prefix (/{net.prefixlen})"}
+    return {"verdict": pp.firewall.policy, "rule": None,
+            "why": f"no rule matches: the port's default policy is {pp.firewall.policy}"}
+
+
+class FirewallTable:
+    def __init__(self, dp: Loaded):
+        self.dp = dp
+        self.slots = Slots(dp.sizes.max_public_ports, first=1)
+        self.rule_ids = Slots(dp.sizes.max_rules)
+        self.tries: list[dict[tuple, tuple[int, int]]] = [{}, {}]  # key -> (action, id)
+        self.live = 0
+        self.gen = 0
+        self.rules: dict[tuple, Rule] = {}
+        self.ports: dict[tuple, PublicPort] = {}
+        for cls, dtype in ((dp.table("fw_rules0").Key, FW_KEY), (dp.table("fw_rules0").Leaf, FW_RULE),
+                           (dp.table("fw_ports").Leaf, FW_PORT)):
+            if ctypes.sizeof(cls) != dtype.itemsize:
+                raise DatapathError(f"{cls.__name__}: C layout is {ctypes.sizeof(cls)} bytes, "
+                                    f"firewall.py expects {dtype.itemsize}")
+
+    def slot_map(self, project: Project) -> dict[tuple, int]:
+        """Slots for the project's public ports (new ones allocated, nothing released)."""
+        return {listener(pp): self.slots.get(listener(pp))[0] for pp in project.public_ports}
+
+    def check_capacity(self, project: Project) -> list[str]:
+        new = {listener(pp) for pp in project.public_ports} - set(self.slots.used)
+        if len(new) > len(self.slots.free):
+            return [f"public_ports: no room for {len(new)} more ports"]
+        return []
+
+    def apply(self, project: Project) -> list[str]:
+        """Write port policies and rules; flip to them. Call before the services entries
+        that point at new slots are written; call release() after they are removed."""
+        changes = []
+        slot_of = self.slot_map(project)
+        # 1. port policies (rate limit, default) for every slot in use
+        ports = np.zeros(len(project.public_ports), dtype=FW_PORT)
+        keys = np.zeros(len(project.public_ports), dtype=np.uint32)
+        for i, pp in enumerate(project.public_ports):
+            keys[i] = slot_of[listener(pp)]
+            ports[i]["policy"] = ALLOW if pp.firewall.policy == "allow" else DENY
+            if pp.firewall.limit:
+                ports[i]["burst"] = pp.firewall.limit.burst
+                ports[i]["interval_ns"] = 1_000_000_000 // pp.firewall.limit.new_per_s
+            old = self.ports.get(listener(pp))
+            if old is None:
+                changes.append(f"+ public port {_show(pp)} -> {pp.service}:{pp.target_port}")
+            elif old.firewall != pp.firewall:
+                changes.append(f"~ firewall of {_show(pp)}")
+        self.dp.update_batch("fw_ports", keys, ports)
+
+        # 2. the rule set, into the idle trie, then flip
+        rules = desired_rules(project, slot_of)
+        if rules != self.rules or not self.gen:
+            added = len(rules.keys() - self.rules.keys())
+            removed = len(self.rules.keys() - rules.keys())
+            self._write_trie(1 - self.live, rules)
+            self.live = 1 - self.live
+            self.gen += 1
+            cfg = self.dp.table("config")
+            value = cfg.Leaf()
+            value.fw_trie = self.live
+            value.fw_gen = self.gen
+            cfg[cfg.Key(0)] = value
+            if self.rules or rules:
+                changes.append(f"~ firewall rules: {len(rules)} ({added} added, {removed} removed),"
+                               f" generation {self.gen}")
+            self.rules = rules
+        for key in [k for k in self.ports if k not in slot_of]:
+            changes.append(f"- public port {_show(self.ports[key])}")
+        self.ports = {listener(pp): pp for pp in project.public_ports}
+        return changes
+
+    def release(self, project: Project) -> None:
+        """Free the slots of public ports the project no longer has."""
+        wanted = {listener(pp) for pp in project.public_ports}
+        for key in [k for k in self.slots.used if k not in wanted]:
+            self.slots.release(key)
+
+    def _write_trie(self, trie: int, rules: dict[tuple, Rule]) -> None:
+        name = f"fw_rules{trie}"
+        held = self.tries[trie]
+        stale = [k for k in held if k not in rules]
+        if stale:
+            self.dp.delete_batch(name, _keys(stale))
+        wanted_ids = {}
+        for key in rules:
+            wanted_ids[key] = self.rule_ids.get(key)[0]
+        for key in [k for k in self.rule_ids.used if k not in rules]:
+            self.rule_ids.release(key)
+        changed = [k for k, r in rules.items() if held.get(k) != (r.action, wanted_ids[k])]
+        values = np.zeros(len(changed), dtype=FW_RULE)
+        for i, key in enumerate(changed):
+            values[i]["action"] = rules[key].action
+            values[i]["id"] = wanted_ids[key]
+        self.dp.update_batch(name, _keys(changed), values)
+        self.tries[trie] = {k: (r.action, wanted_ids[k]) for k, r in rules.items()}
+
+    # ---- read back ---------------------------------------------------------------
+
+    def counters(self) -> list[dict]:
+        out = []
+        for key, pp in self.ports.items():
+            slot = self.slots.used[key]
+            base = slot * 3
+            allowed = self.dp.percpu_sum("port_stats", base)
+            denied = self.dp.percpu_sum("port_stats", base + 1)
+            limited = self.dp.percpu_sum("port_stats", base + 2)
+            out.append({"port": pp.port, "proto": pp.proto, "address": str(pp.address),
+                        "service": pp.service, "target_port": pp.target_port,
+                        "packets": allowed[0] + denied[0] + limited[0],
+                        "allowed": allowed[0], "denied": denied[0] + limited[0],
+                        "rate_limited": limited[0]})
+        return out
+
+    def rule_counters(self) -> list[dict]:
+        out = []
+        for key, rule in self.rules.items():
+            rid = self.rule_ids.used.get(key)
+            packets, nbytes = self.dp.percpu_sum("rule_stats", rid) if rid is not None else (0, 0)
+            out.append({"rule": rule.source, "cidr": str(rule.network),
+                        "action": ACTION_NAME[rule.action], "packets": packets, "bytes": nbytes})
+        return out
+
+
+def _keys(keys: list[tuple]) -> np.ndarray:
+    arr = np.zeros(len(keys), dtype=FW_KEY)
+    for i, (slot, net) in enumerate(keys):
+        arr[i]["prefixlen"] = 24 + net.prefixlen
+        arr[i]["slot"] = (slot >> 8, slot & 0xFF)
+        arr[i]["family"] = net.version
+        arr[i]["addr"][: len(net.network_address.packed)] = np.frombuffer(
+            net.network_address.packed, dtype=np.uint8)
+    return arr
+
+
+def _show(pp: PublicPort) -> str:
+    host = f"[{pp.address}]" if pp.address.version == 6 else str(pp.address)
+    return f"{host}:{pp.port}/{pp.proto}"
