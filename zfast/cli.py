@@ -199,6 +199,148 @@ def stats(state_dir, config_file, node, as_json, watch):
         pass
 
 
+@main.group()
+def fw():
+    """The public ports' firewall: list, allow, deny, remove, test.
+
+    \b
+    Examples:
+      zfast fw list
+      zfast fw allow 2222 198.51.100.0/24
+      zfast fw deny 2222 198.51.100.7/32
+      zfast fw remove 2222 198.51.100.7/32
+      zfast fw test 198.51.100.7 2222
+    Changes edit the node's running project, exactly as `zfast apply` would.
+    """
+
+
+def _port_options(f):
+    f = click.option("--proto", type=click.Choice(["tcp", "udp"]),
+                     help="When the port number is used by tcp and udp.")(f)
+    f = click.option("--address", help="When the port number is on several addresses.")(f)
+    return node_options(f)
+
+
+@fw.command("list")
+@node_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def fw_list(state_dir, config_file, node, as_json):
+    """Public ports, their policies, rules and counters."""
+    try:
+        data = _client(state_dir, config_file, node).get("/fw")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    if data["project_deny"]:
+        click.echo("project-wide deny: " + ", ".join(data["project_deny"]))
+    counters = {(c["port"], c["proto"], c["address"]): c for c in data["counters"]}
+    for p in data["ports"]:
+        c = counters.get((p["port"], p["proto"], p["address"]), {})
+        limit = f", limit {p['limit']['new_per_s']}/s burst {p['limit']['burst']}" if p["limit"] else ""
+        click.echo(f"{p['address']}:{p['port']}/{p['proto']} -> {p['service']}: policy {p['policy']}{limit}; "
+                   f"allowed {c.get('allowed', 0)}, denied {c.get('denied', 0)}")
+        for kind in ("allow", "deny"):
+            for cidr in p[kind]:
+                click.echo(f"  {kind:<5} {cidr}")
+
+
+def _fw_change(op, port, cidr, proto, address, state_dir, config_file, node):
+    body = {"op": op, "port": port, "cidr": cidr, "proto": proto, "address": address}
+    try:
+        result = _client(state_dir, config_file, node).post("/fw", body)
+    except ApiError as err:
+        _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
+    for line in result["changes"] or ["no change"]:
+        click.echo(line)
+
+
+@fw.command("allow")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.argument("cidr")
+@_port_options
+def fw_allow(port, cidr, proto, address, state_dir, config_file, node):
+    """Allow CIDR on public port PORT."""
+    _fw_change("allow", port, cidr, proto, address, state_dir, config_file, node)
+
+
+@fw.command("deny")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.argument("cidr")
+@_port_options
+def fw_deny(port, cidr, proto, address, state_dir, config_file, node):
+    """Deny CIDR on public port PORT."""
+    _fw_change("deny", port, cidr, proto, address, state_dir, config_file, node)
+
+
+@fw.command("remove")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.argument("cidr")
+@_port_options
+def fw_remove(port, cidr, proto, address, state_dir, config_file, node):
+    """Remove CIDR from PORT's allow and deny lists."""
+    _fw_change("remove", port, cidr, proto, address, state_dir, config_file, node)
+
+
+@fw.command("test")
+@click.argument("src")
+@click.argument("port", type=click.IntRange(1, 65535))
+@_port_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def fw_test(src, port, proto, address, state_dir, config_file, node, as_json):
+    """Which rule decides for source SRC on public port PORT, and why."""
+    try:
+        result = _client(state_dir, config_file, node).post(
+            "/fw/test", {"src": src, "port": port, "proto": proto, "address": address})
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    rule = f" by {result['rule']}" if result["rule"] else ""
+    click.echo(f"{src} -> {result['address']}:{port}/{result['proto']}: {result['verdict'].upper()}"
+               f"{rule} ({result['why']})")
+
+
+@main.command()
+@node_options
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one event a line.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--since", help="Only events since: 10m, 2h, 1d, or an RFC 3339 time.")
+def logs(state_dir, config_file, node, as_json, follow, since):
+    """The node's event log."""
+    from zfast import events
+
+    directory = _state_dir(state_dir, config_file, node)
+    start = _since(since) if since else None
+    seen = 0
+    while True:
+        batch = list(events.read(directory, start))[seen:]
+        for ev in batch:
+            if as_json:
+                click.echo(json.dumps(ev))
+            else:
+                rest = {k: v for k, v in ev.items() if k not in ("time", "node", "kind")}
+                click.echo(f"{ev['time']} {ev['node']} {ev['kind']:<9} "
+                           + " ".join(f"{k}={json.dumps(v)}" for k, v in rest.items()))
+        seen += len(batch)
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+def _since(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    from zfast.events import parse_time
+    try:
+        return parse_time(text)
+    except ValueError:
+        _fail(f"--since {text!r}: give 10m, 2h, 1d or an RFC 3339 time")
+
+
 @main.command()
 @click.argument("iface")
 @click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
