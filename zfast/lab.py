@@ -41,6 +41,7 @@ class Lab:
     switch: str
     backends: list[str]                       # namespace of each backend
     weights: list[int]
+    extra_clients: list[str]                  # more client namespaces, each on its own port
     node_name: str
     state_dir: Path
     config_path: Path
@@ -54,6 +55,10 @@ class Lab:
     @property
     def backend6(self) -> list[str]:
         return [backend_addrs(i)[1] for i in range(len(self.backends))]
+
+    def client_addr(self, n: int) -> str:
+        """IPv4 address of client n (0 = the main client, 1.. = extra clients)."""
+        return CLIENT4 if n == 0 else f"10.2.{n}.2"
 
     def project(self, weights: list[int] | None = None, backends: list[int] | None = None) -> dict:
         """The node's project file as a dict; backends: which backend numbers to include."""
@@ -72,7 +77,9 @@ class Lab:
             "project": "lab",
             "node": {"name": self.node_name, "state_dir": str(self.state_dir),
                      "interfaces": [{"name": "pub0", "role": "public"},
-                                    {"name": "priv0", "role": "private"}],
+                                    {"name": "priv0", "role": "private"}]
+                                   + [{"name": f"pub{n}", "role": "public"}
+                                      for n in range(1, len(self.extra_clients) + 1)],
                      "mode": "native"},
             "datapath": {"flow_table": 65536, "max_services": 8, "max_backends": 64},
             "services": [service("app", VIP4, 0), service("app6", VIP6, 1)],
@@ -117,7 +124,9 @@ class Lab:
 
 
 def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
-          name: str = "lab") -> Lab:
+          name: str = "lab", extra_clients: int = 0) -> Lab:
+    """extra_clients: more client namespaces, client n on 10.2.n.2/24 (fd02:n::2/64)
+    behind the balancer's port pubN."""
     weights = weights or [1] * n_backends
     client = topo.add_ns("cli")
     lb = topo.add_ns("lb", router=True)
@@ -144,9 +153,19 @@ def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
     topo.route(client, "default", "fd00::1")
     topo.offload_off(client, "eth0")
     topo.gro_on(client, "eth0")
+    extras = []
+    for n in range(1, extra_clients + 1):
+        ns = topo.add_ns(f"cli{n + 1}")
+        topo.veth(ns, "eth0", lb, f"pub{n}", [f"10.2.{n}.2/24", f"fd02:{n:x}::2/64"],
+                  [f"10.2.{n}.1/24", f"fd02:{n:x}::1/64"])
+        topo.route(ns, "default", f"10.2.{n}.1")
+        topo.route(ns, "default", f"fd02:{n:x}::1")
+        topo.offload_off(ns, "eth0")
+        topo.gro_on(ns, "eth0")
+        extras.append(ns)
     topo.gro_on(switch, "lbp")
     node_name = f"{name}-{client.split('-')[2] if client.count('-') >= 3 else 'x'}"
     state_dir = Path("/run/zfast") / node_name
     state_dir.mkdir(parents=True, exist_ok=True)
-    return Lab(topo, client, lb, switch, backends, weights, node_name, state_dir,
+    return Lab(topo, client, lb, switch, backends, weights, extras, node_name, state_dir,
                state_dir / "project.yaml")
