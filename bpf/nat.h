@@ -74,9 +74,8 @@ static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 por
 
 		if (!uh)
 			return ZF_DROP_MALFORMED;
-		/* IPv6 UDP must carry a checksum; one without cannot be patched. */
 		if (!uh->check && p->family == ZF_AF_INET6)
-			return ZF_DROP_UDP6_NO_CSUM;
+			return ZF_DROP_UDP6_NO_CSUM; /* zf_balance refuses these earlier */
 		pp = side == ZF_SIDE_DST ? &uh->dest : &uh->source;
 		diff = zf_csum_diff16(diff, *pp, port);
 		*pp = port;
@@ -87,6 +86,17 @@ static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 por
 		}
 	}
 	return ZF_CONTINUE;
+}
+
+/* IPv6 UDP must carry a checksum: one without cannot be patched, nor accepted. */
+static __always_inline int zf_udp6_no_csum(struct zf_pkt *p)
+{
+	struct udphdr *uh;
+
+	if (p->family != ZF_AF_INET6 || p->proto != IPPROTO_UDP || p->frag == ZF_FRAG_LATER)
+		return 0;
+	uh = zf_l4(p, struct udphdr);
+	return uh && !uh->check;
 }
 
 /* Rewrite address and port of one side of a TCP/UDP packet. */

@@ -41,6 +41,13 @@ struct zf_vlan_hdr {
 	__be16 proto;
 };
 
+struct zf_rt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;
+	__u8 type;
+	__u8 segments_left;
+};
+
 struct zf_frag_hdr {
 	__u8 nexthdr;
 	__u8 reserved;
@@ -168,6 +175,16 @@ static __always_inline int parse_ipv6(struct zf_pkt *p)
 			opt = zf_at(p, off, sizeof(*opt));
 			if (!opt)
 				return ZF_DROP_MALFORMED;
+			if (next == IPPROTO_ROUTING) {
+				struct zf_rt_hdr *rt = zf_at(p, off, sizeof(*rt));
+
+				if (!rt)
+					return ZF_DROP_MALFORMED;
+				/* Segments left: the destination is a waypoint, not the final
+				 * one (which the L4 checksum covers); not ours to rewrite. */
+				if (rt->segments_left)
+					return ZF_PASS_NO_SERVICE;
+			}
 			if (next == IPPROTO_AH)
 				off += (opt->hdrlen + 2) * 4;
 			else

@@ -75,6 +75,8 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		}
 		if (zf_ttl_expires(p))
 			return ZF_PASS_TTL;
+		if (zf_udp6_no_csum(p))
+			return ZF_DROP_UDP6_NO_CSUM; /* before any flow entry or counter */
 		ret = zf_flow_new(p, svc, cfg ? cfg->fw_gen : 0, &new_fv);
 		if (ret != ZF_CONTINUE)
 			return ret;
@@ -86,9 +88,11 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 
 	if (fv->dir == ZF_DIR_FORWARD) {
 		ret = zf_nat(p, ZF_SIDE_DST, &fv->addr, fv->port);
-		zf_count_service(fv->service, fv->backend, p->len);
-		if (fv->fw_port)
-			zf_count_port(fv->fw_port, ZF_PORT_ALLOWED, p->len);
+		if (ret == ZF_CONTINUE) {
+			zf_count_service(fv->service, fv->backend, p->len);
+			if (fv->fw_port)
+				zf_count_port(fv->fw_port, ZF_PORT_ALLOWED, p->len);
+		}
 	} else {
 		ret = zf_nat(p, ZF_SIDE_SRC, &fv->addr, fv->port);
 		reason = ZF_FWD_REPLY;
