@@ -136,8 +136,9 @@ class Loaded:
             pin.mkdir(parents=True, exist_ok=True)
         src = inline_source(bpf_dir() / "zfast.c")
         try:
-            self.bpf = bcc.BPF(text=src, cflags=cflags_for(sizes, pin))
-            self.fn = self.bpf.load_func("xdp_zfast", bcc.BPF.XDP)
+            # bytes, not str: BCC warns about str on every call
+            self.bpf = bcc.BPF(text=src.encode(), cflags=cflags_for(sizes, pin))
+            self.fn = self.bpf.load_func(b"xdp_zfast", bcc.BPF.XDP)
         except Exception as err:  # BCC raises bare Exception with the reason in text
             raise DatapathError(f"the kernel refused the zfast program: {err}") from None
         self.prog_fd = self.fn.fd
@@ -147,7 +148,7 @@ class Loaded:
     # ---- maps -------------------------------------------------------------
 
     def table(self, name: str):
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def percpu_sum(self, name: str, index: int) -> tuple[int, int]:
         """(packets, bytes) of one slot of a per-CPU counter array, over all CPUs."""
