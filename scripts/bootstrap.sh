@@ -74,6 +74,13 @@ if ! mountpoint -q /sys/fs/bpf; then
     mkdir -p /sys/fs/bpf
     mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"
 fi
+# zfast pins its maps here: `ip netns exec` hides /sys/fs/bpf (it mounts a new /sys),
+# /run stays shared, so nodes run in namespaces still find their pins.
+if ! mountpoint -q /run/zfast/bpffs; then
+    say "mounting bpffs at /run/zfast/bpffs"
+    mkdir -p /run/zfast/bpffs
+    mount -t bpf bpf /run/zfast/bpffs || die "cannot mount bpffs at /run/zfast/bpffs"
+fi
 # tracefs is only needed by BCC tracing helpers (kprobes, trace_pipe): warn, don't fail.
 if [[ ! -d /sys/kernel/debug/tracing/events ]] && ! mountpoint -q /sys/kernel/tracing; then
     say "mounting tracefs at /sys/kernel/tracing"

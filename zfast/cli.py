@@ -34,7 +34,8 @@ def _load(path: str) -> config.Project:
     try:
         return config.load(path)
     except config.ConfigError as err:
-        _fail(f"{path}: {err}")
+        message = str(err)  # a problem with the file as a whole already names it
+        _fail(message if message.startswith(f"{path}: ") else f"{path}: {message}")
 
 
 def _state_dir(state_dir: str | None, config_file: str | None, node: str | None) -> Path:
@@ -197,6 +198,23 @@ def stats(state_dir, config_file, node, as_json, watch):
         _fail(str(err))
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@node_options
+def down(state_dir, config_file, node):
+    """Remove everything a node made: its daemon, XDP programs, pinned maps."""
+    from zfast.node import NodeError, down as node_down
+
+    directory = Path(state_dir) if state_dir else _state_dir(None, config_file, node) \
+        if (config_file or node) else None
+    if directory is None:
+        _fail("say which node: --state-dir, -c FILE or --node")
+    try:
+        done = node_down(directory)
+    except NodeError as err:
+        _fail(str(err))
+    click.echo("; ".join(done) if done else f"nothing to remove for {directory}")
 
 
 @main.group()

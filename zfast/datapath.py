@@ -133,6 +133,8 @@ class Loaded:
         self.sizes = sizes
         self.pin = pin
         if pin is not None:
+            from zfast.paths import ensure_bpffs
+            ensure_bpffs()
             pin.mkdir(parents=True, exist_ok=True)
         src = inline_source(bpf_dir() / "zfast.c")
         try:

@@ -101,6 +101,7 @@ class FirewallTable:
         self.tries: list[dict[tuple, tuple[int, int]]] = [{}, {}]  # key -> (action, id)
         self.live = 0
         self.gen = 0
+        self._unsynced = True  # the maps may not hold self.rules yet (new, or restored)
         self.rules: dict[tuple, Rule] = {}
         self.ports: dict[tuple, PublicPort] = {}
         for cls, dtype in ((dp.table("fw_rules0").Key, FW_KEY), (dp.table("fw_rules0").Leaf, FW_RULE),
@@ -142,7 +143,7 @@ class FirewallTable:
 
         # 2. the rule set, into the idle trie, then flip
         rules = desired_rules(project, slot_of)
-        if rules != self.rules or not self.gen:
+        if rules != self.rules or self._unsynced:
             added = len(rules.keys() - self.rules.keys())
             removed = len(self.rules.keys() - rules.keys())
             self._write_trie(1 - self.live, rules)
@@ -157,6 +158,7 @@ class FirewallTable:
                 changes.append(f"~ firewall rules: {len(rules)} ({added} added, {removed} removed),"
                                f" generation {self.gen}")
             self.rules = rules
+            self._unsynced = False
         for key in [k for k in self.ports if k not in slot_of]:
             changes.append(f"- public port {_show(self.ports[key])}")
         self.ports = {listener(pp): pp for pp in project.public_ports}
@@ -174,11 +176,13 @@ class FirewallTable:
         stale = [k for k in held if k not in rules]
         if stale:
             self.dp.delete_batch(name, _keys(stale))
+        # Release the ids of rules that go away before taking new ones: a new set as big
+        # as the old one (100k rules replaced by another 100k) must fit max_rules.
+        for key in [k for k in self.rule_ids.used if k not in rules]:
+            self.rule_ids.release(key)
         wanted_ids = {}
         for key in rules:
             wanted_ids[key] = self.rule_ids.get(key)[0]
-        for key in [k for k in self.rule_ids.used if k not in rules]:
-            self.rule_ids.release(key)
         changed = [k for k, r in rules.items() if held.get(k) != (r.action, wanted_ids[k])]
         values = np.zeros(len(changed), dtype=FW_RULE)
         for i, key in enumerate(changed):
@@ -186,6 +190,27 @@ class FirewallTable:
             values[i]["id"] = wanted_ids[key]
         self.dp.update_batch(name, _keys(changed), values)
         self.tries[trie] = {k: (r.action, wanted_ids[k]) for k, r in rules.items()}
+
+    # ---- restart: the allocations survive the daemon ------------------------------
+
+    def export(self) -> dict:
+        return {
+            "slots": self.slots.export(lambda k: [str(k[0]), k[1], k[2]]),
+            "rule_ids": self.rule_ids.export(lambda k: [k[0], str(k[1])]),
+            "live": self.live, "gen": self.gen,
+            "tries": [[[k[0], str(k[1]), a, i] for k, (a, i) in trie.items()] for trie in self.tries],
+        }
+
+    def restore(self, data: dict) -> None:
+        """Take over a previous daemon's slots, rule ids and tries; the next apply writes
+        the rules into the idle trie and flips, as always."""
+        self.slots.restore(data["slots"], lambda k: (ipaddress.ip_address(k[0]), k[1], k[2]))
+        self.rule_ids.restore(data["rule_ids"], lambda k: (k[0], ipaddress.ip_network(k[1])))
+        self.live, self.gen = data["live"], data["gen"]
+        self.tries = [{(s, ipaddress.ip_network(n)): (a, i) for s, n, a, i in trie}
+                      for trie in data["tries"]]
+        self.rules = {}
+        self._unsynced = True
 
     # ---- read back ---------------------------------------------------------------
 

@@ -24,7 +24,9 @@ from zfast import config
 from zfast.api import Server
 from zfast.datapath import DatapathError, Loaded, ifindex
 from zfast.events import EventLog
+from zfast import pins
 from zfast.firewall import FirewallTable, explain, listener
+from zfast.paths import BPFFS, pin_dir
 from zfast.reasons import reasons
 from zfast.services import ServiceTable
 
@@ -65,6 +67,9 @@ class Node:
         self._stop = threading.Event()
         self._apply_lock = threading.Lock()
         self.revision = 0
+        self.pin = pin_dir(self.name)
+        self.adopted = False
+        self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
 
     # ---- life cycle ---------------------------------------------------------
 
@@ -73,10 +78,9 @@ class Node:
         check_interfaces(node)
         self._take_lock()
         try:
-            self.dp = Loaded(self.project.datapath)
-            self.table = ServiceTable(self.dp)
-            self.fw = FirewallTable(self.dp)
+            self._open_datapath()
             changes = self._reconcile(self.project)
+            self._save_installed()
             self._refresh_tx_ports()
             try:
                 for itf in node.interfaces:
@@ -85,7 +89,7 @@ class Node:
                 self.dp.detach_all()  # all interfaces or none
                 raise
             self.revision = 1
-            self.events.log("apply", revision=1, changes=changes, start=True)
+            self.events.log("apply", revision=1, changes=changes, start=True, adopted=self.adopted)
             self.api = Server(self.state_dir, {
                 ("GET", "/status"): lambda _: (200, self.status()),
                 ("GET", "/stats"): lambda _: (200, self.stats()),
@@ -96,14 +100,56 @@ class Node:
             })
             self.api.start()
         except Exception:
+            if self.dp and not self.adopted:
+                self.dp.detach_all()
+                pins.remove_pins(self.pin)  # nothing half-made is left behind
             self._release_lock()
             raise
         return changes
 
+    def _open_datapath(self) -> None:
+        """Load the program against pinned maps: a previous daemon's, when their layout
+        is ours (its flows live on), else fresh ones (flows copied when only sizes differ)."""
+        want = pins.layout(self.project.datapath)
+        have = pins.read_json(self.state_dir / pins.LAYOUT)
+        old = None
+        if pins.has_pins(self.pin):
+            if have == want:
+                self.adopted = True
+            else:
+                old = pins.set_aside(self.pin)
+        self.dp = Loaded(self.project.datapath, pin=self.pin)
+        self.table = ServiceTable(self.dp)
+        self.fw = FirewallTable(self.dp)
+        if old is not None:
+            copied = 0
+            if have and have.get("structs") == want["structs"]:
+                copied = pins.copy_map(old / "flows", self.dp.table("flows"))
+            pins.remove_pins(old)
+            self.events.log("datapath", change="maps resized", flows_copied=copied,
+                            old=have, new=want)
+        installed = pins.read_json(self.state_dir / pins.INSTALLED) if self.adopted else None
+        if installed:
+            self.table.restore(installed["services"])
+            self.fw.restore(installed["firewall"])
+        pins.write_json(self.state_dir / pins.LAYOUT, want)
+
+    def _save_installed(self) -> None:
+        pins.write_json(self.state_dir / pins.INSTALLED, {
+            "services": self.table.export(), "firewall": self.fw.export(),
+            "interfaces": [i.name for i in self.project.node.interfaces],
+            "pin_dir": str(self.pin)})
+
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then detach cleanly."""
+        """Serve until SIGTERM/SIGINT (detach, remove the pinned maps) or SIGUSR1 (exit
+        leaving the data plane forwarding, for an upgrade: the next daemon adopts it)."""
+        def keep(*_):
+            self.keep_dataplane = True
+            self._stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGUSR1, keep)
         while not self._stop.wait(TX_PORTS_REFRESH_S):
             self._refresh_tx_ports()
         self.stop()
@@ -112,8 +158,11 @@ class Node:
         if self.api:
             self.api.stop()
             self.api = None
-        if self.dp:
+        if self.dp and not self.keep_dataplane:
             self.dp.detach_all()
+            pins.remove_pins(self.pin)
+            for name in (pins.INSTALLED, pins.LAYOUT):
+                (self.state_dir / name).unlink(missing_ok=True)
         self._release_lock()
 
     def _take_lock(self) -> None:
@@ -146,6 +195,7 @@ class Node:
             raise NodeError("interfaces differ from the running node's; restart it to change them")
         with self._apply_lock:
             changes = self._reconcile(project)
+            self._save_installed()
             self.project = project
             self.revision += 1
             self.events.log("apply", revision=self.revision, changes=changes)
@@ -236,7 +286,7 @@ class Node:
         if not isinstance(text, str):
             return 400, {"error": "apply needs {\"config\": \"<YAML text>\"}"}
         try:
-            project = config.parse(yaml.safe_load(text), source=(body or {}).get("source", "<api>"))
+            project = config.loads(text, source=(body or {}).get("source", "<api>"))
             changes = self.apply(project)
         except config.ConfigError as err:
             return 400, {"error": f"{len(err.problems)} problem(s) in the file", "problems": err.problems}
@@ -258,6 +308,8 @@ class Node:
             "started": self.started,
             "interfaces": [{"name": a.ifname, "mode": a.mode, "prog_id": a.prog_id}
                            for a in (self.dp.attached.values() if self.dp else [])],
+            "adopted": self.adopted,
+            "pin_dir": str(self.pin),
             "peer": None,
             "controllers": {},
         }
@@ -272,6 +324,49 @@ class Node:
             "drops": {name: p for name, (p, _) in counters.items() if name.startswith("drop_")},
             "verdicts": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
         }
+
+
+def down(state_dir: Path, timeout: float = 20.0) -> list[str]:
+    """Remove everything a node made: stop its daemon if it runs (SIGTERM: it detaches and
+    unpins), else detach what a dead daemon left attached and remove its pinned maps."""
+    done = []
+    lock = state_dir / "node.lock"
+    if lock.exists():
+        with open(lock) as f:
+            # The daemon holds the lock while it lives; it is released when it exits.
+            def locked() -> bool:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return False
+
+            if locked():
+                pid = int((lock.read_text().split() or ["0"])[0])
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.time() + timeout
+                while locked():
+                    if time.time() > deadline:
+                        raise NodeError(f"daemon {pid} did not stop within {timeout:.0f} s")
+                    time.sleep(0.1)
+                done.append(f"stopped daemon {pid}")
+    installed = pins.read_json(state_dir / pins.INSTALLED)
+    if installed:
+        from zfast.datapath import detach_interface
+        for ifname in installed.get("interfaces", []):
+            try:
+                detach_interface(ifname)
+                done.append(f"detached {ifname}")
+            except DatapathError:
+                pass  # gone with its namespace
+        pin = Path(installed.get("pin_dir", ""))
+        if pin.is_dir() and pin.parent == BPFFS:
+            pins.remove_pins(pin)
+            done.append(f"removed {pin}")
+    for name in (pins.INSTALLED, pins.LAYOUT, "api.sock"):
+        (state_dir / name).unlink(missing_ok=True)
+    return done
 
 
 def reason_descriptions() -> dict[str, str]:

@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-BPFFS = Path("/sys/fs/bpf")
+# Pinned maps live in a bpffs under /run, not /sys/fs/bpf: `ip netns exec` mounts a
+# fresh /sys for the namespace, which hides /sys/fs/bpf from a node run that way.
+BPFFS = Path("/run/zfast/bpffs")
 
 
 def bpf_dir() -> Path:
@@ -28,4 +30,27 @@ def default_state_dir(node: str) -> Path:
 
 def pin_dir(node: str) -> Path:
     """bpffs directory of a node's maps: they outlive the daemon."""
-    return BPFFS / "zfast" / node
+    return BPFFS / node
+
+
+def is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == str(path) and fields[sep + 1] == "bpf":
+                return True
+    return False
+
+
+def ensure_bpffs(path: Path = BPFFS) -> None:
+    """Mount a bpffs at path unless one is there (scripts/bootstrap.sh mounts it at set-up,
+    in the host's mount namespace, where every node's daemon sees the same one)."""
+    if is_bpffs(path):
+        return
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise OSError(f"cannot mount bpffs at {path}: {out.stderr.strip()}")

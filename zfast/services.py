@@ -53,6 +53,13 @@ class Slots:
         if slot is not None:
             self.free.append(slot)
 
+    def export(self, encode=lambda k: k) -> dict:
+        return {"free": list(self.free), "used": [[encode(k), v] for k, v in self.used.items()]}
+
+    def restore(self, data: dict, decode=lambda k: k) -> None:
+        self.free = deque(data["free"])
+        self.used = {decode(k): v for k, v in data["used"]}
+
 
 @dataclass
 class _Installed:
@@ -155,6 +162,7 @@ class ServiceTable:
         # 2. the Maglev table, swapped in through the spare ring
         table = self._build_ring(svc, inst)
         if inst.table is None or not np.array_equal(table, inst.table):
+            # a first table goes to ring 0; every later one to the spare ring
             gen = 1 - inst.ring_gen if inst.table is not None else 0
             self.dp.write_ring(inst.index * 2 + gen, table)
             inst.ring_gen, inst.table = gen, table
@@ -218,6 +226,33 @@ class ServiceTable:
             self.backend_slots.release((name, address))
         self.service_slots.release(name)
         return [f"- service {name} (flows drain)"]
+
+    # ---- restart: the allocations survive the daemon -------------------------
+
+    def export(self) -> dict:
+        return {
+            "service_slots": self.service_slots.export(),
+            "backend_slots": self.backend_slots.export(lambda k: [k[0], str(k[1])]),
+            "services": {name: {"index": inst.index, "ring_gen": inst.ring_gen,
+                                "backends": {str(a): s for a, s in inst.backends.items()},
+                                "weights": {str(a): w for a, w in inst.weights.items()},
+                                "keys": [[str(a), p, pr, t, sl]
+                                         for (a, p, pr), (t, sl) in inst.keys.items()]}
+                         for name, inst in self.services.items()},
+        }
+
+    def restore(self, data: dict) -> None:
+        """Take over the allocations of a previous daemon. Every ring is then written again
+        into its spare and flipped at the next apply (the live one is never edited)."""
+        self.service_slots.restore(data["service_slots"])
+        self.backend_slots.restore(data["backend_slots"], lambda k: (k[0], ip_of(k[1])))
+        self.services = {
+            name: _Installed(index=d["index"], ring_gen=d["ring_gen"],
+                             table=np.empty(0, dtype=np.uint32),  # unknown: differs from any
+                             backends={ip_of(a): s for a, s in d["backends"].items()},
+                             weights={ip_of(a): w for a, w in d["weights"].items()},
+                             keys={(ip_of(a), p, pr): (t, sl) for a, p, pr, t, sl in d["keys"]})
+            for name, d in data["services"].items()}
 
     # ---- read back ----------------------------------------------------------
 
