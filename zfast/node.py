@@ -90,14 +90,7 @@ class Node:
                 raise
             self.revision = 1
             self.events.log("apply", revision=1, changes=changes, start=True, adopted=self.adopted)
-            self.api = Server(self.state_dir, {
-                ("GET", "/status"): lambda _: (200, self.status()),
-                ("GET", "/stats"): lambda _: (200, self.stats()),
-                ("POST", "/apply"): self._api_apply,
-                ("GET", "/fw"): lambda _: (200, self.fw_list()),
-                ("POST", "/fw"): self._api_fw_change,
-                ("POST", "/fw/test"): self._api_fw_test,
-            })
+            self.api = Server(self.state_dir, self.routes())
             self.api.start()
         except Exception:
             if self.dp and not self.adopted:
@@ -106,6 +99,17 @@ class Node:
             self._release_lock()
             raise
         return changes
+
+    def routes(self) -> dict:
+        """The control API (docs/openapi.yaml describes each endpoint)."""
+        return {
+            ("GET", "/status"): lambda _: (200, self.status()),
+            ("GET", "/stats"): lambda _: (200, self.stats()),
+            ("POST", "/apply"): self._api_apply,
+            ("GET", "/fw"): lambda _: (200, self.fw_list()),
+            ("POST", "/fw"): self._api_fw_change,
+            ("POST", "/fw/test"): self._api_fw_test,
+        }
 
     def _open_datapath(self) -> None:
         """Load the program against pinned maps: a previous daemon's, when their layout
