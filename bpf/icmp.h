@@ -51,18 +51,30 @@ static __always_inline int zf_icmp_is_error(struct zf_pkt *p, __u8 type)
 	       type == ZF_ICMP6_TIME_EXCEED || type == ZF_ICMP6_PARAMPROB;
 }
 
-/* Rewrite a quoted address word by word, adding the change to *diff. */
-static __always_inline void zf_rewrite_words(__be32 *a, const struct zf_addr *addr, int n, __u32 *diff)
+/*
+ * Rewrite a quoted address, adding the change to *diff.  Each family checks
+ * its own bounds: clang may otherwise load a v6-sized address on the v4 path.
+ */
+static __always_inline int zf_rewrite_quoted(struct zf_pkt *p, __be32 *a, const struct zf_addr *addr,
+					     __u32 *diff)
 {
 	int i;
 
+	if (p->family == ZF_AF_INET) {
+		if ((void *)(a + 1) > p->data_end)
+			return ZF_DROP_MALFORMED;
+		*diff = zf_csum_diff32(*diff, a[0], addr->w[0]);
+		a[0] = addr->w[0];
+		return ZF_CONTINUE;
+	}
+	if ((void *)(a + 4) > p->data_end)
+		return ZF_DROP_MALFORMED;
 #pragma unroll
 	for (i = 0; i < 4; i++) {
-		if (i < n) {
-			*diff = zf_csum_diff32(*diff, a[i], addr->w[i]);
-			a[i] = addr->w[i];
-		}
+		*diff = zf_csum_diff32(*diff, a[i], addr->w[i]);
+		a[i] = addr->w[i];
 	}
+	return ZF_CONTINUE;
 }
 
 /*
@@ -78,7 +90,7 @@ static __always_inline int zf_icmp_error(struct zf_pkt *p, struct flow_value **f
 	__be32 *q_src, *q_dst;  /* quoted addresses */
 	__sum16 *q_check = 0;   /* quoted IPv4 header checksum */
 	__u32 icmp_diff = 0, q_diff = 0, outer_diff = 0;
-	int words, ret;
+	int ret;
 
 	if (!ih)
 		return ZF_DROP_MALFORMED;
@@ -103,7 +115,6 @@ static __always_inline int zf_icmp_error(struct zf_pkt *p, struct flow_value **f
 		q_src = &q->saddr;
 		q_dst = &q->daddr;
 		q_check = &q->check;
-		words = 1;
 	} else {
 		struct ipv6hdr *q = (void *)(ih + 1);
 
@@ -117,7 +128,6 @@ static __always_inline int zf_icmp_error(struct zf_pkt *p, struct flow_value **f
 		zf_copy_addr6(&key.dst, &q->saddr);
 		q_src = q->saddr.s6_addr32;
 		q_dst = q->daddr.s6_addr32;
-		words = 4;
 	}
 	if (key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP)
 		return ZF_PASS_NO_SERVICE;
@@ -134,7 +144,9 @@ static __always_inline int zf_icmp_error(struct zf_pkt *p, struct flow_value **f
 		ret = zf_set_l3_addr(p, ZF_SIDE_DST, &fv->addr, &outer_diff);
 		if (ret != ZF_CONTINUE)
 			return ret;
-		zf_rewrite_words(q_src, &fv->addr, words, &q_diff);
+		ret = zf_rewrite_quoted(p, q_src, &fv->addr, &q_diff);
+		if (ret != ZF_CONTINUE)
+			return ret;
 		icmp_diff = zf_csum_diff16(q_diff, ports->src, fv->port);
 		ports->src = fv->port;
 	} else {
@@ -161,7 +173,9 @@ static __always_inline int zf_icmp_error(struct zf_pkt *p, struct flow_value **f
 			if (ret != ZF_CONTINUE)
 				return ret;
 		}
-		zf_rewrite_words(q_dst, &fv->addr, words, &q_diff);
+		ret = zf_rewrite_quoted(p, q_dst, &fv->addr, &q_diff);
+		if (ret != ZF_CONTINUE)
+			return ret;
 		icmp_diff = zf_csum_diff16(q_diff, ports->dst, fv->port);
 		ports->dst = fv->port;
 	}

@@ -44,6 +44,11 @@ ZF_MAP("lru_hash", struct rate_key, __u64, rate_state, ZF_RATE_TABLE);
 ZF_MAP("percpu_array", u32, struct zf_counter, rule_stats, ZF_MAX_RULES);
 ZF_MAP("percpu_array", u32, struct zf_counter, port_stats, ZF_MAX_PUBLIC_PORTS * ZF_PORT_VERDICTS);
 
+/* The pair: VIPs answered while active, interface MACs, new flows for the standby. */
+ZF_MAP("hash", struct vip_key, __u32, vips, ZF_MAX_VIPS);
+ZF_MAP("array", u32, struct if_mac, if_macs, ZF_MAX_IFINDEX);
+BPF_RINGBUF_OUTPUT(flow_events, ZF_SYNC_PAGES);
+
 /* Egress ports for XDP_REDIRECT, indexed by ifindex (BCC 0.26 has no devmap_hash). */
 BPF_DEVMAP(tx_ports, ZF_MAX_IFINDEX);
 

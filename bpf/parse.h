@@ -32,6 +32,7 @@ struct zf_pkt {
 	__u8 proto;      /* L4 protocol, after any IPv6 extension headers */
 	__u8 frag;       /* ZF_FRAG_* */
 	__u8 vlan;       /* one 802.1Q/802.1ad tag was present */
+	__u8 arp;        /* an ARP packet (parsing stops at PASS_NOT_IP) */
 	struct flow_key key;
 };
 
@@ -246,8 +247,10 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct zf_pkt *p)
 		ret = parse_ipv4(p);
 	else if (proto == bpf_htons(ETH_P_IPV6))
 		ret = parse_ipv6(p);
-	else
+	else {
+		p->arp = proto == bpf_htons(ETH_P_ARP);
 		return ZF_PASS_NOT_IP;
+	}
 	if (ret != ZF_CONTINUE)
 		return ret;
 	return parse_l4(p);

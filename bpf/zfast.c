@@ -25,6 +25,7 @@
 #include "flows.h"
 #include "icmp.h"
 #include "firewall.h"
+#include "ha.h"
 #include "forward.h"
 #include "stats.h"
 
@@ -80,6 +81,7 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		ret = zf_flow_new(p, svc, cfg ? cfg->fw_gen : 0, &new_fv);
 		if (ret != ZF_CONTINUE)
 			return ret;
+		zf_flow_report(&p->key, &new_fv, cfg);
 		fv = &new_fv;
 		reason = ZF_FWD_NEW;
 	} else if (zf_ttl_expires(p)) {
@@ -129,12 +131,19 @@ static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
 	int ret;
 
 	ret = parse_packet(ctx, p);
+	if (ret == ZF_PASS_NOT_IP && p->arp)
+		return zf_arp(ctx, p);
 	if (ret != ZF_CONTINUE)
 		return ret;
 	if (p->frag == ZF_FRAG_LATER)
 		return zf_fragment(ctx, p);
 	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
 		return zf_balance(ctx, p);
+	if (p->family == ZF_AF_INET6 && p->proto == IPPROTO_ICMPV6) {
+		ret = zf_nd(ctx, p);
+		if (ret != ZF_CONTINUE)
+			return ret;
+	}
 	if ((p->family == ZF_AF_INET && p->proto == IPPROTO_ICMP) ||
 	    (p->family == ZF_AF_INET6 && p->proto == IPPROTO_ICMPV6)) {
 		if (zf_ttl_expires(p))

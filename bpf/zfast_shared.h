@@ -42,6 +42,12 @@
 #ifndef ZF_MAX_RULES
 #define ZF_MAX_RULES 131072     /* CIDR rules in each of the two rule tries */
 #endif
+#ifndef ZF_MAX_VIPS
+#define ZF_MAX_VIPS 256         /* addresses this node answers ARP/ND for while active */
+#endif
+#ifndef ZF_SYNC_PAGES
+#define ZF_SYNC_PAGES 256       /* ring buffer of new flows for the standby (4 KiB pages) */
+#endif
 #ifndef ZF_RATE_TABLE
 #define ZF_RATE_TABLE 65536     /* sources tracked by the new-connection rate limit */
 #endif
@@ -139,10 +145,36 @@ struct fw_rule {
 	__u32 id;            /* rule index: rule_stats slot */
 };
 
-/* Which rule trie is live, and the generation flows are checked against. */
+/* Node-wide settings the control plane flips at run time. */
 struct zf_config {
-	__u32 fw_trie;       /* 0 or 1 */
-	__u32 fw_gen;
+	__u32 fw_trie;       /* 0 or 1: which rule trie is live */
+	__u32 fw_gen;        /* rule generation flows are checked against */
+	/*
+	 * The node answers ARP/ND for its VIPs only until this time (bpf_ktime_get_ns);
+	 * the daemon renews it with every heartbeat.  A frozen or dead daemon stops
+	 * claiming the VIPs by itself, before the peer takes them: no split brain.
+	 */
+	__u64 active_until_ns;
+	__u32 sync;          /* 1: report new flows on flow_events for the standby */
+	__u32 pad;
+};
+
+/* A VIP the pair moves between its nodes. */
+struct vip_key {
+	struct zf_addr addr;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct if_mac {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+/* A new flow, for the standby: its forward entry; the reply entry follows from it. */
+struct flow_event {
+	struct flow_key key;
+	struct flow_value value;
 };
 
 /* Rate limit state of one source (a v4 /32 or a v6 /64) on one port: GCRA. */
@@ -186,6 +218,8 @@ struct zf_counter {
 	X(FWD_REPLY, REDIRECT, "backend reply rewritten to the VIP")           \
 	X(FWD_ICMP, REDIRECT, "ICMP error of a balanced flow sent on")         \
 	X(FWD_FRAGMENT, REDIRECT, "later fragment sent after its first one")   \
+	X(TX_ARP, TX, "ARP reply for a VIP this active node holds")            \
+	X(TX_ND, TX, "neighbour advertisement for a VIP this node holds")      \
 	X(PASS_NOT_IP, PASS, "not IPv4/IPv6: left to the kernel")              \
 	X(PASS_NO_SERVICE, PASS, "not for a service: left to the kernel")      \
 	X(PASS_FRAGMENT, PASS, "fragment whose first fragment was not seen")   \
