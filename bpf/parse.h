@@ -33,6 +33,7 @@ struct zf_pkt {
 	__u8 frag;       /* ZF_FRAG_* */
 	__u8 vlan;       /* one 802.1Q/802.1ad tag was present */
 	__u8 arp;        /* an ARP packet (parsing stops at PASS_NOT_IP) */
+	__u8 syn;        /* a TCP SYN without ACK: a connection starts */
 	struct flow_key key;
 };
 
@@ -219,6 +220,7 @@ static __always_inline int parse_l4(struct zf_pkt *p)
 
 		if (!th || th->doff < 5)
 			return ZF_DROP_MALFORMED;
+		p->syn = th->syn && !th->ack;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 	} else if (p->proto == IPPROTO_UDP) {

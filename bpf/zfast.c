@@ -42,8 +42,13 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 	cfg = config.lookup(&zero);
 	fv = flows.lookup(&p->key);
 	if (fv && fv->dir == ZF_DIR_FORWARD) {
-		if (zf_backend_down(fv->backend)) {
-			fv = 0; /* its backend is unhealthy: balance the flow again */
+		if (p->syn || zf_backend_down(fv->backend)) {
+			/*
+			 * A new connection on a reused 5-tuple, or a flow whose backend is
+			 * unhealthy: balance it again (a retransmitted SYN picks the same
+			 * backend: Maglev is deterministic).
+			 */
+			fv = 0;
 		} else if (fv->fw_port && cfg && fv->fw_gen != (__u16)cfg->fw_gen) {
 			/* The rules changed since this flow was let in: ask again. */
 			ret = zf_firewall(p, fv->fw_port, cfg);

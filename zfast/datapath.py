@@ -118,6 +118,37 @@ def ifindex(name: str) -> int:
         raise DatapathError(f"interface {name!r} does not exist") from None
 
 
+class _captured_stderr:
+    """Collect what BCC and the verifier print on fd 2 (thousands of lines on a refusal),
+    so that the CLI can say one line and keep the rest in a file."""
+
+    def __enter__(self):
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(mode="w+b")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read().decode(errors="replace")
+        self.file.close()
+        return False
+
+
+def _last_reason(log: str) -> str | None:
+    """The verifier's or compiler's own words: the line before 'processed N insns', or an error."""
+    lines = [l.strip() for l in log.splitlines() if l.strip() and not l.startswith(";")]
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and i > 0:
+            return lines[i - 1]
+    errors = [l for l in lines if "error:" in l]
+    return errors[0] if errors else None
+
+
 @dataclass
 class Attachment:
     ifname: str
@@ -137,12 +168,19 @@ class Loaded:
             ensure_bpffs()
             pin.mkdir(parents=True, exist_ok=True)
         src = inline_source(bpf_dir() / "zfast.c")
-        try:
-            # bytes, not str: BCC warns about str on every call
-            self.bpf = bcc.BPF(text=src.encode(), cflags=cflags_for(sizes, pin))
-            self.fn = self.bpf.load_func(b"xdp_zfast", bcc.BPF.XDP)
-        except Exception as err:  # BCC raises bare Exception with the reason in text
-            raise DatapathError(f"the kernel refused the zfast program: {err}") from None
+        with _captured_stderr() as log:
+            try:
+                # bytes, not str: BCC warns about str on every call
+                self.bpf = bcc.BPF(text=src.encode(), cflags=cflags_for(sizes, pin))
+                self.fn = self.bpf.load_func(b"xdp_zfast", bcc.BPF.XDP)
+                err = None
+            except Exception as e:  # BCC raises bare Exception with the reason in text
+                err = e
+        if err is not None:
+            saved = Path(f"/tmp/zfast-verifier-{os.getpid()}.log")
+            saved.write_text(log.text)
+            raise DatapathError(f"the kernel refused the zfast program: {_last_reason(log.text) or err}"
+                                f" (compiler/verifier log: {saved})") from None
         self.prog_fd = self.fn.fd
         self.prog_id = int(fd_info(self.prog_fd).get("prog_id", 0))
         self.attached: dict[str, Attachment] = {}

@@ -1,0 +1,211 @@
+"""The CLI refuses bad input with one line on stderr, a non-zero exit, and no change.
+
+`zfast up` with a bad file or a missing interface leaves no XDP program and no process in
+the balancer's namespace; `zfast apply` of the same files to a running node changes
+nothing (status, services, attached programs, where new connections go). Also `stats`
+without a node, `attach`/`detach` of a missing interface, and attach/detach that works.
+
+One lab for the module; a node runs in it only for the tests that need one. Needs root:
+without it every test fails, none skips.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+import lbkit
+from zfast import lab
+from zfast.api import ApiError
+from zfast.paths import pin_dir
+
+pytestmark = pytest.mark.e2e
+
+WEIGHTS = [1, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def env():
+    with lbkit.lab_env("zfcli", WEIGHTS, start_node=False) as e:
+        yield e
+
+
+@pytest.fixture
+def idle(env):
+    """No node in the balancer's namespace: nothing attached, nothing running."""
+    if env.lab.node_proc is not None:
+        code = env.lab.stop_node()
+        env.api = None
+        assert code == 0, f"zfast up exited {code} on SIGTERM (0 expected)"
+    lb = env.lab.lb
+    assert lbkit.xdp_on(lb) == {}, "XDP still attached after the node stopped"
+    assert lbkit.pids_in(lb) == []
+    return env
+
+
+@pytest.fixture
+def running(env):
+    if env.lab.node_proc is None:
+        env.api = env.lab.start_node()
+    return env
+
+
+# ---------------------------------------------------------------- the bad files
+
+def _bad(base: dict, kind: str) -> tuple[str, list[str]]:
+    """(file text, fragments its error must name) of one kind of bad file."""
+    p = yaml.safe_load(yaml.safe_dump(base))   # a deep copy
+    svc = p["services"][0]
+    if kind == "unknown_interface":
+        p["node"]["interfaces"][1]["name"] = "nosuch0"   # pub0 exists: all or nothing
+        return yaml.safe_dump(p, sort_keys=False), ["nosuch0"]
+    if kind == "vip_not_address":
+        svc["vip"] = "10.0.0.300"
+        return yaml.safe_dump(p, sort_keys=False), ["services.app.vip", "10.0.0.300",
+                                                    "not an IP address"]
+    if kind == "port_0":
+        svc["ports"][0]["port"] = 0
+        return yaml.safe_dump(p, sort_keys=False), ["services.app.ports[0].port",
+                                                    "0 is not a port"]
+    if kind == "port_70000":
+        svc["ports"][0]["port"] = 70000
+        return yaml.safe_dump(p, sort_keys=False), ["services.app.ports[0].port",
+                                                    "70000 is not a port"]
+    if kind == "no_backends":
+        svc["backends"] = []
+        return yaml.safe_dump(p, sort_keys=False), ["services.app.backends", "no backends"]
+    if kind == "yaml_syntax":
+        text = yaml.safe_dump(p, sort_keys=False).replace("services:", "services: [", 1)
+        return text, ["not valid YAML", "line "]
+    raise ValueError(kind)
+
+
+KINDS = ["unknown_interface", "vip_not_address", "port_0", "port_70000", "no_backends",
+         "yaml_syntax"]
+
+
+def _one_line_error(p: subprocess.CompletedProcess, fragments: list[str]) -> str:
+    assert p.returncode != 0, f"exit 0; stdout {p.stdout!r} stderr {p.stderr!r}"
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, f"not one line on stderr:\n{p.stderr}"
+    line = lines[0]
+    assert line.startswith("zfast: error: "), line
+    assert "Traceback" not in p.stderr
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert p.stdout == "", p.stdout
+    return line
+
+
+def _services(stats: dict) -> list:
+    """What the node serves, without its counters."""
+    return [(s["name"], s["vip"], sorted((b["address"], b["weight"]) for b in s["backends"]))
+            for s in stats["services"]]
+
+
+# ---------------------------------------------------------------- up
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_up_refuses_bad_file(idle, tmp_path, kind):
+    env = idle
+    text, fragments = _bad(env.lab.project(), kind)
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    p = lbkit.zfast("up", "-c", str(path), ns=env.lab.lb, timeout=60)
+    line = _one_line_error(p, fragments)
+    print(f"\nup {kind}: {line}")
+    assert lbkit.xdp_on(env.lab.lb) == {}, "zfast up left an XDP program attached"
+    assert lbkit.pids_in(env.lab.lb) == [], "zfast up left a process behind"
+    assert not (env.state_dir / "api.sock").exists()
+    assert not pin_dir(env.lab.node_name).exists(), "zfast up left pinned maps behind"
+
+
+# ---------------------------------------------------------------- apply
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_apply_refuses_bad_file(running, tmp_path, kind):
+    env = running
+    text, fragments = _bad(env.lab.project(), kind)
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    status = env.api.get("/status")
+    served = _services(lbkit.stats_json(env.state_dir))
+    attached = lbkit.xdp_on(env.lab.lb)
+    assert len(attached) == 2
+
+    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    if kind == "unknown_interface":   # a valid file: the node itself refuses it
+        fragments = ["interfaces differ"]
+    line = _one_line_error(p, fragments)
+    print(f"\napply {kind}: {line}")
+
+    # The node refuses the same text sent to its API directly, past the CLI's own check.
+    with pytest.raises(ApiError) as refused:
+        env.api.post("/apply", {"config": text, "source": str(path)})
+    assert refused.value.status in (400, 409), refused.value
+
+    # Nothing changed: status (revision included), services, programs...
+    assert env.api.get("/status") == status
+    status_cli = lbkit.zfast("status", "--json", "--state-dir", str(env.state_dir))
+    assert status_cli.returncode == 0 and json.loads(status_cli.stdout) == status
+    assert _services(lbkit.stats_json(env.state_dir)) == served
+    assert lbkit.xdp_on(env.lab.lb) == attached
+    # ... and new connections go exactly where the running table sends them.
+    for vip, client, backends in ((lab.VIP4, lab.CLIENT4, env.lab.backend4),
+                                  (lab.VIP6, lab.CLIENT6, env.lab.backend6)):
+        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(100))
+        assert not spread.failures, list(spread.failures.items())[:5]
+        table = list(zip(backends, WEIGHTS))
+        wrong = {port: name for port, name in spread.by_port.items()
+                 if env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)] != name}
+        assert not wrong, f"connections that went elsewhere than before: {wrong}"
+        assert set(spread.backends) == {"be1", "be2", "be3"}
+
+
+# ---------------------------------------------------------------- no node, no interface
+
+def test_stats_without_node():
+    p = lbkit.zfast("stats", "--state-dir", "/nonexistent")
+    line = _one_line_error(p, ["/nonexistent"])
+    print(f"\n{line}")
+    assert re.search(r"no zfast node|not running|cannot", line), line
+
+
+@pytest.mark.parametrize("command", ["attach", "detach"])
+def test_attach_detach_unknown_interface(env, command):
+    p = lbkit.zfast(command, "nosuch0", ns=env.lab.client)
+    line = _one_line_error(p, ["nosuch0"])
+    print(f"\n{command}: {line}")
+    assert lbkit.xdp_on(env.lab.client) == {}
+
+
+def test_attach_generic_then_detach(env):
+    topo = env.lab.topo
+    ns = topo.add_ns("att")
+    topo.veth(ns, "vx0", ns, "vx1")
+
+    p = lbkit.zfast("attach", "vx0", "--mode", "generic", ns=ns)
+    assert p.returncode == 0, p.stderr
+    m = re.search(r"prog (\d+)\b.*\bgeneric\b", p.stdout)
+    assert m, p.stdout
+    prog = int(m.group(1))
+    assert prog > 0
+    assert lbkit.xdp_on(ns) == {"vx0": prog}
+    link = json.loads(subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "vx0"],
+                                     capture_output=True, text=True, check=True).stdout)[0]
+    assert link["xdp"]["mode"] == 2, link["xdp"]          # XDP_ATTACHED_SKB: generic
+    assert lbkit.pids_in(ns) == [], "attach left a process running"
+    # it stays attached without a process: ip link shows it, bpftool knows the id
+    assert str(prog) in subprocess.run(["bpftool", "prog", "show", "id", str(prog)],
+                                       capture_output=True, text=True).stdout
+
+    p = lbkit.zfast("detach", "vx0", ns=ns)
+    assert p.returncode == 0, p.stderr
+    assert str(prog) in p.stdout, p.stdout
+    assert lbkit.xdp_on(ns) == {}
+    p = lbkit.zfast("detach", "vx0", ns=ns)       # again: nothing to do, not an error
+    assert p.returncode == 0 and "no XDP program" in p.stdout, (p.stdout, p.stderr)
