@@ -26,7 +26,8 @@ flock 9
 ARCH="$(dpkg --print-architecture)"
 PKGS=(python3-bpfcc libbpfcc libbpf1 "linux-headers-cloud-$ARCH" bpftool iproute2 nftables
       ethtool python3-venv python3-pip tcpdump iperf3
-      iputils-ping procps)   # ping (tests) and sysctl (netns set-up)
+      iputils-ping procps    # ping (tests) and sysctl (netns set-up)
+      etcd-server etcd-client)  # the shared store (store: {kind: etcd}) and its tests
 
 # One dpkg-query for all: it prints "ii" for installed packages and nothing
 # (exit 1) for unknown ones, so anything not listed as "ii" is missing.
