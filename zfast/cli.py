@@ -67,6 +67,13 @@ def node_options(f):
     return f
 
 
+def _who() -> str:
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 def _client(state_dir, config_file, node) -> Client:
     return Client(_state_dir(state_dir, config_file, node))
 
@@ -100,7 +107,7 @@ def up(config_file, verbose):
                         format="%(asctime)s %(name)s %(message)s")
     project = _load(config_file)
     try:
-        node = Node(project)
+        node = Node(project, source=f"zfast up -c {config_file}")
         changes = node.start()
     except (NodeError, DatapathError) as err:
         _fail(str(err))
@@ -121,7 +128,8 @@ def apply(config_file, state_dir, as_json):
     project = _load(config_file)  # a bad file is refused here already, with every problem
     client = Client(Path(state_dir) if state_dir else Path(project.node.state_dir))
     try:
-        result = client.post("/apply", {"config": Path(config_file).read_text(), "source": config_file})
+        result = client.post("/apply", {"config": Path(config_file).read_text(), "source": config_file,
+                                        "who": _who()})
     except ApiError as err:
         _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
     if as_json:
@@ -202,6 +210,41 @@ def stats(state_dir, config_file, node, as_json, watch):
 
 @main.command()
 @node_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def history(state_dir, config_file, node, as_json):
+    """Applied revisions: who, when, from where, what changed."""
+    from zfast.events import rfc3339
+
+    try:
+        revs = _client(state_dir, config_file, node).get("/history")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(revs))
+        return
+    for r in revs:
+        mark = "*" if r["applied"] else " "
+        click.echo(f"{mark}{r['rev']:>5}  {rfc3339(r['time'])}  {r['who']:<20} {r['source']}")
+        for line in r["changes"][:20]:
+            click.echo(f"         {line}")
+        if len(r["changes"]) > 20:
+            click.echo(f"         ... {len(r['changes']) - 20} more")
+
+
+@main.command()
+@click.argument("rev", type=int)
+@node_options
+def rollback(rev, state_dir, config_file, node):
+    """Apply revision REV again (as a new revision)."""
+    try:
+        result = _client(state_dir, config_file, node).post("/rollback", {"rev": rev, "who": _who()})
+    except ApiError as err:
+        _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
+    click.echo(f"revision {result['revision']}: " + ("; ".join(result["changes"]) or "no change"))
+
+
+@main.command()
+@node_options
 def down(state_dir, config_file, node):
     """Remove everything a node made: its daemon, XDP programs, pinned maps."""
     from zfast.node import NodeError, down as node_down
@@ -265,7 +308,7 @@ def fw_list(state_dir, config_file, node, as_json):
 
 
 def _fw_change(op, port, cidr, proto, address, state_dir, config_file, node):
-    body = {"op": op, "port": port, "cidr": cidr, "proto": proto, "address": address}
+    body = {"op": op, "port": port, "cidr": cidr, "proto": proto, "address": address, "who": _who()}
     try:
         result = _client(state_dir, config_file, node).post("/fw", body)
     except ApiError as err:

@@ -123,6 +123,18 @@ class Lab:
             self.node_proc = None
 
 
+def _remove_node_state(state_dir: Path) -> None:
+    """What a lab node leaves: pinned maps of an unclean stop, its state dir."""
+    import shutil
+
+    from zfast.node import down
+    try:
+        down(state_dir)
+    except Exception:
+        pass
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
           name: str = "lab", extra_clients: int = 0) -> Lab:
     """extra_clients: more client namespaces, client n on 10.2.n.2/24 (fd02:n::2/64)
@@ -167,5 +179,6 @@ def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
     node_name = f"{name}-{client.split('-')[2] if client.count('-') >= 3 else 'x'}"
     state_dir = Path("/run/zfast") / node_name
     state_dir.mkdir(parents=True, exist_ok=True)
+    topo.at_close(lambda: _remove_node_state(state_dir))
     return Lab(topo, client, lb, switch, backends, weights, extras, node_name, state_dir,
                state_dir / "project.yaml")

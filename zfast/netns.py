@@ -198,6 +198,11 @@ class Topology:
         self._host_links: list[str] = []       # links we made in the host namespace
         self._procs: list[subprocess.Popen] = []
         self._atexit = False
+        self._cleanups: list = []
+
+    def at_close(self, fn) -> None:
+        """Call fn at close(), after our processes stopped (e.g. remove a state dir)."""
+        self._cleanups.append(fn)
 
     # -- context manager / teardown
 
@@ -218,6 +223,12 @@ class Topology:
         for p in reversed(self._procs):
             self._stop(p)
         self._procs.clear()
+        for fn in reversed(self._cleanups):
+            try:
+                fn()
+            except Exception as e:
+                log.warning("Topology.close: %s", e)
+        self._cleanups.clear()
         for ifname in reversed(self._host_links):
             _ip(None, "link", "del", ifname, check=False)   # may be gone with its peer already
         self._host_links.clear()

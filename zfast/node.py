@@ -29,10 +29,40 @@ from zfast.firewall import FirewallTable, explain, listener
 from zfast.paths import BPFFS, pin_dir
 from zfast.reasons import reasons
 from zfast.services import ServiceTable
+from zfast.store import Revision, Store, StoreError, open_store
 
 log = logging.getLogger("zfast.node")
 
 TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
+# Sections that are each node's own: the store shares everything else between nodes.
+LOCAL_SECTIONS = ("node", "ha", "store")
+
+
+def shared_part(raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if k not in LOCAL_SECTIONS}
+
+
+def config_diff(old: object, new: object, path: str = "") -> list[str]:
+    """What changed between two project files, one line per changed field."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in new:
+                out.append(f"- {sub}")
+            elif key not in old:
+                out.append(f"+ {sub}: {json.dumps(new[key], default=str)[:80]}")
+            else:
+                out += config_diff(old[key], new[key], sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += config_diff(a, b, f"{path}[{i}]")
+        return out
+    if old != new:
+        return [f"~ {path}: {json.dumps(old, default=str)[:40]} -> {json.dumps(new, default=str)[:40]}"]
+    return []
 
 
 class NodeError(Exception):
@@ -51,7 +81,7 @@ def check_interfaces(node: config.Node) -> None:
 
 
 class Node:
-    def __init__(self, project: config.Project):
+    def __init__(self, project: config.Project, source: str = "zfast up"):
         if project.node is None:
             raise NodeError("the project file has no node section (name, interfaces)")
         self.project = project
@@ -66,7 +96,11 @@ class Node:
         self._lock_file = None
         self._stop = threading.Event()
         self._apply_lock = threading.Lock()
-        self.revision = 0
+        self.revision = 0              # the store's revision the maps hold
+        self.source = source
+        self.local_raw = {k: v for k, v in project.raw.items() if k in LOCAL_SECTIONS}
+        self.store: Store | None = None
+        self._watch = None
         self.pin = pin_dir(self.name)
         self.adopted = False
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
@@ -88,17 +122,36 @@ class Node:
             except DatapathError:
                 self.dp.detach_all()  # all interfaces or none
                 raise
-            self.revision = 1
-            self.events.log("apply", revision=1, changes=changes, start=True, adopted=self.adopted)
+            self._open_store()
+            self.events.log("apply", revision=self.revision, changes=changes, start=True,
+                            adopted=self.adopted)
             self.api = Server(self.state_dir, self.routes())
             self.api.start()
         except Exception:
             if self.dp and not self.adopted:
                 self.dp.detach_all()
                 pins.remove_pins(self.pin)  # nothing half-made is left behind
+            if self.store:
+                self.store.close()
             self._release_lock()
             raise
         return changes
+
+    def _open_store(self) -> None:
+        """The file given to `up` becomes a revision when its shared part differs from the
+        store's latest; then the node follows the store (an apply on the peer included)."""
+        try:
+            self.store = open_store(self.project.raw.get("store"), self.state_dir, self.name)
+            latest = self.store.latest(self.project.project)
+            mine = shared_part(self.project.raw)
+            if latest is None or shared_part(yaml.safe_load(latest.config) or {}) != mine:
+                old = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}
+                latest = self.store.commit(self.project.project, yaml.safe_dump(self.project.raw),
+                                           "zfast up", config_diff(old, mine), self.source)
+        except StoreError as err:
+            raise NodeError(f"store: {err}") from None
+        self.revision = latest.rev
+        self._watch = self.store.watch(self.project.project, self._on_revision, after=latest.rev)
 
     def routes(self) -> dict:
         """The control API (docs/openapi.yaml describes each endpoint)."""
@@ -109,6 +162,8 @@ class Node:
             ("GET", "/fw"): lambda _: (200, self.fw_list()),
             ("POST", "/fw"): self._api_fw_change,
             ("POST", "/fw/test"): self._api_fw_test,
+            ("GET", "/history"): lambda _: (200, self.history()),
+            ("POST", "/rollback"): self._api_rollback,
         }
 
     def _open_datapath(self) -> None:
@@ -162,6 +217,10 @@ class Node:
         if self.api:
             self.api.stop()
             self.api = None
+        if self._watch:
+            self._watch.stop()
+        if self.store:
+            self.store.close()
         if self.dp and not self.keep_dataplane:
             self.dp.detach_all()
             pins.remove_pins(self.pin)
@@ -189,24 +248,85 @@ class Node:
 
     # ---- apply ----------------------------------------------------------------
 
-    def apply(self, project: config.Project) -> list[str]:
+    def _check_local(self, project: config.Project) -> None:
         if project.node is None or project.node.name != self.name:
             raise NodeError(f"the file is for node {project.node.name if project.node else None!r}, "
                             f"this node is {self.name!r}")
+        if project.project != self.project.project:
+            raise NodeError(f"the file is for project {project.project!r}, this node serves "
+                            f"{self.project.project!r}")
         if project.datapath != self.project.datapath:
             raise NodeError("datapath sizes differ from the running node's; restart it to resize")
         if project.node.interfaces != self.project.node.interfaces or project.node.mode != self.project.node.mode:
             raise NodeError("interfaces differ from the running node's; restart it to change them")
+
+    def apply(self, project: config.Project, who: str = "api", source: str = "<api>") -> list[str]:
+        """Commit a valid project to the store, then reconcile the maps with it. Nothing
+        changes when the store cannot take it (the pair must not diverge)."""
+        self._check_local(project)
         with self._apply_lock:
-            changes = self._reconcile(project)
-            self._save_installed()
-            self.project = project
-            self.revision += 1
-            self.events.log("apply", revision=self.revision, changes=changes)
-            for line in changes:
-                if "firewall" in line or "public port" in line:
-                    self.events.log("firewall", change=line, revision=self.revision)
+            problems = self.table.check_capacity(project.services) + self.fw.check_capacity(project)
+            if problems:
+                raise NodeError("; ".join(problems))
+            try:
+                rev = self.store.commit(project.project, yaml.safe_dump(project.raw), who,
+                                        config_diff(shared_part(self.project.raw),
+                                                    shared_part(project.raw)), source)
+            except StoreError as err:
+                raise NodeError(f"the store cannot take the change, nothing changed: {err}") from None
+            return self._install(project, rev.rev)
+
+    def _install(self, project: config.Project, rev: int) -> list[str]:
+        """Reconcile the maps with a project the store holds as revision rev (lock held)."""
+        changes = self._reconcile(project)
+        self._save_installed()
+        self.project = project
+        self.revision = rev
+        self.events.log("apply", revision=rev, changes=changes)
+        for line in changes:
+            if "firewall" in line or "public port" in line:
+                self.events.log("firewall", change=line, revision=rev)
         return changes
+
+    def _on_revision(self, rev: Revision) -> None:
+        """A revision committed anywhere (the peer, a rollback): converge to it."""
+        with self._apply_lock:
+            if rev.rev <= self.revision:
+                return
+            try:
+                raw = shared_part(yaml.safe_load(rev.config) or {})
+                raw.update(self.local_raw)
+                project = config.parse(raw, source=f"store revision {rev.rev}")
+                self._check_local(project)
+                self._install(project, rev.rev)
+            except (config.ConfigError, NodeError, DatapathError, yaml.YAMLError) as err:
+                self.events.log("error", revision=rev.rev, error=f"cannot apply revision: {err}")
+
+    def history(self) -> list[dict]:
+        return [{"rev": r.rev, "who": r.who, "time": r.time, "source": r.source,
+                 "changes": r.changes, "applied": r.rev == self.revision}
+                for r in self.store.history(self.project.project)]
+
+    def _api_rollback(self, body: dict | None):
+        rev = (body or {}).get("rev")
+        if not isinstance(rev, int):
+            return 400, {"error": "rollback needs {\"rev\": N}"}
+        try:
+            old = self.store.get(self.project.project, rev)
+        except KeyError:
+            return 404, {"error": f"no revision {rev} (see zfast history)"}
+        except StoreError as err:
+            return 503, {"error": str(err)}
+        raw = shared_part(yaml.safe_load(old.config) or {})
+        raw.update(self.local_raw)
+        try:
+            project = config.parse(raw, source=f"revision {rev}")
+            changes = self.apply(project, (body or {}).get("who", "api"), f"rollback to {rev}")
+        except config.ConfigError as err:
+            return 400, {"error": f"revision {rev} is not valid here", "problems": err.problems}
+        except (NodeError, DatapathError) as err:
+            return 409, {"error": str(err)}
+        return 200, {"revision": self.revision, "changes": changes}
 
     def _reconcile(self, project: config.Project) -> list[str]:
         """Desired state into the maps, in an order that never drops a live flow: firewall
@@ -266,7 +386,8 @@ class Node:
         fw.update(lists)
         try:
             project = config.parse(raw, source="zfast fw")
-            changes = self.apply(project)
+            changes = self.apply(project, body.get("who", "api"),
+                                 f"zfast fw {op} {body.get('port')} {cidr}")
         except config.ConfigError as err:
             return 400, {"error": f"{len(err.problems)} problem(s)", "problems": err.problems}
         except (NodeError, DatapathError) as err:
@@ -290,8 +411,9 @@ class Node:
         if not isinstance(text, str):
             return 400, {"error": "apply needs {\"config\": \"<YAML text>\"}"}
         try:
-            project = config.loads(text, source=(body or {}).get("source", "<api>"))
-            changes = self.apply(project)
+            source = (body or {}).get("source", "<api>")
+            project = config.loads(text, source=source)
+            changes = self.apply(project, (body or {}).get("who", "api"), source)
         except config.ConfigError as err:
             return 400, {"error": f"{len(err.problems)} problem(s) in the file", "problems": err.problems}
         except yaml.YAMLError as err:
@@ -313,6 +435,7 @@ class Node:
             "interfaces": [{"name": a.ifname, "mode": a.mode, "prog_id": a.prog_id}
                            for a in (self.dp.attached.values() if self.dp else [])],
             "adopted": self.adopted,
+            "store": self.store.health() if self.store else None,
             "pin_dir": str(self.pin),
             "peer": None,
             "controllers": {},
