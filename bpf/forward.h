@@ -32,15 +32,28 @@ static __always_inline int zf_ttl_expires(struct zf_pkt *p)
 	}
 }
 
-static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int reason)
+/*
+ * Send a rewritten packet on.  cache, when given, is the flow's map entry: its
+ * cached next hop is used while valid (cfg->nh_gen), else refreshed from the FIB.
+ */
+static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int reason,
+				      struct flow_value *cache, struct zf_config *cfg)
 {
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth;
+	__u32 ifindex;
 	int rc;
 
 	/* XDP cannot transmit through a VLAN device: the kernel forwards it. */
 	if (p->vlan)
 		return ZF_PASS_VLAN;
+
+	if (cache && cfg && cache->nh_ifindex && cache->nh_gen == (__u16)cfg->nh_gen) {
+		ifindex = cache->nh_ifindex;
+		__builtin_memcpy(fib.dmac, cache->nh_dmac, ETH_ALEN);
+		__builtin_memcpy(fib.smac, cache->nh_smac, ETH_ALEN);
+		goto out;
+	}
 
 	fib.ifindex = ctx->ingress_ifindex;
 	fib.l4_protocol = p->proto;
@@ -71,6 +84,14 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 		return ZF_PASS_NO_NEIGH;
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return ZF_PASS_FIB;
+	ifindex = fib.ifindex;
+	if (cache && cfg) {
+		cache->nh_ifindex = ifindex;
+		__builtin_memcpy(cache->nh_dmac, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(cache->nh_smac, fib.smac, ETH_ALEN);
+		cache->nh_gen = cfg->nh_gen;
+	}
+out:
 
 	if (p->family == ZF_AF_INET) {
 		struct iphdr *iph = zf_l3(p, struct iphdr);
@@ -94,8 +115,8 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 
 	/* The devmap batches; a port missing from it still goes out directly. */
-	if (tx_ports.redirect_map(fib.ifindex, XDP_PASS) != XDP_REDIRECT)
-		bpf_redirect(fib.ifindex, 0);
+	if (tx_ports.redirect_map(ifindex, XDP_PASS) != XDP_REDIRECT)
+		bpf_redirect(ifindex, 0);
 	return reason;
 }
 

@@ -4,7 +4,9 @@
  *
  *  - While its lease (zf_config.active_until_ns) runs, the active node answers
  *    ARP requests and IPv6 neighbour solicitations for the pair's VIPs itself,
- *    from XDP (XDP_TX).  The VIPs are not kernel addresses: when the daemon
+ *    from XDP: the answer is redirected out of the port the question came in on
+ *    (XDP_TX of a frame that reached a veth as an skb never arrived at the
+ *    peer here; a redirect to the same port does).  The VIPs are not kernel addresses: when the daemon
  *    dies or freezes, the lease runs out and the node stops claiming them on
  *    its own, before the standby's dead interval ends and it takes them.
  *  - New flows are reported on the flow_events ring buffer, which the daemon
@@ -103,6 +105,7 @@ static __always_inline int zf_arp(struct xdp_md *ctx, struct zf_pkt *p)
 	__builtin_memcpy(arp->spa, &target.w[0], 4);
 	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	bpf_redirect(ctx->ingress_ifindex, 0);
 	return ZF_TX_ARP;
 }
 
@@ -191,6 +194,7 @@ static __always_inline int zf_nd(struct xdp_md *ctx, struct zf_pkt *p)
 	sum = zf_sum16(nd, sizeof(struct zf_nd) / 2, sum);
 	nd->check = ~zf_csum_fold(sum);
 	p->len = want;
+	bpf_redirect(ctx->ingress_ifindex, 0);
 	return ZF_TX_ND;
 }
 

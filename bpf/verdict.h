@@ -17,14 +17,12 @@
 #define ZF_MASK_PASS(name, action, desc) ZF_ACTION_BIT(name, action, XDP_PASS)
 #define ZF_MASK_DROP(name, action, desc) ZF_ACTION_BIT(name, action, XDP_DROP)
 #define ZF_MASK_REDIRECT(name, action, desc) ZF_ACTION_BIT(name, action, XDP_REDIRECT)
-#define ZF_MASK_TX(name, action, desc) ZF_ACTION_BIT(name, action, XDP_TX)
 
 static __always_inline int zf_reason_action(int reason)
 {
 	const __u64 pass = 0 ZF_REASONS(ZF_MASK_PASS);
 	const __u64 drop = 0 ZF_REASONS(ZF_MASK_DROP);
 	const __u64 redirect = 0 ZF_REASONS(ZF_MASK_REDIRECT);
-	const __u64 tx = 0 ZF_REASONS(ZF_MASK_TX);
 
 	if (reason < 0 || reason >= ZF_REASON_MAX)
 		return XDP_ABORTED;
@@ -34,8 +32,6 @@ static __always_inline int zf_reason_action(int reason)
 		return XDP_PASS;
 	if ((drop >> reason) & 1)
 		return XDP_DROP;
-	if ((tx >> reason) & 1)
-		return XDP_TX;
 	return XDP_ABORTED;
 }
 

@@ -32,7 +32,7 @@
 /* A packet of a known flow, or of a new flow to a service. */
 static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 {
-	struct flow_value *fv, new_fv = {};
+	struct flow_value *fv, new_fv = {}, *cache;
 	struct service_value *svc;
 	struct service_key sk = {};
 	struct zf_config *cfg;
@@ -89,8 +89,11 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		zf_flow_report(&p->key, &new_fv, cfg);
 		fv = &new_fv;
 		reason = ZF_FWD_NEW;
+		cache = 0; /* the next packet fills the cache of the entry in the map */
 	} else if (zf_ttl_expires(p)) {
 		return ZF_PASS_TTL;
+	} else {
+		cache = fv;
 	}
 
 	if (fv->dir == ZF_DIR_FORWARD) {
@@ -108,7 +111,7 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		return ret;
 	if (p->frag == ZF_FRAG_FIRST)
 		zf_frag_remember(p, fv);
-	return zf_forward(ctx, p, reason);
+	return zf_forward(ctx, p, reason, cache, cfg);
 }
 
 /* A fragment after the first: it follows the first one's decision. */
@@ -127,7 +130,7 @@ static __always_inline int zf_fragment(struct xdp_md *ctx, struct zf_pkt *p)
 		return ret;
 	if (fv->dir == ZF_DIR_FORWARD)
 		zf_count_service(fv->service, fv->backend, p->len);
-	return zf_forward(ctx, p, ZF_FWD_FRAGMENT);
+	return zf_forward(ctx, p, ZF_FWD_FRAGMENT, 0, 0);
 }
 
 static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
@@ -156,7 +159,7 @@ static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
 		ret = zf_icmp_error(p, &fv);
 		if (ret != ZF_CONTINUE)
 			return ret;
-		return zf_forward(ctx, p, ZF_FWD_ICMP);
+		return zf_forward(ctx, p, ZF_FWD_ICMP, 0, 0);
 	}
 	return ZF_PASS_NO_SERVICE;
 }

@@ -86,6 +86,17 @@ struct flow_value {
 	__u32 backend;       /* backend index (stats slot, health) */
 	__u16 fw_port;       /* public port slot whose firewall let it in; 0 = none */
 	__u16 fw_gen;        /* rule generation it was checked against */
+	/*
+	 * The FIB's answer for this flow's rewritten packets, cached: a FIB lookup
+	 * costs more than the rest of the path.  Valid while nh_gen equals
+	 * zf_config.nh_gen, which the daemon bumps on every route or neighbour
+	 * change (and every few seconds regardless).
+	 */
+	__u32 nh_ifindex;
+	__u8 nh_dmac[6];
+	__u8 nh_smac[6];
+	__u16 nh_gen;
+	__u16 pad;
 };
 
 /* Fragments after the first carry no ports: they follow their first one. */
@@ -156,7 +167,7 @@ struct zf_config {
 	 */
 	__u64 active_until_ns;
 	__u32 sync;          /* 1: report new flows on flow_events for the standby */
-	__u32 pad;
+	__u32 nh_gen;        /* next hops cached in flows are valid while this is theirs */
 };
 
 /* A VIP the pair moves between its nodes. */
@@ -218,8 +229,8 @@ struct zf_counter {
 	X(FWD_REPLY, REDIRECT, "backend reply rewritten to the VIP")           \
 	X(FWD_ICMP, REDIRECT, "ICMP error of a balanced flow sent on")         \
 	X(FWD_FRAGMENT, REDIRECT, "later fragment sent after its first one")   \
-	X(TX_ARP, TX, "ARP reply for a VIP this active node holds")            \
-	X(TX_ND, TX, "neighbour advertisement for a VIP this node holds")      \
+	X(TX_ARP, REDIRECT, "ARP reply for a VIP this active node holds")            \
+	X(TX_ND, REDIRECT, "neighbour advertisement for a VIP this node holds")      \
 	X(PASS_NOT_IP, PASS, "not IPv4/IPv6: left to the kernel")              \
 	X(PASS_NO_SERVICE, PASS, "not for a service: left to the kernel")      \
 	X(PASS_FRAGMENT, PASS, "fragment whose first fragment was not seen")   \

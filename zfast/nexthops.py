@@ -1,0 +1,68 @@
+"""Keeps the next hops the data plane caches in its flows honest.
+
+A flow entry caches the FIB's answer for its packets (egress port, MACs)
+under a generation number; the data plane uses it while the number equals
+zf_config.nh_gen. This watcher bumps that number whenever the kernel reports
+a route or neighbour change (netlink), and every REFRESH_S regardless, so a
+cached next hop is never older than the change that made it wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+
+from pyroute2 import IPRoute
+
+log = logging.getLogger("zfast.nexthops")
+
+REFRESH_S = 5.0
+# rtnetlink multicast groups (linux/rtnetlink.h)
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
+RTMGRP_LINK = 0x1
+
+
+class NextHopWatch:
+    def __init__(self, dp):
+        self.dp = dp
+        self.gen = 0
+        self.bumps = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nexthops", daemon=True)
+
+    def bump(self) -> None:
+        self.gen = (self.gen % 0xFFFF) + 1  # 16 bits in the flow entry; never 0 (= unset)
+        self.dp.update_config(nh_gen=self.gen)
+        self.bumps += 1
+
+    def start(self) -> None:
+        self.bump()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        try:
+            ipr = IPRoute()
+            ipr.bind(groups=RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_LINK)
+        except Exception as err:  # without events, the periodic bump still bounds staleness
+            log.warning("no netlink events (%s); next hops refresh every %.0f s", err, REFRESH_S)
+            ipr = None
+        try:
+            while not self._stop.is_set():
+                if ipr is None:
+                    self._stop.wait(REFRESH_S)
+                    self.bump()
+                    continue
+                ready, _, _ = select.select([ipr.fileno()], [], [], REFRESH_S)
+                if ready:
+                    ipr.get()  # drain; what changed does not matter, that it changed does
+                self.bump()
+        finally:
+            if ipr is not None:
+                ipr.close()
