@@ -26,6 +26,7 @@ import copy
 import ipaddress
 import json
 import re
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,8 @@ _IFNAMSIZ = 16  # Linux: names are at most 15 bytes plus the NUL
 _BPF_MAP_LIMIT = 2**31 - 1  # keep sizes well inside max_entries (a u32)
 
 # Sections that later work parses; here only their shape is checked.
-_KEPT_SECTIONS = {"ha": dict, "store": dict, "routing": dict, "telemetry": dict, "core": dict}
-_TOP_LEVEL = {"project", "node", "services", "datapath", "public_ports", "firewall",
+_KEPT_SECTIONS = {"store": dict, "routing": dict, "telemetry": dict, "core": dict}
+_TOP_LEVEL = {"project", "node", "services", "datapath", "public_ports", "firewall", "ha",
               *_KEPT_SECTIONS}
 ROUTING_PORTS = (80, 443)  # the routing service's (HTTP/HTTPS); not public_ports'
 
@@ -148,6 +149,23 @@ class PublicPort:
 
 
 @dataclass(frozen=True)
+class HA:
+    """The active/standby pair (zfast/ha). Extensions of the spec: port, sync_port,
+    links, preempt."""
+    peer: IPAddress               # the partner's heartbeat/sync address
+    bind: IPAddress               # this node's address on the sync link
+    key_file: str                 # shared secret of the pair (HMAC of heartbeats and sync)
+    priority: int = 100           # higher wins when both start
+    heartbeat_ms: int = 50
+    vips: tuple[IPAddress, ...] = ()   # addresses that move to the active node
+    port: int = 5405              # heartbeats (UDP)
+    sync_port: int = 5406         # flow replication (TCP)
+    links: tuple[tuple[IPAddress, IPAddress], ...] = ()  # more (bind, peer) heartbeat paths
+    preempt: bool = False         # a returning higher-priority node takes over (default: no)
+    dead_intervals: int = 3       # heartbeats missed before the peer counts as dead
+
+
+@dataclass(frozen=True)
 class Project:
     project: str
     node: Node | None
@@ -156,6 +174,7 @@ class Project:
     raw: dict = field(repr=False, hash=False)  # the whole file, for the sections parsed later
     public_ports: tuple[PublicPort, ...] = ()
     project_deny: tuple[IPNetwork, ...] = ()   # `firewall: {deny: [...]}`: before every port
+    ha: HA | None = None
 
 
 def load(path: str | Path) -> Project:
@@ -201,12 +220,13 @@ def parse(data: Any, source: str = "<file>") -> Project:
     public_ports = tuple(_public_port(problems, f"public_ports[{i}]", item)
                          for i, item in enumerate(port_items))
     _check_public_ports(problems, public_ports, services, datapath, project_deny)
+    ha = _ha(problems, data["ha"]) if "ha" in data else None
     # Objects built above hold None where a field was bad; they never leave here then.
     if problems:
         raise ConfigError(problems, source)
     return Project(project=name, node=node, services=services, datapath=datapath,
                    raw=copy.deepcopy(data), public_ports=public_ports,
-                   project_deny=project_deny)
+                   project_deny=project_deny, ha=ha)
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -324,6 +344,44 @@ def _health(problems: _Problems, path: str, value: Any) -> Health:
                   path=url_path)
 
 
+def _ha(problems: _Problems, value: Any) -> HA:
+    section = _Mapping(problems, "ha", value, {
+        "peer", "bind", "priority", "key_file", "heartbeat_ms", "vips", "port", "sync_port",
+        "links", "preempt", "dead_intervals"})
+    peer = section.address("peer", what="peer")
+    bind = section.address("bind", what="bind")
+    if peer is not None and bind is not None and peer.version != bind.version:
+        problems.add("ha.bind", str(bind), f"is IPv{bind.version} but ha.peer is IPv{peer.version}")
+    if peer is not None and peer == bind:
+        problems.add("ha.peer", str(peer), "is this node's own bind address")
+    vip_items = section.list("vips", default=[]) or []
+    vips = []
+    for i, item in enumerate(vip_items):
+        vip = _Mapping(problems, "ha", {f"vips[{i}]": item}, {f"vips[{i}]"}).address(
+            f"vips[{i}]", what="VIP")
+        if vip is not None:
+            if vip in vips:
+                problems.add(f"ha.vips[{i}]", str(vip), "is listed twice")
+            vips.append(vip)
+    links = []
+    for i, item in enumerate(section.list("links", default=[]) or []):
+        link = _Mapping(problems, f"ha.links[{i}]", item, {"bind", "peer"})
+        lb, lp = link.address("bind", what="bind"), link.address("peer", what="peer")
+        if lb is not None and lp is not None:
+            links.append((lb, lp))
+    preempt = section.data.get("preempt", False)
+    if not isinstance(preempt, bool):
+        problems.add("ha.preempt", preempt, "is not true or false")
+        preempt = False
+    return HA(peer=peer, bind=bind, key_file=section.string("key_file"),
+              priority=section.integer("priority", default=100, low=1, high=255),
+              heartbeat_ms=section.integer("heartbeat_ms", default=50, low=10, high=10_000),
+              vips=tuple(vips), port=section.port("port", default=5405),
+              sync_port=section.port("sync_port", default=5406), links=tuple(links),
+              preempt=preempt,
+              dead_intervals=section.integer("dead_intervals", default=3, low=2, high=100))
+
+
 def _project_firewall(problems: _Problems, value: Any) -> tuple[IPNetwork, ...]:
     section = _Mapping(problems, "firewall", value, {"deny"})
     items = section.list("deny", default=[]) or []
@@ -371,7 +429,7 @@ def _cidr(problems: _Problems, path: str, value: Any, address: IPAddress | None)
         problems.add(path, value, "is not a CIDR (like 198.51.100.0/24)")
         return None
     try:
-        network = ipaddress.ip_network(value, strict=True)
+        network = _plain_v4_network(value) or ipaddress.ip_network(value, strict=True)
     except ValueError as err:
         try:
             loose = ipaddress.ip_network(value, strict=False)
@@ -387,6 +445,26 @@ def _cidr(problems: _Problems, path: str, value: Any, address: IPAddress | None)
                                   f"is IPv{address.version}")
         return None
     return network
+
+
+_PLAIN_V4_CIDR = re.compile(r"((?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3})/(0|[1-9][0-9]?)\Z")
+
+
+def _plain_v4_network(value: str) -> IPNetwork | None:
+    """The network of a plain "a.b.c.d/n" without host bits, parsed by the C library
+    rather than ipaddress's string parser (100,000 firewall rules: most of parse()'s
+    time); None for anything else, which ip_network() then judges and explains."""
+    m = _PLAIN_V4_CIDR.match(value)
+    if m is None:
+        return None
+    try:
+        number = int.from_bytes(socket.inet_aton(m.group(1)), "big")  # refuses an octet > 255
+    except OSError:
+        return None
+    prefix = int(m.group(2))
+    if prefix > 32 or number & ((1 << (32 - prefix)) - 1):
+        return None
+    return ipaddress.IPv4Network((number, prefix))
 
 
 # ---- checks across fields -------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,20 +39,38 @@ def listener(pp: PublicPort) -> tuple:
     return (pp.address, pp.port, pp.proto)
 
 
+def rule_key(slot: int, network: IPNetwork) -> tuple:
+    """A rule's identity: (slot, IP version, network address as int, prefix length).
+
+    Plain ints, not the ipaddress object: its __hash__ is Python code, and a rule key is
+    hashed a dozen times per apply (100,000 rules: seconds, not tenths)."""
+    return (slot, network.version, int(network.network_address), network.prefixlen)
+
+
+def _decode_key(k: list) -> tuple:
+    """A rule key as export() wrote it: [slot, version, address, prefix], or [slot, CIDR]."""
+    return rule_key(k[0], ipaddress.ip_network(k[1])) if len(k) == 2 else tuple(k)
+
+
+def key_network(key: tuple) -> IPNetwork:
+    cls = ipaddress.IPv4Network if key[1] == 4 else ipaddress.IPv6Network
+    return cls((key[2], key[3]))
+
+
 @dataclass(frozen=True)
 class Rule:
     slot: int
-    network: IPNetwork
+    network: IPNetwork = field(compare=False)   # compared through key
     action: int
     source: str          # where it comes from in the file, for people
+    key: tuple = field(init=False, repr=False)
 
-    @property
-    def key(self) -> tuple:
-        return (self.slot, self.network)
+    def __post_init__(self):
+        object.__setattr__(self, "key", rule_key(self.slot, self.network))
 
 
 def desired_rules(project: Project, slot_of: dict[tuple, int]) -> dict[tuple, Rule]:
-    """(slot, network) -> Rule for the whole project; deny wins at an equal prefix."""
+    """rule_key(slot, network) -> Rule for the whole project; deny wins at an equal prefix."""
     rules: dict[tuple, Rule] = {}
 
     def add(rule: Rule) -> None:
@@ -124,6 +142,7 @@ class FirewallTable:
         """Write port policies and rules; flip to them. Call before the services entries
         that point at new slots are written; call release() after they are removed."""
         changes = []
+        policy_changed = False
         slot_of = self.slot_map(project)
         # 1. port policies (rate limit, default) for every slot in use
         ports = np.zeros(len(project.public_ports), dtype=FW_PORT)
@@ -139,6 +158,7 @@ class FirewallTable:
                 changes.append(f"+ public port {_show(pp)} -> {pp.service}:{pp.target_port}")
             elif old.firewall != pp.firewall:
                 changes.append(f"~ firewall of {_show(pp)}")
+                policy_changed |= old.firewall.policy != pp.firewall.policy
         self.dp.update_batch("fw_ports", keys, ports)
 
         # 2. the rule set, into the idle trie, then flip
@@ -149,16 +169,17 @@ class FirewallTable:
             self._write_trie(1 - self.live, rules)
             self.live = 1 - self.live
             self.gen += 1
-            cfg = self.dp.table("config")
-            value = cfg.Leaf()
-            value.fw_trie = self.live
-            value.fw_gen = self.gen
-            cfg[cfg.Key(0)] = value
+            self.dp.update_config(fw_trie=self.live, fw_gen=self.gen)
             if self.rules or rules:
                 changes.append(f"~ firewall rules: {len(rules)} ({added} added, {removed} removed),"
                                f" generation {self.gen}")
             self.rules = rules
             self._unsynced = False
+        elif policy_changed:
+            # Same rules, another default policy: established flows must ask again too.
+            self.gen += 1
+            self.dp.update_config(fw_trie=self.live, fw_gen=self.gen)
+            changes.append(f"~ firewall policy, generation {self.gen}")
         for key in [k for k in self.ports if k not in slot_of]:
             changes.append(f"- public port {_show(self.ports[key])}")
         self.ports = {listener(pp): pp for pp in project.public_ports}
@@ -185,9 +206,8 @@ class FirewallTable:
             wanted_ids[key] = self.rule_ids.get(key)[0]
         changed = [k for k, r in rules.items() if held.get(k) != (r.action, wanted_ids[k])]
         values = np.zeros(len(changed), dtype=FW_RULE)
-        for i, key in enumerate(changed):
-            values[i]["action"] = rules[key].action
-            values[i]["id"] = wanted_ids[key]
+        values["action"] = [rules[k].action for k in changed]
+        values["id"] = [wanted_ids[k] for k in changed]
         self.dp.update_batch(name, _keys(changed), values)
         self.tries[trie] = {k: (r.action, wanted_ids[k]) for k, r in rules.items()}
 
@@ -196,19 +216,19 @@ class FirewallTable:
     def export(self) -> dict:
         return {
             "slots": self.slots.export(lambda k: [str(k[0]), k[1], k[2]]),
-            "rule_ids": self.rule_ids.export(lambda k: [k[0], str(k[1])]),
+            # rule keys as their ints: no formatting of 100,000 CIDRs on every apply
+            "rule_ids": self.rule_ids.export(list),
             "live": self.live, "gen": self.gen,
-            "tries": [[[k[0], str(k[1]), a, i] for k, (a, i) in trie.items()] for trie in self.tries],
+            "tries": [[[*k, a, i] for k, (a, i) in trie.items()] for trie in self.tries],
         }
 
     def restore(self, data: dict) -> None:
         """Take over a previous daemon's slots, rule ids and tries; the next apply writes
         the rules into the idle trie and flips, as always."""
         self.slots.restore(data["slots"], lambda k: (ipaddress.ip_address(k[0]), k[1], k[2]))
-        self.rule_ids.restore(data["rule_ids"], lambda k: (k[0], ipaddress.ip_network(k[1])))
+        self.rule_ids.restore(data["rule_ids"], _decode_key)
         self.live, self.gen = data["live"], data["gen"]
-        self.tries = [{(s, ipaddress.ip_network(n)): (a, i) for s, n, a, i in trie}
-                      for trie in data["tries"]]
+        self.tries = [{_decode_key(e[:-2]): (e[-2], e[-1]) for e in trie} for trie in data["tries"]]
         self.rules = {}
         self._unsynced = True
 
@@ -240,14 +260,23 @@ class FirewallTable:
 
 
 def _keys(keys: list[tuple]) -> np.ndarray:
+    """struct fw_key of each rule_key, in one array (no per-element numpy writes)."""
     arr = np.zeros(len(keys), dtype=FW_KEY)
-    for i, (slot, net) in enumerate(keys):
-        arr[i]["prefixlen"] = 24 + net.prefixlen
-        arr[i]["slot"] = (slot >> 8, slot & 0xFF)
-        arr[i]["family"] = net.version
-        arr[i]["addr"][: len(net.network_address.packed)] = np.frombuffer(
-            net.network_address.packed, dtype=np.uint8)
+    if not keys:
+        return arr
+    slots, families, addrs, prefixes = zip(*keys)
+    arr["prefixlen"] = np.asarray(prefixes, dtype=np.uint32) + 24
+    slots = np.asarray(slots, dtype=np.uint16)
+    arr["slot"][:, 0] = slots >> 8
+    arr["slot"][:, 1] = slots & 0xFF
+    arr["family"] = families
+    raw = b"".join(a.to_bytes(16, "big") if f == 6 else a.to_bytes(4, "big") + _PAD12
+                   for f, a in zip(families, addrs))
+    arr["addr"] = np.frombuffer(raw, dtype=np.uint8).reshape(len(keys), 16)
     return arr
+
+
+_PAD12 = bytes(12)
 
 
 def _show(pp: PublicPort) -> str:

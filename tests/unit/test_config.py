@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 import pytest
 import yaml
 
-from zfast.config import (Backend, ConfigError, Datapath, Firewall, Health, Interface, Node,
+from zfast.config import (HA, Backend, ConfigError, Datapath, Firewall, Health, Interface, Node,
                           PortMap, Project, PublicPort, Service, load, parse)
 
 SPEC_EXAMPLE = """
@@ -73,7 +73,10 @@ def test_spec_example_parses():
         public_ports=(PublicPort(port=2222, proto="tcp", address=IPv4Address("203.0.113.10"),
                                  service="app", target_port=22,
                                  firewall=Firewall(policy="deny",
-                                                   allow=(IPv4Network("198.51.100.0/24"),))),))
+                                                   allow=(IPv4Network("198.51.100.0/24"),))),),
+        ha=HA(peer=IPv4Address("10.203.0.2"), bind=IPv4Address("10.203.0.1"),
+              key_file="/etc/zfast/ha.key", priority=100, heartbeat_ms=50,
+              vips=(IPv4Address("203.0.113.10"), IPv6Address("2001:db8::10"))))
     assert project.raw["ha"]["priority"] == 100
     assert project.raw["public_ports"][0]["target_port"] == 22
 
