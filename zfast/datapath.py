@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,7 @@ class Loaded:
         self.prog_fd = self.fn.fd
         self.prog_id = int(fd_info(self.prog_fd).get("prog_id", 0))
         self.attached: dict[str, Attachment] = {}
+        self._config_lock = threading.Lock()
 
     # ---- maps -------------------------------------------------------------
 
@@ -209,6 +211,20 @@ class Loaded:
     def reason_counters(self) -> dict[str, tuple[int, int]]:
         counts = self.percpu_all("reason_stats", len(reasons()))
         return {r.name: (int(counts[r.index, 0]), int(counts[r.index, 1])) for r in reasons()}
+
+    def update_config(self, **fields) -> None:
+        """Change some fields of struct zf_config; the others keep their values (the
+        firewall and the pair write different fields from different threads)."""
+        with self._config_lock:
+            cfg = self.table("config")
+            value = cfg[cfg.Key(0)]
+            for name, v in fields.items():
+                setattr(value, name, v)
+            cfg[cfg.Key(0)] = value
+
+    def config(self):
+        cfg = self.table("config")
+        return cfg[cfg.Key(0)]
 
     def update_batch(self, name: str, keys: np.ndarray, values: np.ndarray) -> None:
         """Write many entries at once; keys/values are numpy arrays laid out like Key/Leaf."""

@@ -182,3 +182,170 @@ def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
     topo.at_close(lambda: _remove_node_state(state_dir))
     return Lab(topo, client, lb, switch, backends, weights, extras, node_name, state_dir,
                state_dir / "project.yaml")
+
+
+# ---- the active/standby pair ------------------------------------------------------------
+#
+#   client ns ── pubsw (br0) ──┬── lb-a pub0 10.0.0.11 ── lb-a priv0 10.1.0.251 ──┬── privsw (br0) ── backends
+#   10.0.0.100                 └── lb-b pub0 10.0.0.12 ── lb-b priv0 10.1.0.252 ──┘   10.1.0.N
+#                                  lb-a sync0 10.203.0.1 ═══ lb-b sync0 10.203.0.2
+#
+# The VIPs 10.0.0.10 / fd00::10 (public) and the backends' gateway 10.1.0.1 / fd01::1
+# belong to the pair: the active node answers ARP/ND for them from XDP.
+
+PAIR_CLIENT4, PAIR_CLIENT6 = "10.0.0.100", "fd00::100"
+GATEWAY4, GATEWAY6 = "10.1.0.1", "fd01::1"
+
+
+@dataclass
+class PairNode:
+    name: str
+    ns: str
+    state_dir: Path
+    config_path: Path
+    priority: int
+    sync4: str
+    peer4: str
+    priv4: str
+    peer_priv4: str
+    proc: object = None
+
+
+@dataclass
+class PairLab:
+    topo: Topology
+    client: str
+    backends: list[str]
+    weights: list[int]
+    nodes: list[PairNode]
+    key_file: Path
+    heartbeat_ms: int = 50
+    servers: list = field(default_factory=list)
+
+    def project(self, i: int, weights: list[int] | None = None, links: bool = True) -> dict:
+        node = self.nodes[i]
+        weights = weights or self.weights
+
+        def service(name, vip, family):
+            return {"name": name, "vip": vip,
+                    "ports": [{"port": TCP_PORT, "proto": "tcp", "target_port": TARGET_TCP},
+                              {"port": UDP_PORT, "proto": "udp", "target_port": TARGET_UDP}],
+                    "backends": [{"address": backend_addrs(b)[family], "weight": weights[b]}
+                                 for b in range(len(self.backends))]}
+
+        return {
+            "project": "pairlab",
+            "node": {"name": node.name, "state_dir": str(node.state_dir), "mode": "native",
+                     "interfaces": [{"name": "pub0", "role": "public"},
+                                    {"name": "priv0", "role": "private"}]},
+            "ha": {"peer": node.peer4, "bind": node.sync4, "priority": node.priority,
+                   "key_file": str(self.key_file), "heartbeat_ms": self.heartbeat_ms,
+                   "vips": [VIP4, VIP6, GATEWAY4, GATEWAY6],
+                   # heartbeats over the private network too: a broken sync link alone
+                   # must not make two actives
+                   "links": [{"bind": node.priv4, "peer": node.peer_priv4}] if links else []},
+            "datapath": {"flow_table": 65536, "max_services": 8, "max_backends": 64},
+            "services": [service("app", VIP4, 0), service("app6", VIP6, 1)],
+        }
+
+    def start_servers(self) -> None:
+        for i, ns in enumerate(self.backends):
+            self.servers.append(self.topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name",
+                                                     f"be{i + 1}", "--port", str(TARGET_TCP),
+                                                     "--udp-port", str(TARGET_UDP)],
+                                                stdout=open("/dev/null", "w")))
+
+    def start_node(self, i: int, project: dict | None = None, timeout: float = 60.0) -> Client:
+        node = self.nodes[i]
+        node.config_path.write_text(yaml.safe_dump(project or self.project(i), sort_keys=False))
+        node.proc = self.topo.popen(node.ns, [sys.executable, "-m", "zfast.cli", "up", "-c",
+                                              str(node.config_path)])
+        client = Client(node.state_dir)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"zfast up ({node.name}) exited with {node.proc.returncode}")
+            try:
+                client.get("/status")
+                return client
+            except ApiError:
+                time.sleep(0.2)
+        raise RuntimeError(f"zfast up ({node.name}) did not answer in time")
+
+    def api(self, i: int) -> Client:
+        return Client(self.nodes[i].state_dir)
+
+    def role(self, i: int) -> str | None:
+        try:
+            return self.api(i).get("/status")["role"]
+        except ApiError:
+            return None
+
+    def wait_role(self, i: int, role: str, timeout: float = 10.0) -> float:
+        start = time.time()
+        while time.time() - start < timeout:
+            if self.role(i) == role:
+                return time.time() - start
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.nodes[i].name} did not become {role} in {timeout} s "
+                           f"(it is {self.role(i)})")
+
+    def kill(self, i: int, links_down: bool = True) -> None:
+        """The node dies: daemon SIGKILLed, its links taken down."""
+        import signal as _signal
+        node = self.nodes[i]
+        if node.proc is not None:
+            node.proc.send_signal(_signal.SIGKILL)
+            node.proc.wait()
+            node.proc = None
+        if links_down:
+            for ifname in ("pub0", "priv0", "sync0"):
+                self.topo.run(node.ns, ["ip", "link", "set", ifname, "down"], check=False)
+
+
+def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
+               heartbeat_ms: int = 50, name: str = "pair") -> PairLab:
+    weights = weights or [1] * n_backends
+    client = topo.add_ns("cli")
+    pubsw = topo.add_ns("pubsw")
+    privsw = topo.add_ns("privsw")
+    topo.bridge(pubsw, "br0")
+    topo.bridge(privsw, "br0")
+    topo.veth(client, "eth0", pubsw, "cp", [f"{PAIR_CLIENT4}/24", f"{PAIR_CLIENT6}/64"], [])
+    topo.attach_to_bridge(pubsw, "cp", "br0")
+    topo.offload_off(client, "eth0")
+    topo.gro_on(client, "eth0")
+    backends = []
+    for i in range(n_backends):
+        ns = topo.add_ns(f"be{i + 1}")
+        a4, a6 = backend_addrs(i)
+        topo.veth(ns, "eth0", privsw, f"bp{i + 1}", [f"{a4}/24", f"{a6}/64"], [])
+        topo.attach_to_bridge(privsw, f"bp{i + 1}", "br0")
+        topo.route(ns, "default", GATEWAY4)
+        topo.route(ns, "default", GATEWAY6)
+        topo.offload_off(ns, "eth0")
+        topo.gro_on(ns, "eth0")
+        backends.append(ns)
+    tag = client.split("-")[2] if client.count("-") >= 3 else "x"
+    nodes = []
+    for i, letter in enumerate("ab"):
+        ns = topo.add_ns(f"lb{letter}", router=True)
+        topo.veth(ns, "pub0", pubsw, f"p{letter}", [f"10.0.0.{11 + i}/24", f"fd00::{11 + i:x}/64"], [])
+        topo.attach_to_bridge(pubsw, f"p{letter}", "br0")
+        topo.gro_on(pubsw, f"p{letter}")
+        topo.veth(ns, "priv0", privsw, f"q{letter}", [f"10.1.0.{251 + i}/24", f"fd01::{251 + i:x}/64"], [])
+        topo.attach_to_bridge(privsw, f"q{letter}", "br0")
+        topo.gro_on(privsw, f"q{letter}")
+        node_name = f"{name}-{tag}-{letter}"
+        state_dir = Path("/run/zfast") / node_name
+        state_dir.mkdir(parents=True, exist_ok=True)
+        topo.at_close(lambda d=state_dir: _remove_node_state(d))
+        nodes.append(PairNode(node_name, ns, state_dir, state_dir / "project.yaml",
+                              priority=200 - 100 * i, sync4=f"10.203.0.{1 + i}",
+                              peer4=f"10.203.0.{2 - i}", priv4=f"10.1.0.{251 + i}",
+                              peer_priv4=f"10.1.0.{252 - i}"))
+    topo.veth(nodes[0].ns, "sync0", nodes[1].ns, "sync0", ["10.203.0.1/30"], ["10.203.0.2/30"])
+    key_file = nodes[0].state_dir / "ha.key"
+    from zfast.ha.heartbeat import write_key
+    write_key(key_file)
+    return PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms)

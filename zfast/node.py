@@ -38,6 +38,12 @@ TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
 LOCAL_SECTIONS = ("node", "ha", "store")
 
 
+def _dump_yaml(raw: dict) -> str:
+    # libyaml's emitter when there is one: the pure-Python one takes seconds on a file
+    # with 100,000 firewall rules (and `zfast apply` of those must stay under 5 s)
+    return yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+
+
 def shared_part(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in LOCAL_SECTIONS}
 
@@ -101,6 +107,8 @@ class Node:
         self.local_raw = {k: v for k, v in project.raw.items() if k in LOCAL_SECTIONS}
         self.store: Store | None = None
         self._watch = None
+        self.pair = None  # zfast.ha.pair.Pair when the file has an `ha` section
+        self.nexthops = None
         self.pin = pin_dir(self.name)
         self.adopted = False
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
@@ -112,17 +120,25 @@ class Node:
         check_interfaces(node)
         self._take_lock()
         try:
+            # The store first: a file it cannot take (e.g. etcd away and the file is not its
+            # latest revision) fails here, before a map of an adopted data plane changes.
+            latest = self._open_store()
             self._open_datapath()
             changes = self._reconcile(self.project)
             self._save_installed()
             self._refresh_tx_ports()
+            from zfast.nexthops import NextHopWatch
+            self.nexthops = NextHopWatch(self.dp)
+            self.nexthops.start()
             try:
                 for itf in node.interfaces:
                     self.dp.attach(itf.name, itf.mode or node.mode)
             except DatapathError:
                 self.dp.detach_all()  # all interfaces or none
                 raise
-            self._open_store()
+            self._watch = self.store.watch(self.project.project, self._on_revision,
+                                           after=latest.rev)
+            self._start_pair()
             self.events.log("apply", revision=self.revision, changes=changes, start=True,
                             adopted=self.adopted)
             self.api = Server(self.state_dir, self.routes())
@@ -131,15 +147,32 @@ class Node:
             if self.dp and not self.adopted:
                 self.dp.detach_all()
                 pins.remove_pins(self.pin)  # nothing half-made is left behind
+            if self.pair:
+                self.pair.stop()
+            if self.nexthops:
+                self.nexthops.stop()
             if self.store:
                 self.store.close()
             self._release_lock()
             raise
         return changes
 
-    def _open_store(self) -> None:
+    def _start_pair(self) -> None:
+        if self.project.ha is None:
+            return
+        from zfast.ha.heartbeat import KeyError_
+        from zfast.ha.pair import Pair
+        try:
+            self.pair = Pair(self, self.project.ha)
+            self.pair.start()
+        except (KeyError_, OSError) as err:
+            self.pair = None
+            raise NodeError(str(err)) from None
+
+    def _open_store(self) -> Revision:
         """The file given to `up` becomes a revision when its shared part differs from the
-        store's latest; then the node follows the store (an apply on the peer included)."""
+        store's latest; then (start() opens the watch) the node follows the store, an apply
+        on the peer included."""
         try:
             self.store = open_store(self.project.raw.get("store"), self.state_dir, self.name)
             latest = self.store.latest(self.project.project)
@@ -151,7 +184,7 @@ class Node:
         except StoreError as err:
             raise NodeError(f"store: {err}") from None
         self.revision = latest.rev
-        self._watch = self.store.watch(self.project.project, self._on_revision, after=latest.rev)
+        return latest
 
     def routes(self) -> dict:
         """The control API (docs/openapi.yaml describes each endpoint)."""
@@ -211,12 +244,18 @@ class Node:
         signal.signal(signal.SIGUSR1, keep)
         while not self._stop.wait(TX_PORTS_REFRESH_S):
             self._refresh_tx_ports()
+            if self.pair:
+                self.pair.holder.refresh_macs()
         self.stop()
 
     def stop(self) -> None:
         if self.api:
             self.api.stop()
             self.api = None
+        if self.pair and not self.keep_dataplane:
+            self.pair.stop()
+        if self.nexthops:
+            self.nexthops.stop()
         if self._watch:
             self._watch.stop()
         if self.store:
@@ -257,6 +296,8 @@ class Node:
                             f"{self.project.project!r}")
         if project.datapath != self.project.datapath:
             raise NodeError("datapath sizes differ from the running node's; restart it to resize")
+        if project.ha != self.project.ha:
+            raise NodeError("the ha section differs from the running node's; restart it to change it")
         if project.node.interfaces != self.project.node.interfaces or project.node.mode != self.project.node.mode:
             raise NodeError("interfaces differ from the running node's; restart it to change them")
 
@@ -269,7 +310,7 @@ class Node:
             if problems:
                 raise NodeError("; ".join(problems))
             try:
-                rev = self.store.commit(project.project, yaml.safe_dump(project.raw), who,
+                rev = self.store.commit(project.project, _dump_yaml(project.raw), who,
                                         config_diff(shared_part(self.project.raw),
                                                     shared_part(project.raw)), source)
             except StoreError as err:
@@ -428,7 +469,7 @@ class Node:
         return {
             "node": self.name,
             "project": self.project.project,
-            "role": "solo",
+            "role": self.pair.role if self.pair else "solo",
             "pid": os.getpid(),
             "revision": self.revision,
             "started": self.started,
@@ -437,8 +478,10 @@ class Node:
             "adopted": self.adopted,
             "store": self.store.health() if self.store else None,
             "pin_dir": str(self.pin),
-            "peer": None,
-            "controllers": {},
+            "peer": self.pair.status() if self.pair else None,
+            "controllers": ({"activity": {"healthy": not self.pair.activity.problems,
+                                          "problems": self.pair.activity.problems}}
+                            if self.pair else {}),
         }
 
     def stats(self) -> dict:

@@ -14,6 +14,7 @@ applies, so counters and flows keep meaning the same thing.
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import numpy as np
 from zfast import maglev
 from zfast.config import PublicPort, Service
 from zfast.datapath import (AF, BACKEND_UP, NO_BACKEND, PROTO, DatapathError, IPAddress,
-                            Loaded, set_addr)
+                            Loaded, get_addr, set_addr)
 
 MAX_SERVICE_PORTS = 1024  # ZF_MAX_SERVICE_PORTS in bpf/zfast_shared.h
 
@@ -253,6 +254,26 @@ class ServiceTable:
                              weights={ip_of(a): w for a, w in d["weights"].items()},
                              keys={(ip_of(a), p, pr): (t, sl) for a, p, pr, t, sl in d["keys"]})
             for name, d in data["services"].items()}
+
+    def translate_flow(self, key, value) -> bool:
+        """Give a flow replicated from the peer this node's own service, backend and
+        firewall slots (each daemon allocates its own). False: not a service here."""
+        services = self.dp.table("services")
+        sk = services.Key()
+        ctypes.memmove(ctypes.byref(sk.vip), ctypes.byref(key.dst), 16)
+        sk.port, sk.proto, sk.family = key.dport, key.proto, key.family
+        try:
+            sv = services[sk]
+        except KeyError:
+            return False
+        value.service, value.fw_port = sv.index, sv.fw_port
+        value.backend = NO_BACKEND
+        address = get_addr(value.addr, key.family)
+        for inst in self.services.values():
+            if inst.index == sv.index:
+                value.backend = inst.backends.get(address, NO_BACKEND)
+                break
+        return True
 
     # ---- read back ----------------------------------------------------------
 
