@@ -244,9 +244,15 @@ class PairLab:
                    # heartbeats over the private network too: a broken sync link alone
                    # must not make two actives
                    "links": [{"bind": node.priv4, "peer": node.peer_priv4}] if links else []},
+            # one store for both (one machine): an apply on either reaches the other
+            "store": {"kind": "sqlite", "path": str(self.store_path)},
             "datapath": {"flow_table": 65536, "max_services": 8, "max_backends": 64},
             "services": [service("app", VIP4, 0), service("app6", VIP6, 1)],
         }
+
+    @property
+    def store_path(self) -> Path:
+        return self.nodes[0].state_dir.parent / f"{self.nodes[0].name[:-2]}-store.sqlite"
 
     def start_servers(self) -> None:
         for i, ns in enumerate(self.backends):
@@ -348,4 +354,7 @@ def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = 
     key_file = nodes[0].state_dir / "ha.key"
     from zfast.ha.heartbeat import write_key
     write_key(key_file)
-    return PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms)
+    pair = PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms)
+    store = pair.store_path
+    topo.at_close(lambda: [Path(str(store) + sfx).unlink(missing_ok=True) for sfx in ("", "-wal", "-shm")])
+    return pair
