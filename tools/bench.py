@@ -183,6 +183,7 @@ class Bench:
         self.costs: list[Cost] = []
         self.flow_rows: list[dict] = []
         self.backend_rows: list[dict] = []
+        self.rule_rows: list[dict] = []
         self.notes: list[str] = []
         self.repeat = args.repeat or (200_000 if self.quick else 1_000_000)
         self.tries = 3 if self.quick else 5
@@ -191,6 +192,7 @@ class Bench:
         self.flow_sizes = args.flow_sizes or (
             [100_000] if self.quick else [1000, 10_000, 100_000, 1_000_000])
         self.backend_counts = args.backend_counts or ([2, 1000] if self.quick else [2, 100, 1000])
+        self.rule_counts = [10, 100_000]
 
     # -- topology -----------------------------------------------------------------
 
@@ -624,6 +626,7 @@ class Bench:
                                       "new": new_ns, "new_net": new_net})
             log(f"backends {b}: net ns hot {hot_net:.0f}, new {new_net:.0f}")
         svc.apply(self.project([SINK_IP], dp.sizes.flow_table).services)
+        self.per_packet_rules()
         self.results["per_packet_setup"] = (
             f"BPF_PROG_RUN in the lb namespace, ingress l0 (the FIB answers; every zfast run "
             f"checked to end in the expected verdict). Each run goes through the harness "
@@ -632,6 +635,63 @@ class Bench:
             f"repeat={repeat} (new flows: {rnew}); the program and the harness + trivial "
             f"XDP_PASS on the same frames alternate {tries} times, medians; 'net' = the "
             f"difference")
+
+    def firewalled(self, rules: int, flow_table: int):
+        """The bench service behind a public port (VIP:PORT) whose firewall has `rules`
+        CIDRs: the generator's networks allowed, the rest random /24s elsewhere."""
+        from zfast import config
+        rng = np.random.default_rng(rules)
+        allow = {"10.0.0.0/9", "172.16.0.0/12"}   # every source the harness uses
+        while len(allow) < rules:
+            a = int(rng.integers(0xC0000000, 0xDF000000)) & 0xFFFFFF00
+            allow.add(f"{ipaddress.IPv4Address(a)}/24")
+        return config.parse({
+            "project": "bench",
+            "services": [{"name": "udp", "vip": "10.10.100.2",
+                          "ports": [{"port": PORT, "proto": "udp"}],
+                          "backends": [{"address": SINK_IP}]}],
+            "public_ports": [{"port": PORT, "proto": "udp", "address": VIP, "service": "udp",
+                              "target_port": PORT,
+                              "firewall": {"policy": "deny", "allow": sorted(allow)}}],
+            "datapath": {"flow_table": flow_table, "max_services": 4},
+        }, "<bench>")
+
+    def per_packet_rules(self) -> None:
+        """The firewall's cost as its rules grow (issue: 100k within 20% of 10): a known
+        flow (rules are asked only again after a change) and a new flow (LPM lookups)."""
+        from zfast.firewall import FirewallTable
+        from zfast.netns import in_ns
+        dp, svc = self.zdp, self.zsvc
+        fw = FirewallTable(dp)
+        got = {n: {"hot": [], "new": []} for n in self.rule_counts}
+        projects = {n: self.firewalled(n, dp.sizes.flow_table) for n in self.rule_counts}
+        for turn in range(self.tries):
+            for n in (self.rule_counts if turn % 2 == 0 else self.rule_counts[::-1]):
+                proj = projects[n]
+                t0 = time.monotonic()
+                fw.apply(proj)
+                svc.apply(proj.services, proj.public_ports, fw.slot_map(proj))
+                fw.release(proj)
+                if turn == 0:
+                    log(f"rules {n}: loaded in {time.monotonic() - t0:.2f} s")
+                with in_ns(self.lb_ns):
+                    hot = self.measure(dp.prog_fd, self.harness_spec(0x0A3F0000 + n % 251, 9, 1),
+                                       self.repeat, dp=dp, want="fwd_flow", warm=1, tries=1)
+                    new = self.measure(dp.prog_fd, self.new_spec(2 * self.repeat_new),
+                                       self.repeat_new, dp=dp, want="fwd_new", tries=1)
+                got[n]["hot"].append(hot)
+                got[n]["new"].append(new)
+        for n in self.rule_counts:
+            row = {"rules": n}
+            for kind in ("hot", "new"):
+                row[kind] = statistics.median(x for x, _ in got[n][kind])
+                row[f"{kind}_net"] = statistics.median(x - y for x, y in got[n][kind])
+            self.rule_rows.append(row)
+            log(f"rules {n}: net ns hot {row['hot_net']:.0f}, new {row['new_net']:.0f}")
+        back = self.project([SINK_IP], dp.sizes.flow_table)
+        fw.apply(back)
+        svc.apply(back.services, back.public_ports, fw.slot_map(back))
+        fw.release(back)
 
     # -- report --------------------------------------------------------------------------
 
@@ -689,6 +749,15 @@ class Bench:
                 out.append(f"| {r['flows']:,} | {r['flow_table']:,} | {r['hot']:.0f} "
                            f"({r['hot_net']:.0f}) | {r['known']:.0f} ({r['known_net']:.0f}) "
                            f"| {r['new']:.0f} ({r['new_net']:.0f}) |")
+        if self.rule_rows:
+            base = self.rule_rows[0]
+            out += ["", "### zfast ns/packet as firewall rules grow (a public port, policy deny, "
+                        "the sources allowed by a rule among N; the counts take turns)", "",
+                    "| rules | known flow | new flow (LPM lookups) |", "|---:|---:|---:|"]
+            for r in self.rule_rows:
+                out.append(f"| {r['rules']:,} | {r['hot']:.0f} ({r['hot_net']:.0f}, "
+                           f"{r['hot'] / base['hot']:.2f}x) | {r['new']:.0f} ({r['new_net']:.0f}, "
+                           f"{r['new'] / base['new']:.2f}x) |")
         if self.backend_rows:
             out += ["", "### zfast ns/packet as backends grow (one service, Maglev table of "
                         f"{self.zdp.sizes.maglev_size} slots, "
@@ -710,7 +779,7 @@ class Bench:
                                    "generator_mpps": tp.sent, "notes": tp.notes}
                                for m, tp in self.tput.items()},
                 "costs": [c.__dict__ for c in self.costs], "flow_rows": self.flow_rows,
-                "backend_rows": self.backend_rows, **self.results}
+                "backend_rows": self.backend_rows, "rule_rows": self.rule_rows, **self.results}
 
     def plot(self, path: str) -> str | None:
         try:
