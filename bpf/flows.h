@@ -101,16 +101,22 @@ static __always_inline int zf_backend_down(__u32 bi)
 	return be && (be->flags & ZF_BACKEND_DOWN);
 }
 
+/* Fragments of one datagram share (source, destination, IP id, protocol). */
+static __always_inline void zf_frag_key(struct zf_pkt *p, struct frag_key *fk)
+{
+	fk->src = p->key.src;
+	fk->dst = p->key.dst;
+	fk->id = p->frag_id;
+	fk->proto = p->key.proto;
+	fk->family = p->key.family;
+}
+
 /* The first fragment leaves its decision for the fragments that follow. */
 static __always_inline void zf_frag_remember(struct zf_pkt *p, struct flow_value *fv)
 {
 	struct frag_key fk = {};
 
-	fk.src = p->key.src;
-	fk.dst = p->key.dst;
-	fk.id = p->frag_id;
-	fk.proto = p->key.proto;
-	fk.family = p->key.family;
+	zf_frag_key(p, &fk);
 	frags.update(&fk, fv);
 }
 
@@ -118,11 +124,7 @@ static __always_inline struct flow_value *zf_frag_lookup(struct zf_pkt *p)
 {
 	struct frag_key fk = {};
 
-	fk.src = p->key.src;
-	fk.dst = p->key.dst;
-	fk.id = p->frag_id;
-	fk.proto = p->key.proto;
-	fk.family = p->key.family;
+	zf_frag_key(p, &fk);
 	return frags.lookup(&fk);
 }
 

@@ -103,7 +103,8 @@ def up(config_file, verbose):
     from zfast.datapath import DatapathError
     from zfast.node import Node, NodeError
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    # Quiet until the node runs: a refusal is one line (the error below), nothing else.
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
                         format="%(asctime)s %(name)s %(message)s")
     project = _load(config_file)
     try:
@@ -111,6 +112,8 @@ def up(config_file, verbose):
         changes = node.start()
     except (NodeError, DatapathError) as err:
         _fail(str(err))
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # role changes and the like, from now on
     atts = ", ".join(f"{a.ifname} ({a.mode}, prog {a.prog_id})" for a in node.dp.attached.values())
     click.echo(f"zfast: node {node.name} up on {atts}; {len(changes)} change(s); "
                f"API at {node.state_dir}/api.sock", err=True)
@@ -317,31 +320,21 @@ def _fw_change(op, port, cidr, proto, address, state_dir, config_file, node):
         click.echo(line)
 
 
-@fw.command("allow")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("cidr")
-@_port_options
-def fw_allow(port, cidr, proto, address, state_dir, config_file, node):
-    """Allow CIDR on public port PORT."""
-    _fw_change("allow", port, cidr, proto, address, state_dir, config_file, node)
+def _fw_edit_command(op: str, doc: str):
+    """zfast fw allow|deny|remove PORT CIDR: one shape, three verbs."""
+    @click.argument("port", type=click.IntRange(1, 65535))
+    @click.argument("cidr")
+    @_port_options
+    def command(port, cidr, proto, address, state_dir, config_file, node):
+        _fw_change(op, port, cidr, proto, address, state_dir, config_file, node)
+
+    command.__doc__ = doc
+    return fw.command(op)(command)
 
 
-@fw.command("deny")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("cidr")
-@_port_options
-def fw_deny(port, cidr, proto, address, state_dir, config_file, node):
-    """Deny CIDR on public port PORT."""
-    _fw_change("deny", port, cidr, proto, address, state_dir, config_file, node)
-
-
-@fw.command("remove")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("cidr")
-@_port_options
-def fw_remove(port, cidr, proto, address, state_dir, config_file, node):
-    """Remove CIDR from PORT's allow and deny lists."""
-    _fw_change("remove", port, cidr, proto, address, state_dir, config_file, node)
+_fw_edit_command("allow", "Allow CIDR on public port PORT.")
+_fw_edit_command("deny", "Deny CIDR on public port PORT.")
+_fw_edit_command("remove", "Remove CIDR from PORT's allow and deny lists.")
 
 
 @fw.command("test")

@@ -33,6 +33,31 @@ def backend_addrs(i: int) -> tuple[str, str]:
     return f"10.1.0.{i + 2}", f"fd01::{i + 2:x}"
 
 
+def start_echo_servers(topo: Topology, backends: list[str]) -> list:
+    """zfast.echo in every backend namespace: TCP TARGET_TCP and UDP TARGET_UDP."""
+    return [topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i + 1}",
+                            "--port", str(TARGET_TCP), "--udp-port", str(TARGET_UDP)],
+                       stdout=open("/dev/null", "w"))
+            for i, ns in enumerate(backends)]
+
+
+def start_zfast(topo: Topology, ns: str, config_path: Path, state_dir: Path,
+                timeout: float = 60.0):
+    """`zfast up -c config_path` in namespace ns; (process, API client) once it answers."""
+    proc = topo.popen(ns, [sys.executable, "-m", "zfast.cli", "up", "-c", str(config_path)])
+    client = Client(state_dir)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"zfast up ({config_path}) exited with {proc.returncode}")
+        try:
+            client.get("/status")
+            return proc, client
+        except ApiError:
+            time.sleep(0.2)
+    raise RuntimeError(f"zfast up ({config_path}) did not answer in time")
+
+
 @dataclass
 class Lab:
     topo: Topology
@@ -91,27 +116,13 @@ class Lab:
         return path
 
     def start_servers(self) -> None:
-        for i, ns in enumerate(self.backends):
-            self.servers.append(self.topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name",
-                                                     f"be{i + 1}", "--port", str(TARGET_TCP),
-                                                     "--udp-port", str(TARGET_UDP)],
-                                                stdout=open("/dev/null", "w")))
+        self.servers += start_echo_servers(self.topo, self.backends)
 
     def start_node(self, timeout: float = 60.0) -> Client:
         self.write_config(self.project())
-        self.node_proc = self.topo.popen(self.lb, [sys.executable, "-m", "zfast.cli", "up", "-c",
-                                                   str(self.config_path)])
-        client = Client(self.state_dir)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.node_proc.poll() is not None:
-                raise RuntimeError(f"zfast up exited with {self.node_proc.returncode}")
-            try:
-                client.get("/status")
-                return client
-            except ApiError:
-                time.sleep(0.2)
-        raise RuntimeError("zfast up did not answer in time")
+        self.node_proc, client = start_zfast(self.topo, self.lb, self.config_path, self.state_dir,
+                                             timeout)
+        return client
 
     def stop_node(self) -> int | None:
         if self.node_proc is None:
@@ -255,28 +266,14 @@ class PairLab:
         return self.nodes[0].state_dir.parent / f"{self.nodes[0].name[:-2]}-store.sqlite"
 
     def start_servers(self) -> None:
-        for i, ns in enumerate(self.backends):
-            self.servers.append(self.topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name",
-                                                     f"be{i + 1}", "--port", str(TARGET_TCP),
-                                                     "--udp-port", str(TARGET_UDP)],
-                                                stdout=open("/dev/null", "w")))
+        self.servers += start_echo_servers(self.topo, self.backends)
 
     def start_node(self, i: int, project: dict | None = None, timeout: float = 60.0) -> Client:
         node = self.nodes[i]
         node.config_path.write_text(yaml.safe_dump(project or self.project(i), sort_keys=False))
-        node.proc = self.topo.popen(node.ns, [sys.executable, "-m", "zfast.cli", "up", "-c",
-                                              str(node.config_path)])
-        client = Client(node.state_dir)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if node.proc.poll() is not None:
-                raise RuntimeError(f"zfast up ({node.name}) exited with {node.proc.returncode}")
-            try:
-                client.get("/status")
-                return client
-            except ApiError:
-                time.sleep(0.2)
-        raise RuntimeError(f"zfast up ({node.name}) did not answer in time")
+        node.proc, client = start_zfast(self.topo, node.ns, node.config_path, node.state_dir,
+                                        timeout)
+        return client
 
     def api(self, i: int) -> Client:
         return Client(self.nodes[i].state_dir)

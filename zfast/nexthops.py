@@ -39,6 +39,9 @@ class NextHopWatch:
         self.bumps += 1
 
     def start(self) -> None:
+        # Go on from the data plane's number: flows cached by a previous daemon under
+        # its current generation must not count as fresh.
+        self.gen = int(self.dp.config().nh_gen)
         self.bump()
         self._thread.start()
 

@@ -144,16 +144,8 @@ class Node:
             self.api = Server(self.state_dir, self.routes())
             self.api.start()
         except Exception:
-            if self.dp and not self.adopted:
-                self.dp.detach_all()
-                pins.remove_pins(self.pin)  # nothing half-made is left behind
-            if self.pair:
-                self.pair.stop()
-            if self.nexthops:
-                self.nexthops.stop()
-            if self.store:
-                self.store.close()
-            self._release_lock()
+            # nothing half-made is left behind (an adopted data plane keeps forwarding)
+            self._teardown(remove_dataplane=not self.adopted)
             raise
         return changes
 
@@ -172,17 +164,28 @@ class Node:
     def _open_store(self) -> Revision:
         """The file given to `up` becomes a revision when its shared part differs from the
         store's latest; then (start() opens the watch) the node follows the store, an apply
-        on the peer included."""
+        on the peer included. A daemon that restarts onto its own running data plane
+        (pinned maps of the same layout) keeps the store's latest revision instead: a
+        crash and a restart with an older file must not undo an apply."""
         try:
             self.store = open_store(self.project.raw.get("store"), self.state_dir, self.name)
             latest = self.store.latest(self.project.project)
             mine = shared_part(self.project.raw)
-            if latest is None or shared_part(yaml.safe_load(latest.config) or {}) != mine:
-                old = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}
+            theirs = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}
+            restarting = (pins.has_pins(self.pin) and pins.read_json(self.state_dir / pins.LAYOUT)
+                          == pins.layout(self.project.datapath))
+            if latest is not None and theirs != mine and restarting:
+                raw = dict(theirs)
+                raw.update(self.local_raw)
+                self.project = config.parse(raw, source=f"store revision {latest.rev}")
+                self._check_local(self.project)
+            elif latest is None or theirs != mine:
                 latest = self.store.commit(self.project.project, yaml.safe_dump(self.project.raw),
-                                           "zfast up", config_diff(old, mine), self.source)
+                                           "zfast up", config_diff(theirs, mine), self.source)
         except StoreError as err:
             raise NodeError(f"store: {err}") from None
+        except config.ConfigError as err:
+            raise NodeError(f"the store's revision {latest.rev} is not valid here: {err}") from None
         self.revision = latest.rev
         return latest
 
@@ -249,18 +252,22 @@ class Node:
         self.stop()
 
     def stop(self) -> None:
+        self._teardown(remove_dataplane=not self.keep_dataplane)
+
+    def _teardown(self, remove_dataplane: bool) -> None:
+        """Stop what the node runs; with remove_dataplane also release the VIPs, detach
+        the program and remove the pinned maps (else the data plane keeps forwarding)."""
         if self.api:
             self.api.stop()
             self.api = None
-        if self.pair and not self.keep_dataplane:
+        if self.pair and remove_dataplane:
             self.pair.stop()
-        if self.nexthops:
-            self.nexthops.stop()
-        if self._watch:
-            self._watch.stop()
+        for part in (self.nexthops, self._watch):
+            if part:
+                part.stop()
         if self.store:
             self.store.close()
-        if self.dp and not self.keep_dataplane:
+        if self.dp and remove_dataplane:
             self.dp.detach_all()
             pins.remove_pins(self.pin)
             for name in (pins.INSTALLED, pins.LAYOUT):

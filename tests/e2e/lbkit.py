@@ -309,3 +309,187 @@ def backend_names(lab_: lab.Lab) -> dict[str, str]:
         a4, a6 = lab.backend_addrs(i)
         names[a4] = names[str(ipaddress.ip_address(a6))] = f"be{i + 1}"
     return names
+
+
+# ---------------------------------------------------------------- a node from any file
+
+def start_node(lab_: lab.Lab, project: dict, timeout: float = 120.0) -> Client:
+    """`zfast up` of this project file in the lab's balancer namespace (Lab.start_node
+    writes the lab's own file; this one takes any, e.g. with a `store:` section)."""
+    lab_.write_config(project)
+    lab_.node_proc = lab_.topo.popen(lab_.lb, [*ZFAST, "up", "-c", str(lab_.config_path)],
+                                     cwd=REPO)
+    client = Client(lab_.state_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab_.node_proc.poll() is not None:
+            raise RuntimeError(f"zfast up exited with {lab_.node_proc.returncode}")
+        try:
+            client.get("/status")
+            return client
+        except Exception:   # ApiError until the socket answers
+            time.sleep(0.2)
+    raise RuntimeError(f"zfast up did not answer within {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------- pinned maps (bpftool)
+
+# The maps that hold what a project file says (rings are left out: 1M slots; the services
+# entries name the ring in use, so a ring flip shows there).
+STATE_MAPS = ("services", "backends", "fw_ports", "config", "vips")
+
+
+def map_dump(node: str, name: str) -> list:
+    """`bpftool map dump pinned /run/zfast/bpffs/<node>/<name> -j`: the entries."""
+    path = pin_dir(node) / name
+    p = subprocess.run(["bpftool", "map", "dump", "pinned", str(path), "-j"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"bpftool map dump {path}: {p.stderr.strip()}"
+    return json.loads(p.stdout)
+
+
+# Fields the daemon changes by itself, whatever the file says: the next-hop generation
+# (bumped on route/neighbour changes and every few seconds) and the HA lease deadline.
+VOLATILE = {"config": ("nh_gen", "active_until_ns")}
+
+
+def maps_state(node: str, names=STATE_MAPS) -> dict[str, list]:
+    """What the node's maps hold, entry by entry (sorted: a hash map has no order), without
+    the VOLATILE fields."""
+    out = {}
+    for name in names:
+        entries = []
+        for e in map_dump(node, name):
+            f = e.get("formatted")
+            if name in VOLATILE:
+                assert f, f"bpftool printed no BTF-formatted entries for map {name}"
+                value = {k: v for k, v in f["value"].items() if k not in VOLATILE[name]}
+                entry = {"key": f["key"], "value": value}
+            else:
+                entry = {"key": e.get("key"), "value": e.get("value")}
+            entries.append(json.dumps(entry, sort_keys=True))
+        out[name] = sorted(entries)
+    return out
+
+
+def _addr(words: list[int], family: int) -> str:
+    raw = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in words)
+    return str(ipaddress.ip_address(raw[:4] if family == 4 else raw))
+
+
+def _port(be16: int) -> int:
+    return int.from_bytes(int(be16).to_bytes(2, "little"), "big")
+
+
+def flow_backends(node: str) -> dict[tuple, str]:
+    """Forward flow entries of the node: (client address, client port, VIP, port) ->
+    the backend address the flow is pinned to (from the pinned `flows` map)."""
+    out = {}
+    for e in map_dump(node, "flows"):
+        f = e.get("formatted")
+        assert f, "bpftool printed no BTF-formatted entries for the flows map"
+        k, v = f["key"], f["value"]
+        if v["dir"] != 1:          # ZF_DIR_FORWARD
+            continue
+        fam = k["family"]
+        out[(_addr(k["src"]["w"], fam), _port(k["sport"]),
+             _addr(k["dst"]["w"], fam), _port(k["dport"]))] = _addr(v["addr"]["w"], fam)
+    return out
+
+
+def reason_counters(node: str) -> dict[str, int]:
+    """Packets per verdict reason, summed over CPUs, read from the pinned map (works while
+    no daemon runs)."""
+    from zfast.reasons import reasons
+    names = [r.name for r in reasons()]
+    out = {}
+    for e in map_dump(node, "reason_stats"):
+        f = e["formatted"]
+        idx = f["key"]
+        if idx < len(names):
+            out[names[idx]] = sum(int(c["value"]["packets"]) for c in f["values"])
+    return out
+
+
+# ---------------------------------------------------------------- etcd in a namespace
+
+def ensure_etcd() -> str:
+    """Debian's etcd (scripts/bootstrap.sh installs it); installed here if missing."""
+    path = shutil.which("etcd")
+    if path:
+        return path
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    p = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                        "etcd-server", "etcd-client"], env=env, capture_output=True, text=True)
+    path = shutil.which("etcd")
+    if not path:
+        raise RuntimeError("etcd is not installed and `apt-get install etcd-server` failed "
+                           f"(run scripts/bootstrap.sh as root):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    return path
+
+
+class NsEtcd:
+    """One etcd member inside network namespace `ns` of `topo`, serving clients on each
+    of `addresses` (and on the namespace's own 127.0.0.1, for health checks). stop()
+    is a crash (SIGKILL); start() again keeps the data dir: a restart, not a reset."""
+
+    PORT, PEER_PORT = 2379, 2380
+
+    def __init__(self, topo: Topology, ns: str, workdir: Path, addresses: list[str]):
+        self.topo, self.ns = topo, topo.ns(ns)
+        self.binary = ensure_etcd()
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.data = self.workdir / "etcd-data"
+        self.log = self.workdir / "etcd.log"
+        self.urls = [f"http://{a}:{self.PORT}" for a in addresses]
+        self.local = f"http://127.0.0.1:{self.PORT}"
+        self.proc = None
+
+    def url(self, address: str) -> str:
+        return f"http://{address}:{self.PORT}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        import platform
+        peer = f"http://127.0.0.1:{self.PEER_PORT}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        if platform.machine() in ("aarch64", "arm64"):
+            env["ETCD_UNSUPPORTED_ARCH"] = "arm64"
+        listen = ",".join([self.local, *self.urls])
+        with open(self.log, "a") as log:
+            self.proc = self.topo.popen(self.ns, [
+                self.binary, "--name", "default", "--data-dir", str(self.data),
+                "--listen-client-urls", listen, "--advertise-client-urls", ",".join(self.urls),
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"default={peer}"],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"etcd did not become healthy within {timeout} s:\n{self.tail()}")
+
+    def healthy(self) -> bool:
+        import urllib.request
+        try:
+            with in_ns(self.ns):
+                r = urllib.request.urlopen(self.local + "/health", timeout=1)
+            with r:
+                return json.load(r).get("health") in ("true", True)
+        except (OSError, ValueError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, 9)    # `ip netns exec` execs: the pid is etcd's
+            self.proc.wait(15)
+        self.proc = None
+
+    def tail(self) -> str:
+        try:
+            return self.log.read_text()[-3000:]
+        except OSError:
+            return ""
