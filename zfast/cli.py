@@ -395,6 +395,53 @@ def _since(text: str) -> float:
         _fail(f"--since {text!r}: give 10m, 2h, 1d or an RFC 3339 time")
 
 
+@main.group()
+def core():
+    """A project's whole core service on this host (the balancer pair as instances)."""
+
+
+@core.command("up")
+@click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
+              show_default=True)
+def core_up(config_file, state_dir):
+    """Run the core service in the foreground; SIGTERM removes every instance it made."""
+    from zfast.core.service import CoreError, CoreService
+
+    project = _load(config_file)
+    try:
+        svc = CoreService(project, Path(state_dir))
+        svc.up()
+    except (CoreError, OSError) as err:
+        _fail(str(err))
+    click.echo(f"zfast: core service of {project.project} up: "
+               + ", ".join(f"{i.spec.name} ({i.netns})" for i in svc.instances.values()), err=True)
+    svc.run()
+    click.echo("zfast: core service stopped, instances removed", err=True)
+
+
+@core.command("status")
+@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def core_status(state_dir, as_json):
+    """Every instance of the core service and each controller's last decision."""
+    try:
+        st = Client(Path(state_dir)).get("/status")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"project {st['project']}")
+    for i in st["instances"]:
+        click.echo(f"  {i['name']:<6} {i['kind']:<9} {str(i['role']):<8} pid {i['pid']} "
+                   f"cpu {i['cpu']} mem {i['memory'] >> 20} MiB restarts {i['restarts']} "
+                   f"{'healthy' if i['healthy'] else 'UNHEALTHY: ' + '; '.join(i['problems'])}")
+    for name, d in st["controllers"].items():
+        click.echo(f"  {name}: {json.dumps(d) if d else 'no decision yet'}")
+
+
 @main.command()
 @click.argument("iface")
 @click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",

@@ -1,0 +1,99 @@
+"""CPU and memory limits for an instance: cgroup v2 where the kernel offers it, else v1.
+
+Both are driven through their files, nothing else: cpu.max / memory.max (v2),
+cpu.cfs_quota_us / memory.limit_in_bytes (v1). Usage is read back the same way
+(cpu usage in ns, memory in bytes) for the scaling and repair controllers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+
+
+def parse_size(text: str | int) -> int:
+    """256Mi, 1Gi, 512M, 1048576 -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    return int(text)
+
+
+class Cgroup:
+    """One instance's cgroup (created on demand, removed by destroy())."""
+
+    def __init__(self, name: str, root: Path = ROOT):
+        self.name = name
+        self.v2 = (root / "cgroup.controllers").exists()
+        if self.v2:
+            self.paths = {"cpu": root / "zfast" / name, "memory": root / "zfast" / name}
+        else:
+            self.paths = {c: root / c / "zfast" / name for c in ("cpu", "cpuacct", "memory")}
+
+    def create(self) -> None:
+        if self.v2:
+            parent = self.paths["cpu"].parent
+            parent.mkdir(exist_ok=True)
+            (parent / "cgroup.subtree_control").write_text("+cpu +memory")
+        for path in set(self.paths.values()):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def set_limits(self, cpu: float, memory: int) -> None:
+        quota = max(1000, int(cpu * PERIOD_US))
+        if self.v2:
+            (self.paths["cpu"] / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            (self.paths["memory"] / "memory.max").write_text(str(memory))
+        else:
+            (self.paths["cpu"] / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.paths["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+            (self.paths["memory"] / "memory.limit_in_bytes").write_text(str(memory))
+
+    def add(self, pid: int) -> None:
+        for path in set(self.paths.values()):
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def cpu_ns(self) -> int:
+        """CPU time used by the instance so far."""
+        if self.v2:
+            for line in (self.paths["cpu"] / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    return int(line.split()[1]) * 1000
+            return 0
+        return int((self.paths["cpuacct"] / "cpuacct.usage").read_text())
+
+    def memory(self) -> tuple[int, int]:
+        """(used, limit) bytes."""
+        if self.v2:
+            used = int((self.paths["memory"] / "memory.current").read_text())
+            limit = (self.paths["memory"] / "memory.max").read_text().strip()
+            return used, (1 << 62) if limit == "max" else int(limit)
+        mem = self.paths["memory"]
+        return (int((mem / "memory.usage_in_bytes").read_text()),
+                int((mem / "memory.limit_in_bytes").read_text()))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in (self.paths["cpu"] / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def destroy(self) -> None:
+        """Remove the cgroup (its processes must be gone: move stragglers to the root)."""
+        for path in set(self.paths.values()):
+            if not path.exists():
+                continue
+            for pid in (path / "cgroup.procs").read_text().split():
+                try:
+                    (path.parent.parent / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
