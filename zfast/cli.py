@@ -188,8 +188,26 @@ def _print_stats(st: dict, prev: dict | None, interval: float) -> None:
 @node_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--watch", is_flag=True, help="Refresh every second with rates (Ctrl-C stops).")
-def stats(state_dir, config_file, node, as_json, watch):
+@click.option("--since", help="Totals and rates (pps, p50, p99) since: 10m, 2h, 1d, or RFC 3339.")
+def stats(state_dir, config_file, node, as_json, watch, since):
     """Packets and bytes per service, backend and verdict reason."""
+    if since:
+        from zfast.controllers import statistics
+        try:
+            summary = statistics.open_reader(_state_dir(state_dir, config_file, node)).summary(_since(since))
+        except FileNotFoundError as err:
+            _fail(f"no statistics stored yet: {err}")
+        if as_json:
+            click.echo(json.dumps(summary))
+            return
+        click.echo(f"{'service / backend':<32} {'packets':>12} {'pps':>9} {'p50':>9} {'p99':>9}")
+        for svc in summary["services"]:
+            click.echo(f"{svc['name']:<32} {svc['packets']:>12} {svc['pps']:>9.1f} "
+                       f"{svc['p50_pps']:>9.1f} {svc['p99_pps']:>9.1f}")
+            for be in svc.get("backends", []):
+                click.echo(f"  {be['address']:<30} {be['packets']:>12} {be['pps']:>9.1f} "
+                           f"{be['p50_pps']:>9.1f} {be['p99_pps']:>9.1f}")
+        return
     client = _client(state_dir, config_file, node)
     prev = None
     try:
@@ -209,6 +227,26 @@ def stats(state_dir, config_file, node, as_json, watch):
         _fail(str(err))
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@node_options
+@click.option("--since", default="1h", show_default=True, help="10m, 2h, 1d, or RFC 3339.")
+@click.option("-o", "--output", default="zfast-report.png", show_default=True,
+              type=click.Path(dir_okay=False), help="The PNG to write.")
+def report(state_dir, config_file, node, since, output):
+    """A PNG of packets, drops and flows over time."""
+    from zfast import report as rep
+    from zfast.controllers import statistics
+
+    directory = _state_dir(state_dir, config_file, node)
+    start = _since(since)
+    try:
+        reader = statistics.open_reader(directory)
+    except FileNotFoundError as err:
+        _fail(f"no statistics stored yet: {err}")
+    series = reader.series(start, names=["service/*/packets", "backend/*/packets", "drop/*", "flows"])
+    click.echo(rep.render(series, output, since=start, until=time.time(), title=directory.name))
 
 
 @main.command()
@@ -364,24 +402,20 @@ def fw_test(src, port, proto, address, state_dir, config_file, node, as_json):
 @click.option("--since", help="Only events since: 10m, 2h, 1d, or an RFC 3339 time.")
 def logs(state_dir, config_file, node, as_json, follow, since):
     """The node's event log."""
-    from zfast import events
+    from zfast.controllers import logger as evlog
 
     directory = _state_dir(state_dir, config_file, node)
     start = _since(since) if since else None
-    seen = 0
-    while True:
-        batch = list(events.read(directory, start))[seen:]
-        for ev in batch:
+    try:
+        for ev in (evlog.follow(directory, since=start) if follow else evlog.read(directory, start)):
             if as_json:
                 click.echo(json.dumps(ev))
             else:
                 rest = {k: v for k, v in ev.items() if k not in ("time", "node", "kind")}
                 click.echo(f"{ev['time']} {ev['node']} {ev['kind']:<9} "
                            + " ".join(f"{k}={json.dumps(v)}" for k, v in rest.items()))
-        seen += len(batch)
-        if not follow:
-            return
-        time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
 
 
 def _since(text: str) -> float:

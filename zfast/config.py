@@ -221,6 +221,8 @@ def parse(data: Any, source: str = "<file>") -> Project:
                          for i, item in enumerate(port_items))
     _check_public_ports(problems, public_ports, services, datapath, project_deny)
     ha = _ha(problems, data["ha"]) if "ha" in data else None
+    if isinstance(data.get("telemetry"), dict):
+        _telemetry(problems, data["telemetry"])
     # Objects built above hold None where a field was bad; they never leave here then.
     if problems:
         raise ConfigError(problems, source)
@@ -342,6 +344,19 @@ def _health(problems: _Problems, path: str, value: Any) -> Health:
                   fall=health.integer("fall", default=3, low=1, high=1000),
                   rise=health.integer("rise", default=2, low=1, high=1000),
                   path=url_path)
+
+
+def _telemetry(problems: _Problems, value: dict) -> None:
+    from zfast.telemetry.prometheus import parse_addr
+    from zfast.telemetry.syslog import parse_target
+
+    section = _Mapping(problems, "telemetry", value, {"prometheus", "syslog"})
+    for key, check in (("prometheus", parse_addr), ("syslog", parse_target)):
+        if key in section.data:
+            try:
+                check(section.data[key])
+            except (ValueError, TypeError) as err:
+                problems.add(f"telemetry.{key}", section.data[key], str(err))
 
 
 def _ha(problems: _Problems, value: Any) -> HA:

@@ -23,7 +23,6 @@ import yaml
 from zfast import config
 from zfast.api import Server
 from zfast.datapath import DatapathError, Loaded, ifindex
-from zfast.events import EventLog
 from zfast import pins
 from zfast.firewall import FirewallTable, explain, listener
 from zfast.paths import BPFFS, pin_dir
@@ -96,7 +95,12 @@ class Node:
         self.dp: Loaded | None = None
         self.table: ServiceTable | None = None
         self.fw: FirewallTable | None = None
-        self.events = EventLog(self.state_dir, self.name)
+        from zfast.controllers.logger import LoggerController
+        self.telemetry = project.raw.get("telemetry") or {}
+        # the logger controller: every event fsynced, rotated, forwarded to syslog if asked
+        self.events = LoggerController(self.state_dir, self.name, syslog=self.telemetry.get("syslog"))
+        self.statistics = None
+        self.prometheus = None
         self.api: Server | None = None
         self.started = time.time()
         self._lock_file = None
@@ -130,6 +134,7 @@ class Node:
             from zfast.nexthops import NextHopWatch
             self.nexthops = NextHopWatch(self.dp)
             self.nexthops.start()
+            self._start_telemetry()
             try:
                 for itf in node.interfaces:
                     self.dp.attach(itf.name, itf.mode or node.mode)
@@ -148,6 +153,26 @@ class Node:
             self._teardown(remove_dataplane=not self.adopted)
             raise
         return changes
+
+    def _start_telemetry(self) -> None:
+        """The statistics controller (a sample a second into stats.sqlite) and, when the
+        file asks, the Prometheus endpoint."""
+        from zfast.controllers.statistics import StatisticsController, count_entries
+        flows_fd = self.dp.table("flows").map_fd
+        self.statistics = StatisticsController(
+            self.stats, self.state_dir, resources={self.name: "/proc/self"},
+            map_fill=lambda: {"flows": count_entries(flows_fd)},
+            on_error=lambda m: self.events.log("error", controller="statistics", error=m))
+        self.statistics.start()
+        logging.getLogger("zfast").addHandler(self.events.handler())
+        if self.telemetry.get("prometheus"):
+            from zfast.telemetry.prometheus import start_prometheus
+            try:
+                self.prometheus = start_prometheus(
+                    self.telemetry["prometheus"],
+                    stats=lambda: self.statistics.latest() or self.stats(), status=self.status)
+            except OSError as err:
+                raise NodeError(f"telemetry.prometheus {self.telemetry['prometheus']}: {err}") from None
 
     def _start_pair(self) -> None:
         if self.project.ha is None:
@@ -191,7 +216,9 @@ class Node:
 
     def routes(self) -> dict:
         """The control API (docs/openapi.yaml describes each endpoint)."""
+        from zfast.controllers import statistics
         return {
+            **statistics.api_routes(self.statistics),
             ("GET", "/status"): lambda _: (200, self.status()),
             ("GET", "/stats"): lambda _: (200, self.stats()),
             ("POST", "/apply"): self._api_apply,
@@ -260,6 +287,12 @@ class Node:
         if self.api:
             self.api.stop()
             self.api = None
+        if self.prometheus:
+            self.prometheus.close()
+            self.prometheus = None
+        if self.statistics:
+            self.statistics.stop()
+            self.statistics = None
         if self.pair and remove_dataplane:
             self.pair.stop()
         for part in (self.nexthops, self._watch):
@@ -273,6 +306,7 @@ class Node:
             for name in (pins.INSTALLED, pins.LAYOUT):
                 (self.state_dir / name).unlink(missing_ok=True)
         self._release_lock()
+        self.events.close()
 
     def _take_lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -486,9 +520,12 @@ class Node:
             "store": self.store.health() if self.store else None,
             "pin_dir": str(self.pin),
             "peer": self.pair.status() if self.pair else None,
-            "controllers": ({"activity": {"healthy": not self.pair.activity.problems,
-                                          "problems": self.pair.activity.problems}}
-                            if self.pair else {}),
+            "controllers": {
+                **({"activity": {"healthy": not self.pair.activity.problems,
+                                 "problems": self.pair.activity.problems}} if self.pair else {}),
+                "statistics": self.statistics.status() if self.statistics else None,
+                "logger": self.events.status(),
+            },
         }
 
     def stats(self) -> dict:

@@ -10,11 +10,20 @@ breaks a live flow:
      flows drain (flow entries carry the backend's address, not a pointer).
 Indices (service slot, backend slot) stay with their name/address across
 applies, so counters and flows keep meaning the same thing.
+
+Health (zfast/controllers/health.py reports it through set_health()): an unhealthy
+backend of a service with a ``health`` section leaves the service's Maglev table
+(rebuilt through the spare ring) and is flagged DOWN, so that its established flows
+are balanced again at their next packet. The record outlives apply(): a file applied
+again does not bring a down backend back. Weight 0 still drains a healthy backend.
+When every backend with weight > 0 is down the service fails open: all of them stay
+in the table, flagged UP, as if there were no checks (docs/datapath.md, Decisions).
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,8 +31,8 @@ import numpy as np
 
 from zfast import maglev
 from zfast.config import PublicPort, Service
-from zfast.datapath import (AF, BACKEND_UP, NO_BACKEND, PROTO, DatapathError, IPAddress,
-                            Loaded, get_addr, set_addr)
+from zfast.datapath import (AF, BACKEND_DOWN, BACKEND_UP, NO_BACKEND, PROTO, DatapathError,
+                            IPAddress, Loaded, get_addr, set_addr)
 
 MAX_SERVICE_PORTS = 1024  # ZF_MAX_SERVICE_PORTS in bpf/zfast_shared.h
 
@@ -72,6 +81,7 @@ class _Installed:
     weights: dict[IPAddress, int] = field(default_factory=dict)
     keys: dict[tuple, tuple] = field(default_factory=dict)  # (addr, port, proto) -> (target, fw slot)
     spec: Service | None = None
+    fail_open: bool = False    # every backend with weight > 0 is unhealthy: all stay in
 
 
 class ServiceTable:
@@ -80,6 +90,10 @@ class ServiceTable:
         self.services: dict[str, _Installed] = {}
         self.service_slots = Slots(dp.sizes.max_services)
         self.backend_slots = Slots(dp.sizes.max_backends)
+        # (service, address) the health checks say are down; kept across apply()
+        self.unhealthy: set[tuple[str, IPAddress]] = set()
+        # apply() and set_health() come from different threads (API, health controller)
+        self.lock = threading.RLock()
 
     # ---- one map entry at a time ---------------------------------------
 
@@ -126,16 +140,66 @@ class ServiceTable:
             raise DatapathError("; ".join(problems))
         changes: list[str] = []
         wanted = {s.name: s for s in services}
-        for svc in services:
-            entries = {(svc.vip, p.port, p.proto): (p.target_port, 0) for p in svc.ports}
-            for pp in public_ports:
-                if pp.service == svc.name:
-                    key = (pp.address, pp.port, pp.proto)
-                    entries[key] = (pp.target_port, (slot_of or {})[key])
-            changes += self._apply_service(svc, entries)
-        for name in [n for n in self.services if n not in wanted]:
-            changes += self._remove_service(name)
+        with self.lock:
+            for svc in services:
+                entries = {(svc.vip, p.port, p.proto): (p.target_port, 0) for p in svc.ports}
+                for pp in public_ports:
+                    if pp.service == svc.name:
+                        key = (pp.address, pp.port, pp.proto)
+                        entries[key] = (pp.target_port, (slot_of or {})[key])
+                changes += self._apply_service(svc, entries)
+            for name in [n for n in self.services if n not in wanted]:
+                changes += self._remove_service(name)
         return changes
+
+    # ---- health ------------------------------------------------------------
+
+    def set_health(self, service: str, address: IPAddress, healthy: bool) -> list[str]:
+        """Record what the health checks say of one backend; when that changes the maps
+        (the backend is installed, its service has a health section), rebuild the
+        service's ring through the spare and rewrite its flags. Returns what changed."""
+        return self.set_health_many([(service, address, healthy)])
+
+    def set_health_many(self, reports: list[tuple[str, IPAddress, bool]]) -> list[str]:
+        """set_health() of many backends, each service's ring rebuilt once."""
+        changes: list[str] = []
+        with self.lock:
+            before = set(self.unhealthy)
+            touched: dict[str, _Installed] = {}
+            for service, address, healthy in reports:
+                key = (service, address)
+                if healthy == (key not in self.unhealthy):
+                    continue
+                if healthy:
+                    self.unhealthy.discard(key)
+                else:
+                    self.unhealthy.add(key)
+                inst = self.services.get(service)
+                if (inst is None or inst.spec is None or inst.spec.health is None
+                        or address not in inst.backends):
+                    continue    # recorded; it counts once the backend is installed with checks
+                changes.append(f"~ backend {service} {address} "
+                               f"{'healthy' if healthy else 'unhealthy'}")
+                touched[service] = inst
+            try:
+                for inst in touched.values():
+                    changes += self._apply_service(inst.spec, dict(inst.keys))
+            except Exception:
+                self.unhealthy = before     # not taken: the same reports again redo it all
+                raise
+        return changes
+
+    def _down(self, svc: Service) -> set[IPAddress]:
+        """Backends of svc the health checks took out (none without a health section)."""
+        if svc.health is None:
+            return set()
+        return {b.address for b in svc.backends if (svc.name, b.address) in self.unhealthy}
+
+    def is_healthy(self, service: str, address: IPAddress) -> bool:
+        inst = self.services.get(service)
+        if inst is None or inst.spec is None or inst.spec.health is None:
+            return True
+        return (service, address) not in self.unhealthy
 
     def _apply_service(self, svc: Service, entries: dict[tuple, tuple]) -> list[str]:
         changes = []
@@ -148,6 +212,16 @@ class ServiceTable:
 
         # 1. backends first
         wanted = {b.address: b.weight for b in svc.backends}
+        down = self._down(svc)
+        live = [a for a, w in wanted.items() if w > 0]
+        fail_open = bool(live) and all(a in down for a in live)
+        if fail_open != inst.fail_open:
+            changes.append(f"! service {svc.name}: every backend is unhealthy, all stay in "
+                           f"rotation (fail open)" if fail_open else
+                           f"~ service {svc.name}: a backend is healthy again, fail open ends")
+            inst.fail_open = fail_open
+        if fail_open:
+            down = set()
         for address, weight in wanted.items():
             slot, new = self.backend_slots.get((svc.name, address))
             if new:
@@ -155,13 +229,15 @@ class ServiceTable:
                 changes.append(f"+ backend {svc.name} {address} weight {weight}")
             elif inst.weights.get(address) != weight:
                 changes.append(f"~ backend {svc.name} {address} weight {inst.weights.get(address)} -> {weight}")
-            # weight 0: keeps its flows, gets no new ones (not UP, not DOWN)
-            self._write_backend(slot, address, BACKEND_UP if weight > 0 else 0)
+            # weight 0: keeps its flows, gets no new ones (not UP, not DOWN);
+            # unhealthy: DOWN, its flows are balanced again at their next packet
+            flags = BACKEND_DOWN if address in down else BACKEND_UP if weight > 0 else 0
+            self._write_backend(slot, address, flags)
             inst.backends[address] = slot
         inst.weights = dict(wanted)
 
         # 2. the Maglev table, swapped in through the spare ring
-        table = self._build_ring(svc, inst)
+        table = self._build_ring(svc, inst, down)
         if inst.table is None or not np.array_equal(table, inst.table):
             # a first table goes to ring 0; every later one to the spare ring
             gen = 1 - inst.ring_gen if inst.table is not None else 0
@@ -180,9 +256,9 @@ class ServiceTable:
         inst.spec = svc
         return changes
 
-    def _build_ring(self, svc: Service, inst: _Installed) -> np.ndarray:
+    def _build_ring(self, svc: Service, inst: _Installed, down: set = frozenset()) -> np.ndarray:
         size = self.dp.sizes.maglev_size
-        live = [(str(a), w) for a, w in inst.weights.items() if w > 0]
+        live = [(str(a), w) for a, w in inst.weights.items() if w > 0 and a not in down]
         if not live:
             return np.full(size, NO_BACKEND, dtype=np.uint32)
         picks = maglev.build_table(live, size)
@@ -280,15 +356,18 @@ class ServiceTable:
     def counters(self) -> list[dict]:
         """Per service and backend: packets and bytes clients sent."""
         out = []
-        for name, inst in self.services.items():
-            packets, nbytes = self.dp.percpu_sum("service_stats", inst.index)
-            backends = []
-            for address, slot in inst.backends.items():
-                bp, bb = self.dp.percpu_sum("backend_stats", slot)
-                backends.append({"address": str(address), "packets": bp, "bytes": bb,
-                                 "weight": inst.weights.get(address, 0), "healthy": True})
-            out.append({"name": name, "vip": str(inst.spec.vip) if inst.spec else None,
-                        "packets": packets, "bytes": nbytes, "backends": backends})
+        with self.lock:
+            for name, inst in self.services.items():
+                packets, nbytes = self.dp.percpu_sum("service_stats", inst.index)
+                backends = []
+                for address, slot in inst.backends.items():
+                    bp, bb = self.dp.percpu_sum("backend_stats", slot)
+                    backends.append({"address": str(address), "packets": bp, "bytes": bb,
+                                     "weight": inst.weights.get(address, 0),
+                                     "healthy": self.is_healthy(name, address)})
+                out.append({"name": name, "vip": str(inst.spec.vip) if inst.spec else None,
+                            "packets": packets, "bytes": nbytes, "backends": backends,
+                            "fail_open": inst.fail_open})
         return out
 
 
