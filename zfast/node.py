@@ -101,6 +101,7 @@ class Node:
         self.events = LoggerController(self.state_dir, self.name, syslog=self.telemetry.get("syslog"))
         self.statistics = None
         self.prometheus = None
+        self.health = None     # zfast.controllers.health.HealthController, from start()
         self.api: Server | None = None
         self.started = time.time()
         self._lock_file = None
@@ -144,6 +145,9 @@ class Node:
             self._watch = self.store.watch(self.project.project, self._on_revision,
                                            after=latest.rev)
             self._start_pair()
+            from zfast.controllers import health
+            self.health = health.for_node(self)
+            self.health.start()
             self.events.log("apply", revision=self.revision, changes=changes, start=True,
                             adopted=self.adopted)
             self.api = Server(self.state_dir, self.routes())
@@ -284,6 +288,9 @@ class Node:
     def _teardown(self, remove_dataplane: bool) -> None:
         """Stop what the node runs; with remove_dataplane also release the VIPs, detach
         the program and remove the pinned maps (else the data plane keeps forwarding)."""
+        if self.health:
+            self.health.stop()     # first: no map update after this
+            self.health = None
         if self.api:
             self.api.stop()
             self.api = None
@@ -364,6 +371,8 @@ class Node:
         self._save_installed()
         self.project = project
         self.revision = rev
+        if self.health:
+            self.health.refresh()  # the backends to check may have changed
         self.events.log("apply", revision=rev, changes=changes)
         for line in changes:
             if "firewall" in line or "public port" in line:
@@ -524,6 +533,7 @@ class Node:
                 **({"activity": {"healthy": not self.pair.activity.problems,
                                  "problems": self.pair.activity.problems}} if self.pair else {}),
                 "statistics": self.statistics.status() if self.statistics else None,
+                "health": self.health.status() if self.health else None,
                 "logger": self.events.status(),
             },
         }

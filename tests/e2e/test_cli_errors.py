@@ -218,5 +218,5 @@ def _steady(status: dict) -> dict:
     if status.get("store"):
         status["store"] = {k: v for k, v in status["store"].items() if k != "last_ok"}
     status["controllers"] = {k: v for k, v in (status.get("controllers") or {}).items()
-                             if k not in ("statistics", "logger")}
+                             if k not in ("statistics", "logger", "health")}
     return status
