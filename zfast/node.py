@@ -47,6 +47,9 @@ def shared_part(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in LOCAL_SECTIONS}
 
 
+LIST_DETAIL = 20  # longer lists (e.g. 100k firewall CIDRs) are summed up in one line
+
+
 def config_diff(old: object, new: object, path: str = "") -> list[str]:
     """What changed between two project files, one line per changed field."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -60,6 +63,14 @@ def config_diff(old: object, new: object, path: str = "") -> list[str]:
             else:
                 out += config_diff(old[key], new[key], sub)
         return out
+    if isinstance(old, list) and isinstance(new, list) and old != new and (
+            len(old) > LIST_DETAIL or len(new) > LIST_DETAIL):
+        try:
+            added, removed = len(set(map(str, new)) - set(map(str, old))), \
+                len(set(map(str, old)) - set(map(str, new)))
+        except TypeError:
+            added = removed = -1
+        return [f"~ {path}: {len(old)} -> {len(new)} items ({added} added, {removed} removed)"]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         out = []
         for i, (a, b) in enumerate(zip(old, new)):
@@ -349,16 +360,18 @@ class Node:
         if project.node.interfaces != self.project.node.interfaces or project.node.mode != self.project.node.mode:
             raise NodeError("interfaces differ from the running node's; restart it to change them")
 
-    def apply(self, project: config.Project, who: str = "api", source: str = "<api>") -> list[str]:
-        """Commit a valid project to the store, then reconcile the maps with it. Nothing
-        changes when the store cannot take it (the pair must not diverge)."""
+    def apply(self, project: config.Project, who: str = "api", source: str = "<api>",
+              text: str | None = None) -> list[str]:
+        """Commit a valid project to the store (text: the file as sent, stored as it is),
+        then reconcile the maps with it. Nothing changes when the store cannot take it
+        (the pair must not diverge)."""
         self._check_local(project)
         with self._apply_lock:
             problems = self.table.check_capacity(project.services) + self.fw.check_capacity(project)
             if problems:
                 raise NodeError("; ".join(problems))
             try:
-                rev = self.store.commit(project.project, _dump_yaml(project.raw), who,
+                rev = self.store.commit(project.project, text or _dump_yaml(project.raw), who,
                                         config_diff(shared_part(self.project.raw),
                                                     shared_part(project.raw)), source)
             except StoreError as err:
@@ -504,7 +517,7 @@ class Node:
         try:
             source = (body or {}).get("source", "<api>")
             project = config.loads(text, source=source)
-            changes = self.apply(project, (body or {}).get("who", "api"), source)
+            changes = self.apply(project, (body or {}).get("who", "api"), source, text)
         except config.ConfigError as err:
             return 400, {"error": f"{len(err.problems)} problem(s) in the file", "problems": err.problems}
         except yaml.YAMLError as err:

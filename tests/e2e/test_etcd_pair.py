@@ -420,20 +420,19 @@ def test_node_restarted_during_outage(pair):
             pinger.wait_rounds(2)
             assert not broken(streams), broken(streams)[:5]
 
-            stale = b.lab.write_config(b.project(base), b.lab.state_dir / "stale.yaml")
-            p = lbkit.zfast("up", "-c", str(stale), ns=b.lab.topo.ns(b.lab.lb), timeout=180)
-            print(f"\nzfast up of a stale file with etcd down: exit {p.returncode}: "
-                  f"{p.stderr.strip()}")
-            assert p.returncode != 0 and "unreachable" in p.stderr, (p.returncode, p.stderr)
-            maps1 = lbkit.maps_state(b.lab.node_name)
-            changed = [name for name in lbkit.STATE_MAPS if maps1[name] != maps0[name]]
-            assert not changed, f"a failed `zfast up` changed the maps: {changed}"
-            check_new_connections(b, last)
-
-            b.api = lbkit.start_node(b.lab, b.project(last))
+            # Restarted onto its own running data plane with an older file while etcd is
+            # away: the node keeps the store's latest revision (from its cache), so the
+            # stale file changes nothing and the node comes up forwarding as before.
+            b.api = lbkit.start_node(b.lab, b.project(base))
             st = b.status()
             assert st["adopted"] is True and st["revision"] == rev0, st
             assert st["store"]["ok"] is False, st["store"]
+            maps1 = lbkit.maps_state(b.lab.node_name)
+            # (services entries may point at the other ring of a pair: an adopting daemon
+            # rewrites every table into its spare ring and flips; where new connections go
+            # is checked right below)
+            changed = [name for name in ("backends", "fw_ports") if maps1[name] != maps0[name]]
+            assert not changed, f"a restart with a stale file changed the maps: {changed}"
             check_new_connections(b, last)
             pinger.wait_rounds(2)
             assert not broken(streams), broken(streams)[:5]
