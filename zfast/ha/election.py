@@ -1,7 +1,8 @@
 """Who is active: a small state machine, driven by heartbeats and a clock only.
 
 Rules (docs/ha.md explains them):
-  * A node starts in `init` and listens for one dead interval.  If it hears an
+  * A node starts in `init` and listens for one dead interval (heartbeats that
+    arrived before it started listening do not count).  If it hears an
     active peer it becomes standby (no preemption: a returning node never takes
     over from a healthy active one).  If it hears a peer that is not active, the
     higher (priority, name) becomes active.  If it hears nothing, it becomes
@@ -10,9 +11,10 @@ Rules (docs/ha.md explains them):
     for the dead interval, or when the active peer reports itself unhealthy
     while this node is healthy.
   * An active node steps down when it is unhealthy and the peer is a healthy
-    standby, or when it hears another active node that wins the tie: higher
-    priority, then the name.  So two actives last at most until each has heard
-    the other once: one heartbeat interval.
+    standby, or when it hears another active node that wins the tie: a healthy
+    node over an unhealthy one, then higher priority, then the name.  So two
+    actives last at most until each has heard the other once: one heartbeat
+    interval.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class Election:
 
     def decide(self, now: float) -> Transition | None:
         peer = self.peer if self.peer_alive(now) else None
+        if self.role == INIT and peer is not None and self.peer_seen < self.started:
+            # Heard before this node started listening (read late, after a freeze): the
+            # peer's role then is no evidence of its role now.
+            peer = None
         me_first = peer is None or self._rank(self.me, self.priority) > self._rank(peer.node, peer.priority)
         if self.role == INIT:
             if peer is not None and peer.role == ACTIVE:
@@ -79,7 +85,9 @@ class Election:
             return None
         if self.role == STANDBY:
             if peer is None:
-                return self._become(ACTIVE, "peer silent for the dead interval")
+                return self._become(ACTIVE, "peer silent for the dead interval"
+                                    + (f" (last heard {now - self.peer_seen:.2f} s ago)"
+                                       if self.peer_seen is not None else ""))
             if peer.role != ACTIVE and me_first and self.healthy:
                 return self._become(ACTIVE, f"{peer.node} is {peer.role}; we rank higher")
             if peer.role == ACTIVE and not peer.healthy and self.healthy:
@@ -90,8 +98,13 @@ class Election:
         # ACTIVE
         if peer is None:
             return None
-        if peer.role == ACTIVE and not me_first:
-            return self._become(STANDBY, f"{peer.node} is active too and ranks higher")
+        if peer.role == ACTIVE:
+            # Health first: an unhealthy active that outranks the healthy one (which took
+            # over because this one went unhealthy) must yield, not the healthy one.
+            if peer.healthy and not self.healthy:
+                return self._become(STANDBY, f"{peer.node} is active too and healthy; we are not")
+            if peer.healthy == self.healthy and not me_first:
+                return self._become(STANDBY, f"{peer.node} is active too and ranks higher")
         if not self.healthy and peer.healthy and peer.role == STANDBY:
             return self._become(STANDBY, f"unhealthy; {peer.node} is a healthy standby")
         return None

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,15 +87,26 @@ class Counters:
 
 
 class Verifier:
+    """Checks heartbeats as they arrive. With several links every heartbeat comes once
+    over each, and the listener of one link may run late: `link` (where it came in) tells
+    a copy that is new on its link (duplicate: harmless, expected) from one this link
+    delivered already (replayed). Without a link, any older number counts as replayed."""
+
     def __init__(self, me: str, key: bytes, clock=time.time):
         self.me = me
         self.key = key
         self.clock = clock
         self.counters = Counters()
         self.last: dict[str, tuple[str, int, float]] = {}  # node -> (boot, seq, time)
+        self.last_on_link: dict[tuple[str, object], tuple[str, int]] = {}  # (node, link) -> (boot, seq)
+        self._lock = threading.Lock()  # one listener thread per link
 
-    def check(self, data: bytes) -> Heartbeat | None:
+    def check(self, data: bytes, link: object = None) -> Heartbeat | None:
         """The heartbeat, or None (and a counter) for anything forged, replayed or broken."""
+        with self._lock:
+            return self._check(data, link)
+
+    def _check(self, data: bytes, link: object) -> Heartbeat | None:
         if len(data) <= len(MAGIC) + TAG_LEN or not data.startswith(MAGIC):
             self.counters.malformed += 1
             return None
@@ -113,16 +125,25 @@ class Verifier:
             return None
         prev = self.last.get(hb.node)
         if prev is not None and prev[0] == hb.boot:
-            if hb.seq == prev[1]:
-                self.counters.duplicate += 1
-                return None
-            if hb.seq < prev[1]:
-                self.counters.replayed += 1
+            if hb.seq <= prev[1]:
+                if link is None:
+                    if hb.seq == prev[1]:
+                        self.counters.duplicate += 1
+                    else:
+                        self.counters.replayed += 1
+                    return None
+                seen = self.last_on_link.get((hb.node, link))
+                if seen is not None and seen[0] == hb.boot and hb.seq <= seen[1]:
+                    self.counters.replayed += 1   # this link delivered it (or a newer one) already
+                else:
+                    self.counters.duplicate += 1  # came over another link first
+                    self.last_on_link[(hb.node, link)] = (hb.boot, hb.seq)
                 return None
         elif abs(hb.time - self.clock()) > MAX_SKEW_S or (prev is not None and hb.time <= prev[2]):
             self.counters.replayed += 1  # an old boot's heartbeat, recorded and sent again
             return None
         self.last[hb.node] = (hb.boot, hb.seq, hb.time)
+        self.last_on_link[(hb.node, link)] = (hb.boot, hb.seq)
         self.counters.accepted += 1
         return hb
 

@@ -10,8 +10,12 @@ to the returning peer.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import threading
 import time
 
@@ -25,6 +29,7 @@ from zfast.ha.takeover import VipHolder
 log = logging.getLogger("zfast.ha")
 
 ACTIVITY_EVERY_S = 0.1   # the activity controller's period
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
 ANNOUNCE_AGAIN_S = (0.05, 0.25, 1.0)   # repeat GARP/NA: a single frame can be lost
 
 
@@ -53,6 +58,12 @@ class Pair:
         self._announce_at: list[float] = []
         self._announce = threading.Event()
         self.last_loop = time.monotonic()
+        # The heartbeat thread and one listener per link all drive the election: one step
+        # (decision, lease, event) at a time, so the role, the lease and the log agree.
+        self._role_lock = threading.Lock()
+        self._sender_lock = threading.Lock()
+        self._sender_on = False
+        self._in_hand: dict[str, bool] = {}   # per link: a heartbeat read, not yet decided on
 
     # ---- life cycle -------------------------------------------------------------
 
@@ -68,15 +79,23 @@ class Pair:
             except OSError as err:
                 raise OSError(f"ha: cannot listen on {bind}:{self.ha.port}: {err.strerror}") from None
             s.settimeout(0.2)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # when each heartbeat arrived
             self.socks.append(s)
         self.receiver.start()
         self.holder.prepare()  # frames built now, not on the heartbeat thread at takeover
-        self._threads = [threading.Thread(target=self._beat, name="ha-beat", daemon=True),
-                         threading.Thread(target=self._check_activity, name="ha-activity", daemon=True),
-                         threading.Thread(target=self._announcer, name="ha-announce", daemon=True)]
-        self._threads += [threading.Thread(target=self._listen, args=(s,), name="ha-listen", daemon=True)
-                          for s in self.socks]
+        # Listen first, and count the init period from now: the setup above takes a while
+        # (scapy's frames), and an init period that ran out before anything was heard made a
+        # returning node active at once, preempting the active peer.
+        self._threads = [threading.Thread(target=self._listen, args=(s,), name="ha-listen", daemon=True)
+                         for s in self.socks]
         for t in self._threads:
+            t.start()
+        self.election.started = time.monotonic()
+        more = [threading.Thread(target=self._beat, name="ha-beat", daemon=True),
+                threading.Thread(target=self._check_activity, name="ha-activity", daemon=True),
+                threading.Thread(target=self._announcer, name="ha-announce", daemon=True)]
+        self._threads += more
+        for t in more:
             t.start()
 
     def stop(self) -> None:
@@ -94,21 +113,62 @@ class Pair:
     # ---- heartbeats out, election, activity ---------------------------------------
 
     def _beat(self) -> None:
-        """The heartbeat thread: only cheap work here, a late heartbeat is a takeover."""
+        """The heartbeat thread: only cheap work here, a late heartbeat is a takeover.
+        It wakes to send a heartbeat every interval, and also the moment the peer's dead
+        interval (or this node's init period) ends: a takeover does not wait for the next
+        heartbeat, up to an interval later (a TCP retransmission, ~200 ms after the
+        failure, must find the new active)."""
         self.last_loop = time.monotonic()
+        next_send = self.last_loop
         while not self._stop.is_set():
             now = time.monotonic()
-            if now - self.last_loop > self.dead_s:
+            if now - self.last_loop > self.dead_s and (
+                    self.role != ACTIVE or self.election.peer_alive(self.last_loop)):
                 # We were frozen (SIGSTOP, a stalled machine): the peer has taken over by
-                # now. Claim nothing until we have heard it again.
-                self._change(self.election._become(INIT, f"frozen for {now - self.last_loop:.2f} s"))
-                self.election.started = now
+                # now. Claim nothing until we have heard it again. (An active node whose
+                # peer was dead already keeps its role: nobody took over; a peer that
+                # started meanwhile and went active yields or wins by rank, as two actives do.)
+                def frozen(away=now - self.last_loop, now=now):
+                    self.election.started = now
+                    return self.election._become(INIT, f"frozen for {away:.2f} s")
+                self._step(frozen)
             self.last_loop = now
-            self._change(self.election.tick(now, not self.activity.problems))
-            if self.role == ACTIVE:
-                self.holder.renew(self.lease_s)
-            self._send_heartbeats()
-            self._stop.wait(self.hb_s)
+            if self._unread():
+                # Heartbeats wait unread (this process was starved of CPU): the listeners
+                # decide on them first. The peer's silence is judged on empty queues only,
+                # else a stalled node takes over from (or, ranking higher, ousts) a live peer.
+                self._step(lambda: None, renew=True)
+            else:
+                self._step(lambda: self.election.tick(now, not self.activity.problems), renew=True)
+            if now >= next_send:
+                self._send_heartbeats()
+                next_send = now + self.hb_s
+            self._stop.wait(max(0.0, self._wake_at(next_send) - time.monotonic()))
+
+    def _wake_at(self, next_send: float) -> float:
+        e = self.election
+        deadline = None
+        if e.role == INIT:
+            deadline = e.started + self.dead_s
+        elif e.role == STANDBY and e.peer_seen is not None:
+            deadline = e.peer_seen + self.dead_s
+        if deadline is not None and time.monotonic() < deadline < next_send:
+            return deadline + 0.001
+        return next_send
+
+    def _unread(self) -> bool:
+        """Is a heartbeat queued in a socket, or read and not yet given to the election?"""
+        if any(self._in_hand.values()):
+            return True
+        for s in self.socks:
+            n = array.array("i", [0])
+            try:
+                fcntl.ioctl(s.fileno(), termios.FIONREAD, n, True)
+            except (OSError, ValueError):
+                continue
+            if n[0] > 0:
+                return True
+        return False
 
     def _check_activity(self) -> None:
         while not self._stop.wait(ACTIVITY_EVERY_S):
@@ -143,15 +203,18 @@ class Pair:
                 pass  # that link is down; the others may carry it
 
     def _listen(self, sock: socket.socket) -> None:
+        link = sock.getsockname()[0]   # heartbeats are checked for replays link by link
         while not self._stop.is_set():
+            self._in_hand[link] = False
             try:
-                data, addr = sock.recvfrom(65535)
+                data, anc, _flags, addr = sock.recvmsg(65535, 64)
             except socket.timeout:
                 continue
             except OSError:
                 return
+            self._in_hand[link] = True
             before = self.verifier.counters.forged
-            hb = self.verifier.check(data)
+            hb = self.verifier.check(data, link)
             if hb is None:
                 if self.verifier.counters.forged > before:
                     self.auth_failures_since_ok += 1
@@ -161,25 +224,74 @@ class Pair:
                 continue
             self.auth_failures_since_ok = 0
             self.peer_link = addr[0]
-            self._change(self.election.on_heartbeat(hb, time.monotonic()))
+            arrived = self._arrival(anc)
+            self._step(lambda: self._on_heartbeat(hb, arrived))
 
     # ---- role changes -------------------------------------------------------------
 
-    def _change(self, t) -> None:
-        if t is None:
-            return
-        log.warning("role %s -> %s: %s", t.old, t.new, t.reason)
-        if t.new == ACTIVE:
-            # The flows are in the maps already (installed as they came); now the addresses.
-            self.holder.renew(self.lease_s)
-            now = time.monotonic()
-            self._announce_at = [now] + [now + d for d in ANNOUNCE_AGAIN_S]
-            self._announce.set()
-            self.flow_sender.start()
-        else:
-            self.holder.release()
-            self.flow_sender.stop()
-        self.node.events.log("role", old=t.old, new=t.new, reason=t.reason)
+    def _schedule_announce(self) -> None:
+        now = time.monotonic()
+        self._announce_at = [now] + [now + d for d in ANNOUNCE_AGAIN_S]
+        self._announce.set()
+
+    @staticmethod
+    def _arrival(anc) -> float:
+        """When the kernel received the datagram, on the monotonic clock. A daemon that was
+        frozen reads the heartbeats queued meanwhile all at once: they are not news of now
+        (the election in init ignores those from before it started listening)."""
+        mono, wall = time.monotonic(), time.time()
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack("qq", data[:16])
+                return min(mono, mono - (wall - (sec + nsec / 1e9)))
+        return mono
+
+    def _on_heartbeat(self, hb, arrived: float):
+        e = self.election
+        if (e.peer is not None and (e.peer.node, e.peer.boot) == (hb.node, hb.boot)
+                and hb.seq <= e.peer.seq):
+            # The other link's listener checked a newer one and got here first: this one's
+            # role and arrival are older news (it must not set the clock of the peer's
+            # silence back: the standby would take over from a live peer).
+            return None
+        peer_was = e.peer.role if e.peer is not None and e.peer_alive(arrived) else None
+        t = e.on_heartbeat(hb, arrived)
+        if t is None and self.role == ACTIVE and hb.role != ACTIVE and peer_was in (None, ACTIVE):
+            # The peer just yielded (two actives), or is heard again after a silence (a
+            # broken path, a restart, a key that did not match): it may have announced
+            # the VIPs meanwhile, so clients and backends may still send to it.
+            self._schedule_announce()
+        return t
+
+    def _step(self, decide, renew: bool = False) -> None:
+        """One election step and what its transition changes, one thread at a time."""
+        with self._role_lock:
+            t = decide()
+            if t is not None:
+                log.warning("role %s -> %s: %s", t.old, t.new, t.reason)
+                if t.new == ACTIVE:
+                    # The flows are in the maps already (installed as they came); now the
+                    # addresses.
+                    self.holder.renew(self.lease_s)
+                    self._schedule_announce()
+                else:
+                    self.holder.release()
+                self.node.events.log("role", old=t.old, new=t.new, reason=t.reason)
+            elif renew and self.role == ACTIVE:
+                self.holder.renew(self.lease_s)
+        if t is not None:
+            self._sync_sender()
+
+    def _sync_sender(self) -> None:
+        """Replicate while active. Outside the role lock: stopping may wait for the
+        sender's threads; whichever thread comes last applies the latest role."""
+        with self._sender_lock:
+            if self.role == ACTIVE and not self._sender_on:
+                self.flow_sender.start()
+                self._sender_on = True
+            elif self.role != ACTIVE and self._sender_on:
+                self.flow_sender.stop()
+                self._sender_on = False
 
     # ---- status -------------------------------------------------------------------
 
