@@ -126,7 +126,7 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError):
             raise ApiError(f"no zfast node is running with state dir {self.path.parent} "
                            f"(no socket at {self.path})") from None
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:  # a node that dies mid-answer
             raise ApiError(f"cannot talk to the node at {self.path}: {err}") from None
         finally:
             conn.close()

@@ -134,6 +134,12 @@ class Node:
     def start(self) -> list[str]:
         node = self.project.node
         check_interfaces(node)
+        if self.project.ha is not None:
+            from zfast.ha.heartbeat import KeyError_, load_key
+            try:
+                load_key(self.project.ha.key_file)  # a bad key fails before anything is made
+            except KeyError_ as err:
+                raise NodeError(str(err)) from None
         self._take_lock()
         try:
             # The store first: a file it cannot take (e.g. etcd away and the file is not its
