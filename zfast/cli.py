@@ -74,6 +74,18 @@ def _who() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+def _fetch(state_dir, config_file, node, endpoint: str, as_json: bool):
+    """GET endpoint of the node; with --json print it and return None, else return it."""
+    try:
+        data = _client(state_dir, config_file, node).get(endpoint)
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(data))
+        return None
+    return data
+
+
 def _client(state_dir, config_file, node) -> Client:
     return Client(_state_dir(state_dir, config_file, node))
 
@@ -169,12 +181,8 @@ def _file_state_dir(config_file: str, text: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def status(state_dir, config_file, node, as_json):
     """Role, attached interfaces and modes, program ids, peer, controllers."""
-    try:
-        st = _client(state_dir, config_file, node).get("/status")
-    except ApiError as err:
-        _fail(str(err))
-    if as_json:
-        click.echo(json.dumps(st))
+    st = _fetch(state_dir, config_file, node, "/status", as_json)
+    if st is None:
         return
     click.echo(f"node {st['node']} ({st['project']}): {st['role']}, revision {st['revision']}, pid {st['pid']}")
     for itf in st["interfaces"]:
@@ -278,12 +286,8 @@ def history(state_dir, config_file, node, as_json):
     """Applied revisions: who, when, from where, what changed."""
     from zfast.events import rfc3339
 
-    try:
-        revs = _client(state_dir, config_file, node).get("/history")
-    except ApiError as err:
-        _fail(str(err))
-    if as_json:
-        click.echo(json.dumps(revs))
+    revs = _fetch(state_dir, config_file, node, "/history", as_json)
+    if revs is None:
         return
     for r in revs:
         mark = "*" if r["applied"] else " "
@@ -350,12 +354,8 @@ def _port_options(f):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def fw_list(state_dir, config_file, node, as_json):
     """Public ports, their policies, rules and counters."""
-    try:
-        data = _client(state_dir, config_file, node).get("/fw")
-    except ApiError as err:
-        _fail(str(err))
-    if as_json:
-        click.echo(json.dumps(data))
+    data = _fetch(state_dir, config_file, node, "/fw", as_json)
+    if data is None:
         return
     if data["project_deny"]:
         click.echo("project-wide deny: " + ", ".join(data["project_deny"]))

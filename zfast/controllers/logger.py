@@ -57,12 +57,20 @@ def _events_in(path: Path, since: float | None) -> Iterator[dict]:
         for line in f:
             if not line.endswith(b"\n"):
                 break   # a line being written (or cut by a crash mid-write)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if since is None or parse_time(event["time"]) >= since:
+            event = _event(line, since)
+            if event is not None:
                 yield event
+
+
+def _event(line: bytes, since: float | None) -> dict | None:
+    """One log line as an event, or None if it is not one or is older than since."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if since is not None and parse_time(event["time"]) < since:
+        return None
+    return event
 
 
 def read(state_dir: Path, since: float | None = None) -> Iterator[dict]:
@@ -105,11 +113,8 @@ def follow(state_dir: Path, since: float | None = None, stop: threading.Event | 
                     continue  # the rest of the line is on its way
                 line, pending = pending, b""
                 got = True
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if since is None or parse_time(event["time"]) >= since:
+                event = _event(line, since)
+                if event is not None:
                     yield event
             # rotated? the name now points at another file: finish this one (done), reopen
             try:
