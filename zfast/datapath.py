@@ -303,6 +303,10 @@ class Loaded:
 def detach_interface(ifname: str, mode: str | None = None) -> None:
     """Remove whatever XDP program is on ifname (in the given mode, or any)."""
     bcc = _bcc()
+    try:
+        socket.if_nametoindex(ifname)  # gone (with its namespace, or its peer): nothing to do,
+    except OSError:                    # and libbcc would print its own error for it
+        raise DatapathError(f"interface {ifname!r} does not exist") from None
     modes = [mode] if mode else ["native", "generic"]
     for m in modes:
         try:
