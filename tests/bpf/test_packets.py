@@ -172,36 +172,7 @@ def test_checksum_checker_sees_a_bad_checksum():
 # ---- balancing ------------------------------------------------------------------------------
 
 
-def _mix(h: int, v: int) -> int:
-    m = 0xFFFFFFFF
-    v = (v * 0xCC9E2D51) & m
-    v = ((v << 15) | (v >> 17)) & m
-    v = (v * 0x1B873593) & m
-    h ^= v
-    h = ((h << 13) | (h >> 19)) & m
-    return (h * 5 + 0xE6546B64) & m
-
-
-def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
-    """zf_flow_hash of bpf/flows.h: words as a little-endian CPU loads them from the key."""
-    def words(address):
-        raw = ipaddress.ip_address(address).packed.ljust(16, b"\0")
-        return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
-
-    def wire(port):
-        return int.from_bytes(port.to_bytes(2, "big"), "little")
-
-    h = 0x7A66
-    for s, d in zip(words(src), words(dst)):
-        h = _mix(_mix(h, s), d)
-    h = _mix(h, (wire(sport) << 16) | wire(dport))
-    h = _mix(h, proto)
-    m = 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & m
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & m
-    return h ^ (h >> 16)
+from zfast.flowhash import flow_hash  # noqa: E402  (the Python twin of zf_flow_hash)
 
 
 def ring_backend(lb, vip: str, port: int, proto: str, src: str, sport: int) -> str:

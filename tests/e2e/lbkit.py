@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zfast import lab, maglev
+from zfast.flowhash import flow_hash as _flow_hash
 from zfast.api import Client
 from zfast.netns import Topology, in_ns
 from zfast.paths import pin_dir
@@ -253,40 +254,10 @@ def pids_in(ns: str) -> list[int]:
 
 # ---------------------------------------------------------------- oracle
 
-def _mix(h: int, v: int) -> int:
-    m = 0xFFFFFFFF
-    v = (v * 0xCC9E2D51) & m
-    v = ((v << 15) | (v >> 17)) & m
-    v = (v * 0x1B873593) & m
-    h ^= v
-    h = ((h << 13) | (h >> 19)) & m
-    return (h * 5 + 0xE6546B64) & m
-
-
-def _words(address: str) -> list[int]:
-    raw = ipaddress.ip_address(address).packed.ljust(16, b"\0")
-    return [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
-
-
-def _be16(port: int) -> int:
-    return int.from_bytes(port.to_bytes(2, "big"), "little")
-
-
 def flow_hash(src: str, sport: int, dst: str, dport: int, proto: int = socket.IPPROTO_TCP) -> int:
-    """bpf/flows.h zf_flow_hash() of a packet's 5-tuple (fields as the data plane loads them)."""
-    m = 0xFFFFFFFF
-    h = 0x7A66
-    for s, d in zip(_words(src), _words(dst)):
-        h = _mix(h, s)
-        h = _mix(h, d)
-    h = _mix(h, ((_be16(sport) << 16) | _be16(dport)) & m)
-    h = _mix(h, proto)
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & m
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & m
-    h ^= h >> 16
-    return h
+    """bpf/flows.h zf_flow_hash() of a packet's 5-tuple (zfast.flowhash, argument order of
+    this module's callers)."""
+    return _flow_hash(src, dst, sport, dport, proto)
 
 
 @lru_cache(maxsize=16)
