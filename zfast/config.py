@@ -54,6 +54,43 @@ _TOP_LEVEL = {"project", "node", "services", "datapath", "public_ports", "firewa
               *_KEPT_SECTIONS}
 ROUTING_PORTS = (80, 443)  # the routing service's (HTTP/HTTPS); not public_ports'
 
+# Every mapping the validator reads and the fields it knows, by section path ("[]": each
+# item of a list). The validator takes its field sets from here, and docs/configuration.md's
+# reference is generated from here (`python -m zfast.config --reference`); a test keeps the
+# two equal, so a field cannot exist in one and not the other.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "": tuple(sorted(_TOP_LEVEL)),
+    "node": ("name", "state_dir", "interfaces", "mode"),
+    "node.interfaces[]": ("name", "role", "mode"),
+    "datapath": ("maglev_size", "flow_table", "max_services", "max_backends", "max_ifindex",
+                 "max_public_ports", "max_rules"),
+    "services[]": ("name", "vip", "ports", "backends", "health"),
+    "services[].ports[]": ("port", "proto", "target_port"),
+    "services[].backends[]": ("address", "weight"),
+    "services[].health": ("kind", "interval_ms", "fall", "rise", "path"),
+    "public_ports[]": ("port", "proto", "address", "service", "target_port", "firewall"),
+    "public_ports[].firewall": ("policy", "allow", "deny", "limit"),
+    "public_ports[].firewall.limit": ("new_per_s", "burst"),
+    "firewall": ("deny",),
+    "ha": ("peer", "bind", "priority", "key_file", "heartbeat_ms", "vips", "port", "sync_port",
+           "links", "preempt", "dead_intervals"),
+    "ha.links[]": ("bind", "peer"),
+    "telemetry": ("prometheus", "syslog"),
+}
+
+
+def _known(section: str) -> set[str]:
+    return set(FIELDS[section])
+
+
+def reference() -> str:
+    """The configuration reference (Markdown), from FIELDS."""
+    lines = ["| section | fields |", "| --- | --- |"]
+    for section, fields in FIELDS.items():
+        lines.append(f"| `{section or '(top level)'}` | {', '.join(f'`{f}`' for f in fields)} |")
+    return "\n".join(lines) + "\n"
+
+
 
 class ConfigError(Exception):
     """A project file that cannot be used; ``problems`` lists every reason, one per field."""
@@ -202,7 +239,7 @@ def parse(data: Any, source: str = "<file>") -> Project:
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: {_show(data)} is not a mapping of sections"], source)
     problems = _Problems()
-    top = _Mapping(problems, "", data, _TOP_LEVEL)
+    top = _Mapping(problems, "", data, _known(""))
 
     name = top.name("project")
     for section, kind in _KEPT_SECTIONS.items():
@@ -234,7 +271,7 @@ def parse(data: Any, source: str = "<file>") -> Project:
 # ---- sections -----------------------------------------------------------------------------
 
 def _node(problems: _Problems, value: Any) -> Node:
-    node = _Mapping(problems, "node", value, {"name", "state_dir", "interfaces", "mode"})
+    node = _Mapping(problems, "node", value, _known("node"))
     name = node.name("name")
     state_dir = node.string("state_dir", default=f"/run/zfast/{name}")
     mode = node.choice("mode", XDP_MODES, default="auto")
@@ -255,7 +292,7 @@ def _node(problems: _Problems, value: Any) -> Node:
 
 
 def _interface(problems: _Problems, path: str, value: Any) -> Interface:
-    interface = _Mapping(problems, path, value, {"name", "role", "mode"})
+    interface = _Mapping(problems, path, value, _known("node.interfaces[]"))
     name = interface.string("name")
     if name is not None and not _is_interface_name(name):
         problems.add(f"{path}.name", name,
@@ -266,7 +303,7 @@ def _interface(problems: _Problems, path: str, value: Any) -> Interface:
 
 
 def _datapath(problems: _Problems, value: Any) -> Datapath:
-    section = _Mapping(problems, "datapath", value, set(Datapath.__dataclass_fields__))
+    section = _Mapping(problems, "datapath", value, _known("datapath"))
     defaults = Datapath()
     maglev_size = section.integer("maglev_size", default=defaults.maglev_size,
                                   low=3, high=2**24)
@@ -293,7 +330,7 @@ def _service_paths(items: list) -> list[str]:
 
 
 def _service(problems: _Problems, path: str, value: Any, datapath: Datapath) -> Service:
-    service = _Mapping(problems, path, value, {"name", "vip", "ports", "backends", "health"})
+    service = _Mapping(problems, path, value, _known("services[]"))
     name = service.name("name")
     vip = service.address("vip", what="VIP")
 
@@ -316,21 +353,20 @@ def _service(problems: _Problems, path: str, value: Any, datapath: Datapath) -> 
 
 
 def _port(problems: _Problems, path: str, value: Any) -> PortMap:
-    port_map = _Mapping(problems, path, value, {"port", "proto", "target_port"})
+    port_map = _Mapping(problems, path, value, _known("services[].ports[]"))
     port = port_map.port("port")
     return PortMap(port=port, proto=port_map.choice("proto", PROTOCOLS),
                    target_port=port_map.port("target_port", default=port))
 
 
 def _backend(problems: _Problems, path: str, value: Any) -> Backend:
-    backend = _Mapping(problems, path, value, {"address", "weight"})
+    backend = _Mapping(problems, path, value, _known("services[].backends[]"))
     return Backend(address=backend.address("address", what="backend"),
                    weight=backend.integer("weight", default=1, low=0, high=65535))
 
 
 def _health(problems: _Problems, path: str, value: Any) -> Health:
-    health = _Mapping(problems, path, value,
-                      {"kind", "interval_ms", "fall", "rise", "path"})
+    health = _Mapping(problems, path, value, _known("services[].health"))
     kind = health.choice("kind", HEALTH_KINDS)
     url_path = None
     if kind == "http":
@@ -350,7 +386,7 @@ def _telemetry(problems: _Problems, value: dict) -> None:
     from zfast.telemetry.prometheus import parse_addr
     from zfast.telemetry.syslog import parse_target
 
-    section = _Mapping(problems, "telemetry", value, {"prometheus", "syslog"})
+    section = _Mapping(problems, "telemetry", value, _known("telemetry"))
     for key, check in (("prometheus", parse_addr), ("syslog", parse_target)):
         if key in section.data:
             try:
@@ -360,9 +396,7 @@ def _telemetry(problems: _Problems, value: dict) -> None:
 
 
 def _ha(problems: _Problems, value: Any) -> HA:
-    section = _Mapping(problems, "ha", value, {
-        "peer", "bind", "priority", "key_file", "heartbeat_ms", "vips", "port", "sync_port",
-        "links", "preempt", "dead_intervals"})
+    section = _Mapping(problems, "ha", value, _known("ha"))
     peer = section.address("peer", what="peer")
     bind = section.address("bind", what="bind")
     if peer is not None and bind is not None and peer.version != bind.version:
@@ -380,7 +414,7 @@ def _ha(problems: _Problems, value: Any) -> HA:
             vips.append(vip)
     links = []
     for i, item in enumerate(section.list("links", default=[]) or []):
-        link = _Mapping(problems, f"ha.links[{i}]", item, {"bind", "peer"})
+        link = _Mapping(problems, f"ha.links[{i}]", item, _known("ha.links[]"))
         lb, lp = link.address("bind", what="bind"), link.address("peer", what="peer")
         if lb is not None and lp is not None:
             links.append((lb, lp))
@@ -398,15 +432,14 @@ def _ha(problems: _Problems, value: Any) -> HA:
 
 
 def _project_firewall(problems: _Problems, value: Any) -> tuple[IPNetwork, ...]:
-    section = _Mapping(problems, "firewall", value, {"deny"})
+    section = _Mapping(problems, "firewall", value, _known("firewall"))
     items = section.list("deny", default=[]) or []
     return tuple(n for n in (_cidr(problems, f"firewall.deny[{i}]", item, None)
                              for i, item in enumerate(items)) if n is not None)
 
 
 def _public_port(problems: _Problems, path: str, value: Any) -> PublicPort:
-    item = _Mapping(problems, path, value,
-                    {"port", "proto", "address", "service", "target_port", "firewall"})
+    item = _Mapping(problems, path, value, _known("public_ports[]"))
     port = item.port("port")
     proto = item.choice("proto", PROTOCOLS)
     if port in ROUTING_PORTS:
@@ -421,7 +454,7 @@ def _public_port(problems: _Problems, path: str, value: Any) -> PublicPort:
 
 
 def _firewall(problems: _Problems, path: str, value: Any, address: IPAddress | None) -> Firewall:
-    section = _Mapping(problems, path, value, {"policy", "allow", "deny", "limit"})
+    section = _Mapping(problems, path, value, _known("public_ports[].firewall"))
     policy = section.choice("policy", ("allow", "deny"), default="allow")
     lists = {}
     for kind in ("allow", "deny"):
@@ -430,7 +463,7 @@ def _firewall(problems: _Problems, path: str, value: Any, address: IPAddress | N
                                         for i, item in enumerate(items)) if n is not None)
     limit = None
     if "limit" in section.data:
-        lim = _Mapping(problems, f"{path}.limit", section.data["limit"], {"new_per_s", "burst"})
+        lim = _Mapping(problems, f"{path}.limit", section.data["limit"], _known("public_ports[].firewall.limit"))
         rate = lim.integer("new_per_s", low=1, high=10_000_000)
         burst = lim.integer("burst", default=rate, low=1, high=10_000_000)
         if rate is not None and burst is not None:
@@ -758,3 +791,11 @@ def _describe_yaml_error(err: yaml.YAMLError) -> str:
     if mark is None:
         return f"is not valid YAML: {problem}"
     return f"line {mark.line + 1}, column {mark.column + 1}: is not valid YAML: {problem}"
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--reference"]:
+        sys.stdout.write(reference())
+    else:
+        sys.exit("usage: python -m zfast.config --reference")
