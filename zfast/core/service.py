@@ -25,7 +25,7 @@ from zfast import config
 from zfast.api import ApiError, Client, Server
 from zfast.core.cgroups import parse_size
 from zfast.core.runtime import Instance, InstanceSpec, Link, NetnsRuntime, Runtime
-from zfast.events import EventLog
+from zfast.controllers.logger import LoggerController
 
 log = logging.getLogger("zfast.core")
 
@@ -102,7 +102,7 @@ class CoreService:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime = runtime or NetnsRuntime(prefix=f"zfc-{project.project}"[:20])
-        self.events = EventLog(self.state_dir, f"{project.project}-core")
+        self.events = LoggerController(self.state_dir, f"{project.project}-core")
         self.instances: dict[str, Instance] = {}
         self.health: dict[str, Health] = {}
         self.next_try: dict[str, float] = {}
