@@ -145,15 +145,14 @@ class Spread:
         return Counter(self.by_port.values())
 
 
-def connections(ns: str, host: str, port: int, sports, workers: int = 32,
-                timeout: float = 5.0, reset: bool = False) -> Spread:
-    """One connection from each source port in sports, in parallel."""
+def spread(sports, fetch, workers: int = 32) -> Spread:
+    """fetch(sport) -> backend name for each source port in sports, in parallel."""
     out = Spread()
     lock = threading.Lock()
 
     def one(sport):
         try:
-            name = hello_from(ns, host, port, sport, timeout, reset)
+            name = fetch(sport)
         except OSError as err:
             with lock:
                 out.failures[sport] = f"{type(err).__name__}: {err}"
@@ -164,6 +163,12 @@ def connections(ns: str, host: str, port: int, sports, workers: int = 32,
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, sports))
     return out
+
+
+def connections(ns: str, host: str, port: int, sports, workers: int = 32,
+                timeout: float = 5.0, reset: bool = False) -> Spread:
+    """One connection from each source port in sports, in parallel."""
+    return spread(sports, lambda sport: hello_from(ns, host, port, sport, timeout, reset), workers)
 
 
 def udp_answers(ns: str, host: str, port: int, count: int, workers: int = 16,

@@ -8,7 +8,6 @@ skip: a CI that skips them tests nothing).
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lbkit import ensure_etcd  # noqa: E402  (Debian's etcd, installed if missing)
 from zfast.store import StoreError, open_store
 from zfast.store.etcd import EtcdStore
 
@@ -31,20 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ensure_etcd() -> str:
-    path = shutil.which("etcd")
-    if path:
-        return path
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    p = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                        "etcd-server", "etcd-client"], env=env, capture_output=True, text=True)
-    path = shutil.which("etcd")
-    if not path:
-        pytest.fail("etcd is not installed and `apt-get install etcd-server` failed "
-                    f"(run scripts/bootstrap.sh as root):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    return path
 
 
 class Etcd:

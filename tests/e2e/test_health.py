@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,22 +294,8 @@ def http_get(ns: str, host: str, port: int, sport: int, timeout: float = 5.0) ->
 
 
 def http_spread(e: Env, sports, workers: int = 16) -> lbkit.Spread:
-    out = lbkit.Spread()
-    lock = threading.Lock()
-
-    def one(sport):
-        try:
-            name = http_get(e.lab.client, lab.VIP4, WEB_PORT, sport)
-        except OSError as err:
-            with lock:
-                out.failures[sport] = f"{type(err).__name__}: {err}"
-            return
-        with lock:
-            out.by_port[sport] = name
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, sports))
-    return out
+    return lbkit.spread(sports, lambda sport: http_get(e.lab.client, lab.VIP4, WEB_PORT, sport),
+                        workers)
 
 
 class KeepAlive:
