@@ -469,3 +469,38 @@ class NsEtcd:
             return self.log.read_text()[-3000:]
         except OSError:
             return ""
+
+
+class Pinger:
+    """Pings every stream (zfast.probe.Stream), round after round, in a background thread."""
+
+    def __init__(self, streams: list, pause: float = 0.0, timeout: float = 120.0):
+        from zfast.probe import streams_alive
+
+        self.streams, self.rounds = streams, 0
+        self.pause, self.timeout = pause, timeout
+        self._alive = streams_alive
+        self.stop_ = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop_.is_set():
+            self._alive(self.streams, pause=self.pause)
+            self.rounds += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_.set()
+        self.thread.join(self.timeout)
+
+    def wait_rounds(self, n: int, timeout: float | None = None) -> None:
+        """Until n more full rounds are done (the first one may have begun earlier)."""
+        target = self.rounds + n + 1
+        end = time.monotonic() + (timeout or self.timeout)
+        while self.rounds < target:
+            assert self.thread.is_alive(), "the pinger stopped"
+            assert time.monotonic() < end, f"pinger made {self.rounds} of {target} rounds"
+            time.sleep(0.005)

@@ -110,36 +110,7 @@ def flow_of_streams(env, streams: list[Stream]) -> dict[tuple, str]:
             for s in streams}
 
 
-class Pinger:
-    """Pings every stream, round after round, in a background thread."""
-
-    def __init__(self, streams: list[Stream]):
-        self.streams = streams
-        self.rounds = 0
-        self.stop_ = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop_.is_set():
-            streams_alive(self.streams)
-            self.rounds += 1
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_.set()
-        self.thread.join(120)
-
-    def wait_rounds(self, n: int, timeout: float = 120.0) -> None:
-        """Until n more full rounds are done (the first one may have begun earlier)."""
-        target = self.rounds + n + 1
-        end = time.monotonic() + timeout
-        while self.rounds < target:
-            assert self.thread.is_alive(), "the pinger stopped"
-            assert time.monotonic() < end, f"pinger made {self.rounds} of {target} rounds"
-            time.sleep(0.005)
+Pinger = lbkit.Pinger   # pings every stream, round after round
 
 
 def broken(streams):

@@ -31,7 +31,7 @@ from zfast import lab
 from zfast.api import ApiError, Client
 from zfast.netns import Topology
 from zfast.paths import pin_dir
-from zfast.probe import Stream, streams_alive
+from zfast.probe import Stream
 
 pytestmark = pytest.mark.e2e
 
@@ -188,31 +188,8 @@ def open_streams(node: Node, per_family: int = 20) -> list[Stream]:
             for vip, _, _ in FAMILIES for _ in range(per_family)]
 
 
-class Pinger:
-    def __init__(self, streams: list[Stream]):
-        self.streams, self.rounds = streams, 0
-        self.stop_ = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop_.is_set():
-            streams_alive(self.streams, pause=0.01)
-            self.rounds += 1
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_.set()
-        self.thread.join(60)
-
-    def wait_rounds(self, n: int, timeout: float = 60.0) -> None:
-        target = self.rounds + n + 1
-        end = time.monotonic() + timeout
-        while self.rounds < target:
-            assert time.monotonic() < end, f"pinger made {self.rounds} of {target} rounds"
-            time.sleep(0.01)
+def Pinger(streams):  # noqa: N802  (reads as the class it makes)
+    return lbkit.Pinger(streams, pause=0.01, timeout=60.0)
 
 
 def broken(streams):
