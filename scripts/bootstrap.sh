@@ -27,7 +27,9 @@ ARCH="$(dpkg --print-architecture)"
 PKGS=(python3-bpfcc libbpfcc libbpf1 "linux-headers-cloud-$ARCH" bpftool iproute2 nftables
       ethtool python3-venv python3-pip tcpdump iperf3
       iputils-ping procps    # ping (tests) and sysctl (netns set-up)
-      etcd-server etcd-client)  # the shared store (store: {kind: etcd}) and its tests
+      etcd-server etcd-client   # the shared store (store: {kind: etcd}) and its tests
+      haproxy python3-acme      # the routing service: L7 proxy and ACME client library
+      pebble wrk openssl)       # its tests: an ACME test server, a steady HTTP load
 
 # One dpkg-query for all: it prints "ii" for installed packages and nothing
 # (exit 1) for unknown ones, so anything not listed as "ii" is missing.
@@ -47,6 +49,10 @@ if ((${#missing[@]})); then
         die "apt-get failed (full log: $log)"
     fi
     rm -f "$log"
+    # The routing service runs its own haproxy per router namespace, never the distro's unit.
+    if command -v systemctl >/dev/null && systemctl is-enabled haproxy >/dev/null 2>&1; then
+        systemctl disable --now haproxy >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- kernel headers for BCC ---------------------------------------------------

@@ -350,3 +350,13 @@ def test_events_stay_local_per_node(nodes):
     assert [e["kind"] for e in a.events()] == ["apply"]
     assert a.events()[0]["node"] == "lb-a"
     assert b.events() == []
+
+
+def test_documents_are_shared_through_etcd(nodes):
+    a, b = nodes
+    assert b.fetch("certs/x.example.org") is None
+    a.put("certs/x.example.org", "PEM-1")
+    a.put("certs/y.example.org", "PEM-2")
+    a.put("certsz", "not under certs/")
+    assert b.fetch("certs/x.example.org") == "PEM-1"
+    assert b.items("certs/") == {"certs/x.example.org": "PEM-1", "certs/y.example.org": "PEM-2"}

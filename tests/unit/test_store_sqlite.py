@@ -289,3 +289,18 @@ def test_etcd_client_falls_back_to_v3beta(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_documents_put_fetch_items_shared_between_instances(store, tmp_path):
+    assert store.fetch("certs/a.example.org") is None
+    store.put("certs/a.example.org", "PEM-1")
+    store.put("certs/b.example.org", "PEM-2")
+    store.put("acme/account", "KEY")
+    store.put("certs/a.example.org", "PEM-3")   # replaces
+    other = SqliteStore(tmp_path / "store.sqlite", "lb-b")
+    try:
+        assert other.fetch("certs/a.example.org") == "PEM-3"
+        assert other.items("certs/") == {"certs/a.example.org": "PEM-3",
+                                         "certs/b.example.org": "PEM-2"}
+    finally:
+        other.close()

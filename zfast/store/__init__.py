@@ -225,6 +225,19 @@ class Store(ABC):
     def events(self, since: float | None = None, limit: int | None = None) -> list[dict]:
         """Events oldest first; ``since``: epoch seconds; ``limit``: the newest N of them."""
 
+    # --- small documents (certificates, account keys) -------------------------------------
+    @abstractmethod
+    def put(self, key: str, value: str) -> None:
+        """Store a small document under ``key`` (a path like ``certs/app.example.org``)."""
+
+    @abstractmethod
+    def fetch(self, key: str) -> str | None:
+        """The document under ``key``, or None."""
+
+    @abstractmethod
+    def items(self, prefix: str) -> dict[str, str]:
+        """Every document whose key starts with ``prefix``, by key."""
+
     # --- leases --------------------------------------------------------------------
     @abstractmethod
     def lease_campaign(self, name: str, node: str, ttl_s: float,

@@ -450,6 +450,23 @@ class EtcdStore(Store):
         except StoreError as e:
             log.debug("lease revoke %s: %s", lease_id, e)
 
+    @staticmethod
+    def document_key(key: str) -> str:
+        return f"/zfast/documents/{key}"
+
+    def put(self, key: str, value: str) -> None:
+        self._call("kv/put", {"key": b64(self.document_key(key)), "value": b64(value)})
+
+    def fetch(self, key: str) -> str | None:
+        kvs = self._range(self.document_key(key)).get("kvs") or []
+        return unb64(kvs[0].get("value")).decode() if kvs else None
+
+    def items(self, prefix: str) -> dict[str, str]:
+        start = self.document_key(prefix)
+        kvs = self._range(start, range_end=b64(prefix_end(start))).get("kvs") or []
+        cut = len(self.document_key(""))
+        return {unb64(kv["key"]).decode()[cut:]: unb64(kv.get("value")).decode() for kv in kvs}
+
     def lease_holder(self, name: str, project: str | None = None) -> str | None:
         kvs = self._range(lease_key(name, project)).get("kvs") or []
         return unb64(kvs[0].get("value")).decode() if kvs else None

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL       -- the event, JSON
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
+CREATE TABLE IF NOT EXISTS documents (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     key     TEXT PRIMARY KEY,
     holder  TEXT NOT NULL,
@@ -227,6 +231,19 @@ class SqliteStore(Store):
         return [json.loads(r[0]) for r in rows]
 
     # --- leases ------------------------------------------------------------------------
+    def put(self, key: str, value: str) -> None:
+        self._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO documents (key, value) VALUES (?, ?)", (key, value)))
+
+    def fetch(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM documents WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def items(self, prefix: str) -> dict[str, str]:
+        rows = self._query("SELECT key, value FROM documents WHERE substr(key, 1, ?) = ? "
+                           "ORDER BY key", (len(prefix), prefix))
+        return dict(rows)
+
     def lease_campaign(self, name: str, node: str, ttl_s: float,
                        project: str | None = None) -> bool:
         key = lease_key(name, project)
