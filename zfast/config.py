@@ -5,10 +5,43 @@ Every key and type is checked; a file is accepted whole or rejected whole. Each 
 (1-65535)``. A service is named by its ``name`` in paths, or by its index when the name is
 missing, invalid or used twice.
 
-Sections parsed here: ``project``, ``node``, ``services`` and ``datapath``. The sections ``ha``,
-``store``, ``public_ports``, ``routing``, ``telemetry`` and ``core`` are only checked for their
-shape (a mapping, or a list for ``public_ports``) and kept, like the whole file, in
-``Project.raw``.
+Sections parsed here: ``project``, ``node``, ``services``, ``datapath``, ``public_ports``,
+``firewall``, ``ha`` and ``routing``; ``telemetry``'s values are checked (zfast.telemetry) but
+read from ``Project.raw``. The sections ``store`` and ``core`` are only checked for their shape
+(a mapping) and kept, like the whole file (``routing`` too), in ``Project.raw``.
+
+The routing service (``routing``; parsed into ``Routing``, ``Domain`` and ``Acme``)::
+
+    routing:
+      addresses: [203.0.113.10, "2001:db8::10"]  # required, at least one, no duplicates; TCP
+                                 # ports 80 and 443 there are the routing service's: no service
+                                 # (nor public port, which never takes 80/443) may listen there
+      acme:                      # optional; required when a domain has tls: acme
+        directory: https://acme.example/dir   # an http:// or https:// URL with a host
+        email: ops@example.org   # optional; local@host.name
+        ca_bundle: /etc/zfast/acme-ca.pem     # optional; the file must exist and be readable
+                                 # where the file is checked (best absolute: a relative path is
+                                 # from the working directory of the process that reads it)
+      domains:                   # optional, default none
+        - host: app.example.org  # a DNS name, or "*." + a DNS name (a wildcard)
+          service: app           # a service of this file
+          port: 80               # one of its tcp ports (``ports[].port``); see below
+          tls: acme              # acme | self-signed (the default) | none
+          redirect_https: true   # default false; not with tls: none
+
+``host``: RFC 1123 labels (1-63 characters of a-z, 0-9 and '-', neither first nor last a '-'),
+at least two labels, at most 253 characters; case does not matter (``Domain.host`` is
+lowercased) and ONE trailing dot is dropped (``app.example.org.`` is ``app.example.org``). A
+wildcard is ``*.`` before such a name: only the whole leftmost label, and only one
+(``a*.x.org``, ``*.*.x.org`` and ``x.*.org`` are refused), and never with ``tls: acme`` (HTTP-01
+cannot validate a wildcard). No IP addresses, no ``:port``, no non-ASCII names (give the
+``xn--`` form). Each host once, compared after lowercasing and dropping the dot.
+
+``port``: the service's port map whose ``port`` it is; the router sends to the backends at that
+map's ``target_port``. A number that is no map's ``port`` but a tcp map's ``target_port`` (the
+backends' port, as in the spec's example: ``port: 8080`` for ``{port: 80, target_port: 8080}``)
+names that map too, and ``Domain.port`` is then that map's ``port``: ``Domain.port`` is always
+one of the service's tcp ``ports[].port``, and ``domain_target()`` gives the service and map.
 
 Extension of the spec, the data plane's sizes (all optional)::
 
@@ -25,8 +58,10 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import os
 import re
 import socket
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +84,11 @@ _IFNAMSIZ = 16  # Linux: names are at most 15 bytes plus the NUL
 _BPF_MAP_LIMIT = 2**31 - 1  # keep sizes well inside max_entries (a u32)
 
 # Sections that later work parses; here only their shape is checked.
-_KEPT_SECTIONS = {"store": dict, "routing": dict, "telemetry": dict, "core": dict}
+_KEPT_SECTIONS = {"store": dict, "telemetry": dict, "core": dict}
 _TOP_LEVEL = {"project", "node", "services", "datapath", "public_ports", "firewall", "ha",
-              *_KEPT_SECTIONS}
+              "routing", *_KEPT_SECTIONS}
 ROUTING_PORTS = (80, 443)  # the routing service's (HTTP/HTTPS); not public_ports'
+TLS_KINDS = ("acme", "self-signed", "none")
 
 # Every mapping the validator reads and the fields it knows, by section path ("[]": each
 # item of a list). The validator takes its field sets from here, and docs/configuration.md's
@@ -75,6 +111,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "ha": ("peer", "bind", "priority", "key_file", "heartbeat_ms", "vips", "port", "sync_port",
            "links", "preempt", "dead_intervals"),
     "ha.links[]": ("bind", "peer"),
+    "routing": ("addresses", "acme", "domains"),
+    "routing.acme": ("directory", "email", "ca_bundle"),
+    "routing.domains[]": ("host", "service", "port", "tls", "redirect_https"),
     "telemetry": ("prometheus", "syslog"),
 }
 
@@ -203,6 +242,36 @@ class HA:
 
 
 @dataclass(frozen=True)
+class Acme:
+    """The ACME server the routing service gets certificates from (HTTP-01)."""
+    directory: str                 # the directory URL, http:// or https://
+    email: str | None = None       # the account's contact
+    ca_bundle: str | None = None   # a path: trust for a private ACME server's own TLS
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One host the routing service serves, and where its requests go."""
+    host: str                      # lowercased, no trailing dot; exact or "*." + name
+    service: str                   # a service of the project
+    port: int                      # one of that service's tcp ports (its ports[].port)
+    tls: str = "self-signed"       # acme | self-signed | none
+    redirect_https: bool = False   # answer plain HTTP with a redirect to HTTPS
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The L7 routing service (HTTP on 80, HTTPS on 443 of each address)."""
+    addresses: tuple[IPAddress, ...]
+    domains: tuple[Domain, ...] = ()
+    acme: Acme | None = None
+
+
+@dataclass(frozen=True)
 class Project:
     project: str
     node: Node | None
@@ -212,6 +281,29 @@ class Project:
     public_ports: tuple[PublicPort, ...] = ()
     project_deny: tuple[IPNetwork, ...] = ()   # `firewall: {deny: [...]}`: before every port
     ha: HA | None = None
+    routing: Routing | None = None
+
+
+def domain_target(project: Project, domain: Domain) -> tuple[Service, PortMap]:
+    """The service a domain routes to and its port map (the router connects to the service's
+    backends at ``target_port``). LookupError for a domain that is not of this project."""
+    for service in project.services:
+        if service.name == domain.service:
+            for port_map in service.ports:
+                if port_map.proto == "tcp" and port_map.port == domain.port:
+                    return service, port_map
+            break
+    raise LookupError(f"{domain.host}: the project has no tcp port {domain.port} "
+                      f"of a service {domain.service}")
+
+
+def parse_host(value: Any) -> str:
+    """A host of routing.domains as the routing service keys it (lowercased, no trailing
+    dot); ValueError saying why for anything else (see the module docstring)."""
+    why = _host_problem(value)
+    if why:
+        raise ValueError(why)
+    return _normal_host(value)
 
 
 def load(path: str | Path) -> Project:
@@ -258,6 +350,8 @@ def parse(data: Any, source: str = "<file>") -> Project:
                          for i, item in enumerate(port_items))
     _check_public_ports(problems, public_ports, services, datapath, project_deny)
     ha = _ha(problems, data["ha"]) if "ha" in data else None
+    routing = (_routing(problems, data["routing"], services, paths, public_ports)
+               if "routing" in data else None)
     if isinstance(data.get("telemetry"), dict):
         _telemetry(problems, data["telemetry"])
     # Objects built above hold None where a field was bad; they never leave here then.
@@ -265,7 +359,7 @@ def parse(data: Any, source: str = "<file>") -> Project:
         raise ConfigError(problems, source)
     return Project(project=name, node=node, services=services, datapath=datapath,
                    raw=copy.deepcopy(data), public_ports=public_ports,
-                   project_deny=project_deny, ha=ha)
+                   project_deny=project_deny, ha=ha, routing=routing)
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -429,6 +523,136 @@ def _ha(problems: _Problems, value: Any) -> HA:
               sync_port=section.port("sync_port", default=5406), links=tuple(links),
               preempt=preempt,
               dead_intervals=section.integer("dead_intervals", default=3, low=2, high=100))
+
+
+def _routing(problems: _Problems, value: Any, services: tuple[Service, ...], paths: list[str],
+             public_ports: tuple[PublicPort, ...]) -> Routing:
+    section = _Mapping(problems, "routing", value, _known("routing"))
+    address_items = section.list("addresses") or []
+    if section.data.get("addresses") == []:
+        problems.add("routing.addresses", [], "has no addresses (the routing service serves "
+                                              "ports 80 and 443 on them)")
+    addresses: list[IPAddress] = []
+    for i, item in enumerate(address_items):
+        key = f"addresses[{i}]"
+        address = _Mapping(problems, "routing", {key: item}, {key}).address(key, what="public")
+        if address is None:
+            continue
+        if address in addresses:
+            problems.add(f"routing.{key}", str(address),
+                         f"is listed twice (also routing.addresses[{addresses.index(address)}])")
+            continue
+        addresses.append(address)
+        _check_routing_address(problems, f"routing.{key}", address, services, paths,
+                               public_ports)
+
+    acme = _acme(problems, section.data["acme"]) if "acme" in section.data else None
+    by_name = {s.name: s for s in services if s.name is not None}
+    domains = []
+    first_host: dict[str, int] = {}
+    for i, item in enumerate(section.list("domains", default=[]) or []):
+        path = f"routing.domains[{i}]"
+        domain = _domain(problems, path, item, by_name, has_acme="acme" in section.data)
+        if domain.host is not None:
+            if domain.host in first_host:
+                problems.add(f"{path}.host", item["host"], f"is listed twice (also "
+                             f"routing.domains[{first_host[domain.host]}].host)")
+            first_host.setdefault(domain.host, i)
+        domains.append(domain)
+    return Routing(addresses=tuple(addresses), domains=tuple(domains), acme=acme)
+
+
+def _check_routing_address(problems: _Problems, path: str, address: IPAddress,
+                           services: tuple[Service, ...], paths: list[str],
+                           public_ports: tuple[PublicPort, ...]) -> None:
+    """Ports 80 and 443 (TCP) of a routing address are the routing service's alone."""
+    taken = [(port_map.port, f"{service_path}.ports[{j}]")
+             for service, service_path in zip(services, paths) if service.vip == address
+             for j, port_map in enumerate(service.ports)
+             if port_map.proto == "tcp" and port_map.port in ROUTING_PORTS]
+    # public_ports refuses 80 and 443 outright (its port is None then); kept for safety.
+    taken += [(pp.port, f"public_ports[{j}]") for j, pp in enumerate(public_ports)
+              if pp.address == address and pp.proto == "tcp" and pp.port in ROUTING_PORTS]
+    for port, where in taken:
+        problems.add(path, str(address), f"is the routing service's on {port}/tcp, but "
+                                         f"{where} already listens there")
+
+
+def _acme(problems: _Problems, value: Any) -> Acme:
+    section = _Mapping(problems, "routing.acme", value, _known("routing.acme"))
+    directory = section.string("directory")
+    if directory is not None and not _is_http_url(directory):
+        problems.add("routing.acme.directory", directory,
+                     "is not an http:// or https:// URL with a host")
+        directory = None
+    email = section.string("email", default=None)
+    if email is not None and not _is_email(email):
+        problems.add("routing.acme.email", email, "is not an email address (like ops@example.org)")
+        email = None
+    ca_bundle = section.string("ca_bundle", default=None)
+    if ca_bundle is not None:
+        bundle = Path(ca_bundle)
+        why = ("does not exist" if not bundle.exists() else
+               "is not a file" if not bundle.is_file() else
+               "is not readable" if not os.access(bundle, os.R_OK) else None)
+        if why:
+            problems.add("routing.acme.ca_bundle", ca_bundle, why)
+            ca_bundle = None
+    return Acme(directory=directory, email=email, ca_bundle=ca_bundle)
+
+
+def _domain(problems: _Problems, path: str, value: Any, services: dict[str, Service],
+            has_acme: bool) -> Domain:
+    item = _Mapping(problems, path, value, _known("routing.domains[]"))
+    host = None
+    if item.ok and "host" in item.data:
+        why = _host_problem(item.data["host"])
+        if why:
+            problems.add(f"{path}.host", item.data["host"], why)
+        else:
+            host = _normal_host(item.data["host"])
+    else:
+        item.string("host")  # files "is required"
+
+    name = item.name("service")
+    port = item.port("port")
+    service = services.get(name) if name is not None else None
+    if name is not None and service is None:
+        problems.add(f"{path}.service", name, "is not a service of this project (known: "
+                                              f"{', '.join(sorted(services)) or 'none'})")
+    # A service whose ports are missing or bad has its own problems; judge no port against it.
+    if (service is not None and port is not None and service.ports
+            and all(None not in (p.port, p.proto) for p in service.ports)):
+        port_map = _domain_port_map(service, port)
+        if port_map is None:
+            tcp = [p for p in service.ports if p.proto == "tcp"]
+            shown = ", ".join(f"{p.port}" if p.target_port in (None, p.port)
+                              else f"{p.port} (target_port {p.target_port})" for p in tcp)
+            problems.add(f"{path}.port", port, f"is not a tcp port of service {name} " +
+                         (f"(its tcp ports: {shown})" if tcp else "(it has no tcp ports)"))
+            port = None
+        else:
+            port = port_map.port
+
+    tls = item.choice("tls", TLS_KINDS, default="self-signed")
+    if tls == "acme" and host is not None and host.startswith("*."):
+        problems.add(f"{path}.tls", tls, f"cannot be used for the wildcard host {host}: HTTP-01 "
+                                         "cannot validate a wildcard; use self-signed or an "
+                                         "exact host")
+    elif tls == "acme" and not has_acme:
+        problems.add(f"{path}.tls", tls, "needs a routing.acme section (its directory)")
+    redirect = item.boolean("redirect_https", default=False)
+    if redirect and tls == "none":
+        problems.add(f"{path}.redirect_https", redirect,
+                     "redirects to HTTPS, which tls: none does not serve")
+    return Domain(host=host, service=name, port=port, tls=tls, redirect_https=redirect)
+
+
+def _domain_port_map(service: Service, port: int) -> PortMap | None:
+    """The tcp port map a domain's port names: by its port, else by its target_port."""
+    tcp = [p for p in service.ports if p.proto == "tcp"]
+    return (next((p for p in tcp if p.port == port), None)
+            or next((p for p in tcp if p.target_port == port), None))
 
 
 def _project_firewall(problems: _Problems, value: Any) -> tuple[IPNetwork, ...]:
@@ -696,6 +920,13 @@ class _Mapping:
             return None
         return value
 
+    def boolean(self, key: str, default: Any = _REQUIRED) -> bool | None:
+        present, value = self._get(key, default)
+        if present and not isinstance(value, bool):
+            self._bad(key, value, "is not true or false")
+            return None
+        return value
+
     def list(self, key: str, default: Any = _REQUIRED) -> list | None:
         present, value = self._get(key, default)
         if present and not isinstance(value, list):
@@ -749,6 +980,80 @@ def _unusable_reason(address: IPAddress) -> str | None:
     if getattr(address, "scope_id", None):
         return "scoped to a link"
     return None
+
+
+_LABEL_RE = re.compile(r"[a-z0-9-]{1,63}\Z")
+_EMAIL_LOCAL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}\Z")
+
+
+def _normal_host(value: str) -> str:
+    host = value.lower()
+    return host[:-1] if host.endswith(".") else host
+
+
+def _host_problem(value: Any) -> str | None:
+    """Why ``value`` is not a host of routing.domains, or None (see the module docstring)."""
+    if not isinstance(value, str) or not value:
+        return "is not a host name (like app.example.org or *.example.org)"
+    if "://" in value:
+        return "is a URL, not a host name (give the name only, like app.example.org)"
+    name, colon, port = value.rpartition(":")
+    with_port = bool(colon and port.isdigit())
+    for candidate in (value, name) if with_port else (value,):
+        bare = candidate.rstrip(".")
+        bare = bare[1:-1] if bare.startswith("[") and bare.endswith("]") else bare
+        try:
+            ipaddress.ip_address(bare)
+            return "is an IP address, not a host name"
+        except ValueError:
+            pass
+    if with_port and ":" not in name:
+        return "has a port: a host is a name only (the routing service serves 80 and 443)"
+    host = _normal_host(value)
+    labels = host.split(".")
+    if "*" in host:
+        if labels[0] != "*" or "*" in ".".join(labels[1:]):
+            return ("has a '*' that is not the whole leftmost label "
+                    "(a wildcard is *. before a name, like *.example.org)")
+        labels = labels[1:]
+        if len(labels) < 2:
+            return ("is not a host name: a wildcard needs a name of at least two labels "
+                    "after '*.' (like *.example.org)")
+    for label in labels:
+        if not label:
+            return "is not a host name: it has an empty label"
+        if not _LABEL_RE.match(label):
+            if len(label) > 63:
+                return "is not a host name: a label is longer than 63 characters"
+            return (f"is not a host name: label {_show(label)} has a character other than "
+                    "a-z, 0-9 and '-'")
+        if label[0] == "-" or label[-1] == "-":
+            return f"is not a host name: label {_show(label)} starts or ends with '-'"
+    if len(labels) < 2:
+        return "is not a host name: it needs at least two labels (like example.org)"
+    if labels[-1].isdigit():
+        return f"is not a host name: its last label {_show(labels[-1])} is all digits"
+    if len(host) > 253:
+        return "is not a host name: it is longer than 253 characters"
+    return None
+
+
+def _is_email(value: str) -> bool:
+    local, at, domain = value.rpartition("@")
+    return (bool(at) and _EMAIL_LOCAL_RE.match(local) is not None
+            and "*" not in domain and not domain.endswith(".")
+            and _host_problem(domain) is None)
+
+
+def _is_http_url(value: str) -> bool:
+    if any(c.isspace() for c in value):
+        return False
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # a bad port raises ValueError
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def _host(address: IPAddress) -> str:

@@ -7,8 +7,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 import pytest
 import yaml
 
-from zfast.config import (HA, Backend, ConfigError, Datapath, Firewall, Health, Interface, Node,
-                          PortMap, Project, PublicPort, Service, load, parse)
+from zfast.config import (HA, Acme, Backend, ConfigError, Datapath, Domain, Firewall, Health,
+                          Interface, Node, PortMap, Project, PublicPort, Routing, Service, load,
+                          parse)
 
 SPEC_EXAMPLE = """
 project: demo
@@ -44,8 +45,10 @@ public_ports:
     firewall: {policy: deny, allow: ["198.51.100.0/24"], deny: []}
 routing:
   addresses: [203.0.113.10, "2001:db8::10"]
+  acme: {directory: "https://127.0.0.1:14000/dir", email: ops@example.org}
   domains:
     - {host: app.example.org, service: app, port: 8080, tls: acme, redirect_https: true}
+    - {host: "*.app.example.org", service: app, port: 8080, tls: self-signed}
 telemetry:
   prometheus: 127.0.0.1:9469
 core:
@@ -76,7 +79,13 @@ def test_spec_example_parses():
                                                    allow=(IPv4Network("198.51.100.0/24"),))),),
         ha=HA(peer=IPv4Address("10.203.0.2"), bind=IPv4Address("10.203.0.1"),
               key_file="/etc/zfast/ha.key", priority=100, heartbeat_ms=50,
-              vips=(IPv4Address("203.0.113.10"), IPv6Address("2001:db8::10"))))
+              vips=(IPv4Address("203.0.113.10"), IPv6Address("2001:db8::10"))),
+        # port 8080 is the target_port of the service's port 80: the domain names that map
+        routing=Routing(addresses=(IPv4Address("203.0.113.10"), IPv6Address("2001:db8::10")),
+                        acme=Acme(directory="https://127.0.0.1:14000/dir", email="ops@example.org"),
+                        domains=(Domain(host="app.example.org", service="app", port=80, tls="acme",
+                                        redirect_https=True),
+                                 Domain(host="*.app.example.org", service="app", port=80))))
     assert project.raw["ha"]["priority"] == 100
     assert project.raw["public_ports"][0]["target_port"] == 22
 

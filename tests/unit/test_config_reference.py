@@ -34,7 +34,9 @@ def _minimal():
                               "service": "s", "firewall": {"limit": {"new_per_s": 5}}}],
             "firewall": {"deny": []}, "datapath": {}, "telemetry": {},
             "ha": {"peer": "10.9.0.2", "bind": "10.9.0.1", "key_file": "/k",
-                   "links": [{"bind": "10.8.0.1", "peer": "10.8.0.2"}]}}
+                   "links": [{"bind": "10.8.0.1", "peer": "10.8.0.2"}]},
+            "routing": {"addresses": ["10.0.0.30"], "acme": {"directory": "https://acme.test/dir"},
+                        "domains": [{"host": "a.example.org", "service": "s", "port": 80}]}}
 
 
 SECTIONS = {  # where each FIELDS section sits in _minimal()
@@ -49,6 +51,8 @@ SECTIONS = {  # where each FIELDS section sits in _minimal()
     "public_ports[].firewall.limit": lambda d: d["public_ports"][0]["firewall"]["limit"],
     "firewall": lambda d: d["firewall"], "ha": lambda d: d["ha"],
     "ha.links[]": lambda d: d["ha"]["links"][0], "telemetry": lambda d: d["telemetry"],
+    "routing": lambda d: d["routing"], "routing.acme": lambda d: d["routing"]["acme"],
+    "routing.domains[]": lambda d: d["routing"]["domains"][0],
 }
 
 
