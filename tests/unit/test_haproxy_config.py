@@ -63,6 +63,7 @@ def test_rendered_config_passes_haproxy_check(tmp_path, pems, with_certs):
     assert "default-server check inter 1000ms fall 3 rise 2" in cfg
     assert "server fd00::5_80 [fd00::5]:80" in cfg and "server 2001:db8::1_8080 [2001:db8::1]:8080" in cfg
     assert "timeout tunnel" in cfg and "option idle-close-on-response" in cfg
+    assert "    user haproxy\n" in cfg                   # workers do not run as root
     backend_plain = cfg.split("backend plain\n")[1].split("\n\n")[0]
     assert "check" not in backend_plain                  # no health settings: no checks
     listed = h.crt_list.read_text()
@@ -188,10 +189,17 @@ def test_haproxy_message_on_a_refused_configuration(tmp_path):
 def test_constructor_checks(tmp_path):
     with pytest.raises(HAProxyError, match="workdir"):
         HAProxy(tmp_path / "with space")
+    with pytest.raises(HAProxyError, match="too long for unix sockets"):
+        HAProxy(tmp_path / ("d" * 100))
     with pytest.raises(HAProxyError, match="bind address"):
         HAProxy(tmp_path, binds=["localhost"])
     with pytest.raises(HAProxyError, match="must differ"):
         HAProxy(tmp_path, http_port=80, https_port=80)
+    with pytest.raises(HAProxyError, match="does not exist"):
+        HAProxy(tmp_path, user="no-such-user-here")
+    h = HAProxy(tmp_path, user=None)
+    h.write_files([], [])
+    assert "user " not in h.cfg.read_text()
     h = HAProxy(tmp_path, haproxy_bin="no-such-haproxy-binary")
     h.write_files([], [])
     with pytest.raises(HAProxyError, match="not found"):

@@ -387,7 +387,8 @@ class HAProxy:
     def __init__(self, workdir: Path, binds: list[str] | tuple[str, ...] = ("0.0.0.0", "::"),
                  http_port: int = 80, https_port: int = 443, netns: str | None = None,
                  haproxy_bin: str = "haproxy", maxconn: int = 10000,
-                 hard_stop_after: str = "5m", start_timeout: float = 10.0):
+                 hard_stop_after: str = "5m", start_timeout: float = 10.0,
+                 user: str | None = "haproxy"):
         self.workdir = Path(workdir).absolute()
         if not WORKDIR_RE.fullmatch(str(self.workdir)):
             raise HAProxyError(f"workdir {self.workdir} has characters haproxy's configuration "
@@ -407,6 +408,14 @@ class HAProxy:
             raise HAProxyError("http_port and https_port must differ")
         if not re.fullmatch(r"[0-9]+[smhd]?", hard_stop_after):
             raise HAProxyError(f"bad hard_stop_after {hard_stop_after!r}")
+        if user is not None:
+            import pwd
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise HAProxyError(f"user {user!r} for the haproxy workers does not exist "
+                                   f"(Debian's haproxy package makes 'haproxy'; user=None keeps root)") from None
+        self.user = user
         self.http_port, self.https_port = http_port, https_port
         self.netns = netns
         self.haproxy_bin = haproxy_bin
@@ -422,6 +431,10 @@ class HAProxy:
         self.crt_list = self.workdir / "certs.list"
         self.cert_dir = self.workdir / "certs"
         self.default_cert = self.workdir / "default.pem"
+        # sun_path holds 107 bytes; haproxy binds "<path>.<pid>.tmp" first, then renames it
+        if len(str(self.master_sock)) + 16 > 107:
+            raise HAProxyError(f"workdir {self.workdir} too long for unix sockets in it "
+                               f"(at most {107 - 16 - len('/master.sock')} characters)")
         self.api = RuntimeAPI(self.api_sock)
         self.master = RuntimeAPI(self.master_sock)
         self._proc: subprocess.Popen | None = None
@@ -509,6 +522,9 @@ class HAProxy:
             "# Written by zfast.routing.haproxy: changes are overwritten.",
             "global",
             f"    maxconn {self.maxconn}",
+            # The master stays root (it reads the files and re-executes on reload);
+            # workers, which face the network, run as this user.
+            *([f"    user {self.user}", f"    group {grp_name(self.user)}"] if self.user else []),
             f"    stats socket {self.api_sock} mode 600 level admin expose-fd listeners",
             "    stats timeout 30s",
             "    log stderr format iso local0 info",
@@ -937,6 +953,13 @@ def _alerts(text: str, limit: int = 2000) -> str:
         lines = [ln.strip() for ln in text.splitlines()[-10:] if ln.strip()]
     out = "; ".join(lines) or "(no message)"
     return out[-limit:]
+
+
+def grp_name(user: str) -> str:
+    """The name of a user's primary group."""
+    import grp
+    import pwd
+    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
 
 
 def _fit_maxconn(wanted: int) -> int:
