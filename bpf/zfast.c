@@ -94,6 +94,9 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 		return ZF_PASS_TTL;
 	} else {
 		cache = fv;
+		/* Alive for the idle sweep: written only once a sweep period. */
+		if ((fv->flags & (ZF_FLOW_SEEN | ZF_FLOW_AGED)) != ZF_FLOW_SEEN)
+			fv->flags = (fv->flags | ZF_FLOW_SEEN) & ~ZF_FLOW_AGED;
 	}
 
 	if (fv->dir == ZF_DIR_FORWARD) {

@@ -73,6 +73,15 @@ struct flow_key {
 	__u16 pad;
 };
 
+/*
+ * flow_value.flags: the idle-flow sweep (zfast/flowage.py) ages entries like a
+ * page table's accessed bit.  A packet of the flow sets SEEN (one write per sweep
+ * period at most); a sweep turns SEEN into nothing and nothing into AGED, and deletes
+ * a forward entry still AGED (no packet for a whole period) with its reply entry.
+ */
+#define ZF_FLOW_SEEN 1
+#define ZF_FLOW_AGED 2
+
 #define ZF_DIR_FORWARD 1 /* client -> VIP: rewrite the destination */
 #define ZF_DIR_REPLY 2   /* backend -> client: rewrite the source */
 

@@ -108,7 +108,10 @@ def main():
 @click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False),
               help="Project file (YAML).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the node does.")
-def up(config_file, verbose):
+@click.option("--park", "template", type=click.Path(dir_okay=False, exists=True), hidden=True,
+              help="Spare mode (the core service): compile for TEMPLATE's sizes, then wait "
+                   "until the -c file exists and start as that node.")
+def up(config_file, verbose, template):
     """Run one balancer node in the foreground until SIGTERM/SIGINT."""
     import logging
 
@@ -118,9 +121,15 @@ def up(config_file, verbose):
     # Quiet until the node runs: a refusal is one line (the error below), nothing else.
     logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
                         format="%(asctime)s %(name)s %(message)s")
+    preloaded = None
+    if template:
+        from zfast.core.spare import park
+        preloaded, project = park(Path(template), Path(config_file))
+        if project is None:
+            return                      # stopped while parked
     project = _load(config_file)
     try:
-        node = Node(project, source=f"zfast up -c {config_file}")
+        node = Node(project, source=f"zfast up -c {config_file}", preloaded=preloaded)
         changes = node.start()
     except (NodeError, DatapathError) as err:
         _fail(str(err))

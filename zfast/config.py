@@ -51,6 +51,7 @@ Extension of the spec, the data plane's sizes (all optional)::
       max_services: 64     # services the data plane can hold
       max_backends: 4096   # backends over all services
       max_ifindex: 4096    # devmap slots, indexed by ifindex
+      flow_idle_s: 300     # idle flows leave the table after this (0: never); not a size
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "node": ("name", "state_dir", "interfaces", "mode"),
     "node.interfaces[]": ("name", "role", "mode"),
     "datapath": ("maglev_size", "flow_table", "max_services", "max_backends", "max_ifindex",
-                 "max_public_ports", "max_rules"),
+                 "max_public_ports", "max_rules", "flow_idle_s"),
     "services[]": ("name", "vip", "ports", "backends", "health"),
     "services[].ports[]": ("port", "proto", "target_port"),
     "services[].backends[]": ("address", "weight"),
@@ -195,6 +196,13 @@ class Datapath:
     max_ifindex: int = 4096
     max_public_ports: int = 256   # slot 0 is the project-wide deny list
     max_rules: int = 131072       # CIDR rules, all ports together
+    # Not a size: a flow with no client packet for this long leaves the table (swept every
+    # flow_idle_s / 2; 0: never). Established flows come back by Maglev's hash if they wake.
+    flow_idle_s: int = 300
+
+
+SIZE_FIELDS = ("maglev_size", "flow_table", "max_services", "max_backends", "max_ifindex",
+               "max_public_ports", "max_rules")   # what the compiled program and its maps depend on
 
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -410,6 +418,11 @@ def _datapath(problems: _Problems, value: Any) -> Datapath:
                      ("max_ifindex", 1), ("max_public_ports", 2), ("max_rules", 16)):
         sizes[key] = section.integer(key, default=getattr(defaults, key), low=low,
                                      high=_BPF_MAP_LIMIT)
+    idle = section.integer("flow_idle_s", default=defaults.flow_idle_s, low=0, high=86400 * 7)
+    if idle is not None and 0 < idle < 2:
+        problems.add("datapath.flow_idle_s", idle, "is too short (0 for never, else >= 2)")
+        idle = None
+    sizes["flow_idle_s"] = idle
     # An invalid size is reported above; the checks that use it fall back to the default.
     return Datapath(**{key: getattr(defaults, key) if size is None else size
                        for key, size in sizes.items()})

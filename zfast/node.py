@@ -97,7 +97,8 @@ def check_interfaces(node: config.Node) -> None:
 
 
 class Node:
-    def __init__(self, project: config.Project, source: str = "zfast up"):
+    def __init__(self, project: config.Project, source: str = "zfast up",
+                 preloaded: Loaded | None = None):
         if project.node is None:
             raise NodeError("the project file has no node section (name, interfaces)")
         self.project = project
@@ -127,6 +128,9 @@ class Node:
         self.nexthops = None
         self.pin = pin_dir(self.name)
         self.adopted = False
+        # A program compiled ahead by a parked spare (zfast/core/spare.py): start takes it
+        # instead of compiling (seconds of BCC) when its pinned maps are fresh and of our layout.
+        self.preloaded = preloaded
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
 
     # ---- life cycle ---------------------------------------------------------
@@ -256,12 +260,18 @@ class Node:
         want = pins.layout(self.project.datapath)
         have = pins.read_json(self.state_dir / pins.LAYOUT)
         old = None
-        if pins.has_pins(self.pin):
+        pre, self.preloaded = self.preloaded, None
+        if pre is not None and not (pre.pin == self.pin and pins.layout(pre.sizes) == want):
+            pre.detach_all()
+            pre = None
+        if pre is not None:
+            pass      # a parked spare's program: its fresh maps were just renamed here
+        elif pins.has_pins(self.pin):
             if have == want:
                 self.adopted = True
             else:
                 old = pins.set_aside(self.pin)
-        self.dp = Loaded(self.project.datapath, pin=self.pin)
+        self.dp = pre or Loaded(self.project.datapath, pin=self.pin)
         self.table = ServiceTable(self.dp)
         self.fw = FirewallTable(self.dp)
         if old is not None:
@@ -276,6 +286,20 @@ class Node:
             self.table.restore(installed["services"])
             self.fw.restore(installed["firewall"])
         pins.write_json(self.state_dir / pins.LAYOUT, want)
+
+    def _sweep_idle_flows(self) -> None:
+        """Idle flows leave the table (zfast/flowage.py). Not on a standby: its entries
+        are the active's, replicated, and see no packet until it takes over."""
+        if self.pair and self.pair.role == "standby":
+            return
+        from zfast.flowage import sweep
+        try:
+            done = sweep(self.dp.table("flows"))
+        except OSError as err:
+            self.events.log("error", controller="flow sweep", error=str(err))
+            return
+        if done["deleted"]:
+            log.info("idle flow sweep: %s", done)
 
     def _save_installed(self) -> None:
         pins.write_json(self.state_dir / pins.INSTALLED, {
@@ -293,10 +317,15 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGUSR1, keep)
+        next_sweep = time.monotonic()
         while not self._stop.wait(TX_PORTS_REFRESH_S):
             self._refresh_tx_ports()
             if self.pair:
                 self.pair.holder.refresh_macs()
+            idle_s = self.project.datapath.flow_idle_s
+            if idle_s and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + idle_s / 2
+                self._sweep_idle_flows()
         self.stop()
 
     def stop(self) -> None:

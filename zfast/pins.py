@@ -14,7 +14,6 @@ maps when only sizes changed (same structs), else they start empty.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +31,9 @@ INSTALLED = "installed.json"
 
 def layout(sizes: Sizes) -> dict:
     shared = (bpf_dir() / "zfast_shared.h").read_bytes()
-    return {"sizes": dataclasses.asdict(sizes), "structs": hashlib.sha256(shared).hexdigest()[:16]}
+    from zfast.config import SIZE_FIELDS
+    return {"sizes": {k: getattr(sizes, k) for k in SIZE_FIELDS},
+            "structs": hashlib.sha256(shared).hexdigest()[:16]}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -63,7 +64,7 @@ def remove_pins(pin: Path) -> None:
 
 def set_aside(pin: Path) -> Path:
     """Move a pin dir out of the way (bpffs supports rename) for migration."""
-    old = pin.with_name(f"{pin.name}.old-{int(time.time())}")
+    old = pin.with_name(f"{pin.name}-old-{int(time.time())}")  # bpffs refuses dots
     os.rename(pin, old)
     return old
 

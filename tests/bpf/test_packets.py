@@ -329,3 +329,39 @@ def test_random_garbage_is_counted_and_never_aborts(lb, ingress):
 
 def test_xdp_actions_are_the_known_ones():
     assert {XDP_ACTIONS[a] for a in (1, 2, 4)} == {r.action for r in reasons()}
+
+
+# ---- idle flows ---------------------------------------------------------------------------------
+
+
+def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
+    """zfast/flowage.py: a packet marks its entry SEEN; a sweep turns SEEN into nothing and
+    nothing into AGED; a forward entry still AGED goes with its reply entry."""
+    from zfast.flowage import sweep
+    flows = lb.dp.table("flows")
+    busy, silent = fx.CPORT, fx.CPORT + 1
+    for sport in (busy, silent):
+        assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.syn(sport=sport)),
+                      fx.PUB).action == "redirect"
+    assert len(list(flows.keys())) == 4
+
+    def ports():
+        return sorted((socket.ntohs(k.sport), socket.ntohs(k.dport)) for k in flows.keys())
+
+    before = ports()
+    assert sweep(flows) == {"entries": 4, "aged": 4, "deleted": 0}   # all new: AGED
+    for _ in range(3):
+        # the busy flow sends between sweeps (both ways); the silent one does not
+        assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.ack(sport=busy)),
+                      fx.PUB).action == "redirect"
+        assert lb.run(fx.from_backend(fx.ip4(fx.BACKEND4, fx.CLIENT4) / fx.syn_ack(dport=busy)),
+                      fx.PRIV).action == "redirect"
+        result = sweep(flows)
+        assert len(list(flows.keys())) == 2, ports()
+    assert all(silent not in pair for pair in ports()) and ports() == [p for p in before if silent not in p]
+    assert result["deleted"] == 0
+    # the busy flow falls silent: aged at the next sweep, gone at the one after
+    sweep(flows)
+    assert len(list(flows.keys())) == 2
+    assert sweep(flows)["deleted"] == 2
+    assert list(flows.keys()) == []

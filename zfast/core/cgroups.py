@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-PERIOD_US = 100_000
+PERIOD_US = 10_000   # short CFS periods: a throttled daemon stalls 10 ms at most, never a heartbeat
 
 
 def parse_size(text: str | int) -> int:
@@ -26,10 +26,15 @@ def parse_size(text: str | int) -> int:
 
 
 class Cgroup:
-    """One instance's cgroup (created on demand, removed by destroy())."""
+    """One instance's cgroup (created on demand, removed by destroy()).
+
+    ``name`` may hold a slash: the core service puts its instances under a group of its
+    own (zfast/<core>/<instance>), whose cpuacct usage then counts all of them, those
+    already removed included (v1 charges every ancestor)."""
 
     def __init__(self, name: str, root: Path = ROOT):
         self.name = name
+        self.root = root
         self.v2 = (root / "cgroup.controllers").exists()
         if self.v2:
             self.paths = {"cpu": root / "zfast" / name, "memory": root / "zfast" / name}
@@ -37,10 +42,12 @@ class Cgroup:
             self.paths = {c: root / c / "zfast" / name for c in ("cpu", "cpuacct", "memory")}
 
     def create(self) -> None:
-        if self.v2:
-            parent = self.paths["cpu"].parent
-            parent.mkdir(exist_ok=True)
-            (parent / "cgroup.subtree_control").write_text("+cpu +memory")
+        if self.v2:   # every group above the leaf hands the controllers down
+            cur = self.root
+            for part in (Path("zfast") / self.name).parts[:-1]:
+                cur = cur / part
+                cur.mkdir(exist_ok=True)
+                (cur / "cgroup.subtree_control").write_text("+cpu +memory")
         for path in set(self.paths.values()):
             path.mkdir(parents=True, exist_ok=True)
 
@@ -67,6 +74,14 @@ class Cgroup:
             return 0
         return int((self.paths["cpuacct"] / "cpuacct.usage").read_text())
 
+    def throttling(self) -> tuple[int, int]:
+        """(CFS periods, periods in which the quota ran out) so far."""
+        stat = {}
+        for line in (self.paths["cpu"] / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            stat[key] = int(value or 0)
+        return stat.get("nr_periods", 0), stat.get("nr_throttled", 0)
+
     def memory(self) -> tuple[int, int]:
         """(used, limit) bytes."""
         if self.v2:
@@ -88,9 +103,10 @@ class Cgroup:
         for path in set(self.paths.values()):
             if not path.exists():
                 continue
+            top = next(p for p in path.parents if p.name == "zfast").parent
             for pid in (path / "cgroup.procs").read_text().split():
                 try:
-                    (path.parent.parent / "cgroup.procs").write_text(pid)
+                    (top / "cgroup.procs").write_text(pid)
                 except OSError:
                     pass
             try:

@@ -5,7 +5,8 @@ cgroup with its CPU and memory limits, and a zfast daemon inside. `Runtime`
 is the interface the repair and scaling controllers use; `NetnsRuntime` is
 this host's implementation. Another (LXC/LXD, systemd-nspawn, systemd units
 with slices) fits behind the same five methods: create, start, stop, destroy,
-usage (and resize for the scaling controller).
+usage, plus resize (the scaling controller) and assign (a parked spare takes a failed
+instance's addresses: zfast/core/spare.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Instance:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0
+    host_ifnames: list[str] = field(default_factory=list)   # its links' ends on the bridges
 
     @property
     def pid(self) -> int | None:
@@ -62,10 +64,23 @@ class Instance:
 
 class Runtime(ABC):
     @abstractmethod
-    def create(self, spec: InstanceSpec) -> Instance: ...
+    def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
+        """Make the instance (not started); ``group``: a parent for its resource limits."""
 
     @abstractmethod
-    def start(self, inst: Instance) -> None: ...
+    def start(self, inst: Instance, park: dict | None = None) -> None:
+        """Start the daemon; with ``park`` (a project file) as a parked spare that compiles
+        for its sizes and waits for the instance's own file (zfast/core/spare.py)."""
+
+    @abstractmethod
+    def assign(self, inst: Instance, links: list[Link], macs: dict[str, str] | None = None) -> None:
+        """Give the instance's interfaces these links' addresses (and MAC addresses: a
+        successor that keeps its predecessor's MACs is reached at once through every
+        neighbour cache and bridge, as a VRRP router is)."""
+
+    @abstractmethod
+    def macs(self, inst: Instance) -> dict[str, str]:
+        """The MAC address of each of the instance's interfaces."""
 
     @abstractmethod
     def stop(self, inst: Instance, keep_dataplane: bool = False, timeout: float = 15.0) -> None: ...
@@ -78,6 +93,13 @@ class Runtime(ABC):
 
     @abstractmethod
     def resize(self, inst: Instance, cpu: float, memory: int) -> None: ...
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (a parked spare polling for the file) sees nothing or all of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -94,9 +116,10 @@ class NetnsRuntime(Runtime):
     def _host_ifname(self, spec: InstanceSpec, i: int) -> str:
         return f"{spec.name[:10]}h{i}"[:15]
 
-    def create(self, spec: InstanceSpec) -> Instance:
+    def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
         ns = self.netns_of(spec.name)
         _ip("netns", "add", ns)
+        hosts = []
         try:
             _ip("-n", ns, "link", "set", "lo", "up")
             for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
@@ -105,32 +128,60 @@ class NetnsRuntime(Runtime):
                             "net.ipv6.conf.default.accept_dad=0"], check=True)
             for i, link in enumerate(spec.links):
                 host = self._host_ifname(spec, i)
+                hosts.append(host)
                 _ip("link", "del", host, check=False)  # a leftover of a crashed instance
                 _ip("link", "add", host, "type", "veth", "peer", "name", link.ifname, "netns", ns)
                 _ip("link", "set", host, "master", link.bridge)
                 _ip("link", "set", host, "up")
                 # The bridge port receives the instance's XDP redirects: it needs NAPI (GRO).
                 subprocess.run(["ethtool", "-K", host, "gro", "on"], capture_output=True)
-                for cidr in link.addresses:
-                    extra = ["nodad"] if ":" in cidr else []
-                    _ip("-n", ns, "addr", "add", cidr, "dev", link.ifname, *extra)
                 _ip("-n", ns, "link", "set", link.ifname, "up")
+            self._add_addresses(ns, spec.links)
         except Exception:
+            for host in hosts:
+                _ip("link", "del", host, check=False)
             _ip("netns", "del", ns, check=False)
             raise
-        cg = Cgroup(spec.name)
+        cg = Cgroup(f"{group}/{spec.name}" if group else spec.name)
         cg.create()
         cg.set_limits(spec.cpu, spec.memory)
         spec.state_dir.mkdir(parents=True, exist_ok=True)
-        return Instance(spec, ns, cg)
+        return Instance(spec, ns, cg, host_ifnames=hosts)
 
-    def start(self, inst: Instance) -> None:
-        inst.config_path.write_text(yaml.safe_dump(inst.spec.config, sort_keys=False))
+    @staticmethod
+    def _add_addresses(ns: str, links: list[Link]) -> None:
+        for link in links:
+            for cidr in link.addresses:
+                extra = ["nodad"] if ":" in cidr else []
+                _ip("-n", ns, "addr", "add", cidr, "dev", link.ifname, *extra)
+
+    def assign(self, inst: Instance, links: list[Link], macs: dict[str, str] | None = None) -> None:
+        for ifname, mac in (macs or {}).items():
+            _ip("-n", inst.netns, "link", "set", "dev", ifname, "address", mac, check=False)
+        self._add_addresses(inst.netns, links)
+
+    def macs(self, inst: Instance) -> dict[str, str]:
+        import json
+        out = _ip("-n", inst.netns, "-j", "link", "show", check=False)
+        try:
+            return {l["ifname"]: l["address"] for l in json.loads(out.stdout or "[]")
+                    if l["ifname"] in {link.ifname for link in inst.spec.links}}
+        except (ValueError, KeyError):
+            return {}
+
+    def start(self, inst: Instance, park: dict | None = None) -> None:
+        argv = [sys.executable, "-m", "zfast.cli", "up", "-c", str(inst.config_path)]
+        if park is None:
+            write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
+        else:
+            inst.config_path.unlink(missing_ok=True)
+            template = inst.spec.state_dir / "template.yaml"
+            template.write_text(yaml.safe_dump(park, sort_keys=False))
+            argv += ["--park", str(template)]
         log = open(inst.spec.state_dir / "daemon.log", "ab")
-        inst.proc = subprocess.Popen(
-            ["ip", "netns", "exec", inst.netns, sys.executable, "-m", "zfast.cli", "up",
-             "-c", str(inst.config_path)],
-            stdout=log, stderr=log, start_new_session=True)
+        inst.proc = subprocess.Popen(["ip", "netns", "exec", inst.netns, *argv],
+                                     stdout=log, stderr=log, start_new_session=True)
+        log.close()
         inst.cgroup.add(inst.proc.pid)  # `ip netns exec` execs: the daemon keeps this pid
         inst.started = time.time()
 
@@ -156,8 +207,8 @@ class NetnsRuntime(Runtime):
             down(inst.spec.state_dir)   # its pinned maps
         except Exception:
             pass
-        for i in range(len(inst.spec.links)):
-            _ip("link", "del", self._host_ifname(inst.spec, i), check=False)
+        for host in inst.host_ifnames:
+            _ip("link", "del", host, check=False)
         _ip("netns", "del", inst.netns, check=False)
         inst.cgroup.destroy()
 

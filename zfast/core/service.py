@@ -16,20 +16,29 @@ from __future__ import annotations
 import copy
 import ipaddress
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import yaml
 
 from zfast import config
 from zfast.api import ApiError, Client, Server
-from zfast.core.cgroups import parse_size
-from zfast.core.runtime import Instance, InstanceSpec, Link, NetnsRuntime, Runtime
+from zfast.core import scaling
+from zfast.core.cgroups import Cgroup, parse_size
+from zfast.core.runtime import Instance, InstanceSpec, Link, NetnsRuntime, Runtime, write_atomically
+from zfast.core.spare import PARKED
 from zfast.controllers.logger import LoggerController
 
 log = logging.getLogger("zfast.core")
 
-CHECK_EVERY_S = 0.5
+CHECK_EVERY_S = 0.25       # the repair controller's look at every instance
+SCALE_EVERY_S = 1.0        # the scaling controller's sample
+API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is not well
+PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
+CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
 BACKOFF_MAX_S = 60.0
 
 
@@ -101,11 +110,22 @@ class CoreService:
         self.core = parse_core(project)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.runtime = runtime or NetnsRuntime(prefix=f"zfc-{project.project}"[:20])
+        self.prefix = f"zfc-{project.project}"[:20]
+        self.runtime = runtime or NetnsRuntime(prefix=self.prefix)
         self.events = LoggerController(self.state_dir, f"{project.project}-core")
         self.instances: dict[str, Instance] = {}
+        self.spare: Instance | None = None      # a parked daemon, compiled ahead (spare.py)
+        self._spare_seq = 0
+        # The core's own cgroup: every instance's group sits under it, so its cpuacct
+        # counts the whole core service, failed starts included.
+        self.cgroup = Cgroup(self.prefix)
+        self.bounds = scaling.bounds_from(self.core.scale, parse_size)
+        self.scalers: dict[str, scaling.Scaler] = {}
+        self._last_usage: dict[str, tuple] = {}
+        self._resizing: dict | None = None      # a rolling flow-table resize under way
         self.health: dict[str, Health] = {}
         self.next_try: dict[str, float] = {}
+        self.crashes: dict[str, int] = {}       # crashes in a row (back-off exponent)
         self.answered: set[str] = set()   # instances whose daemon has answered since (re)start
         self.decisions = {"repair": None, "scaling": None}
         self._stop = threading.Event()
@@ -124,7 +144,7 @@ class CoreService:
         pub4 = _top_down(c.public_subnet, set(self.vips()), 2)
         priv4 = _top_down(c.private_subnet, {c.gateway, *self.vips()}, 2)
         pub6 = _top_down(c.public_subnet6, set(self.vips()), 2) if c.public_subnet6 else [None, None]
-        names = [f"lb-a", f"lb-b"]
+        names = ["lb-a", "lb-b"]
         specs = []
         for i, name in enumerate(names):
             j = 1 - i
@@ -135,7 +155,7 @@ class CoreService:
                            "interfaces": [{"name": "pub0", "role": "public"},
                                           {"name": "priv0", "role": "private"}]}
             raw["ha"] = {"peer": str(priv4[j]), "bind": str(priv4[i]), "priority": 200 - 100 * i,
-                         "key_file": str(self.key_file), "heartbeat_ms": 50,
+                         "key_file": str(self.key_file), "heartbeat_ms": 50, "dead_intervals": 4,
                          "vips": [str(v) for v in self.vips()],
                          "links": [{"bind": str(pub4[i]), "peer": str(pub4[j])}]}
             raw["store"] = {"kind": "sqlite", "path": str(self.state_dir / "store.sqlite")}
@@ -154,6 +174,21 @@ class CoreService:
 
     # ---- life cycle ---------------------------------------------------------------
 
+    def spec_of(self, name: str) -> InstanceSpec:
+        return next(s for s in self.specs() if s.name == name)
+
+    def spare_spec(self) -> InstanceSpec:
+        """A spare: lb-a's links without addresses, its file under its own node name."""
+        self._spare_seq += 1
+        name = f"spare{self._spare_seq}"
+        base = self.specs()[0]
+        raw = copy.deepcopy(base.config)
+        raw["node"]["name"] = f"{self.project.project}-{name}"
+        raw["node"]["state_dir"] = str(self.state_dir / name)
+        return InstanceSpec(name=name, kind="spare", cpu=base.cpu, memory=base.memory,
+                            state_dir=self.state_dir / name,
+                            links=[Link(l.bridge, l.ifname, []) for l in base.links], config=raw)
+
     def ensure_bridges(self) -> list[str]:
         import subprocess
         made = []
@@ -170,13 +205,16 @@ class CoreService:
             write_key(self.key_file)
         for br in self.ensure_bridges():
             self.events.log("repair", action="bridge created", bridge=br)
+        self.cgroup.create()
+        if not self.cgroup.v2:      # v2 keeps processes out of inner groups
+            self.cgroup.add(os.getpid())
         for spec in self.specs():
             self._launch(spec)
         self.api = Server(self.state_dir, {("GET", "/status"): lambda _: (200, self.status())})
         self.api.start()
 
     def _launch(self, spec: InstanceSpec, restarts: int = 0) -> Instance:
-        inst = self.runtime.create(spec)
+        inst = self.runtime.create(spec, group=self.prefix)
         inst.restarts = restarts
         self.runtime.start(inst)
         self.instances[spec.name] = inst
@@ -190,18 +228,37 @@ class CoreService:
         import signal
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        while not self._stop.wait(CHECK_EVERY_S):
-            self.repair_tick()
-        self.down()
+        next_scale = time.monotonic() + SCALE_EVERY_S
+        try:
+            while not self._stop.wait(CHECK_EVERY_S):
+                try:
+                    self.repair_tick()
+                    self.spare_tick()
+                    if time.monotonic() >= next_scale:
+                        next_scale = time.monotonic() + SCALE_EVERY_S
+                        self.scale_tick()
+                except Exception as err:     # a controller bug must not leave instances behind
+                    log.exception("core controllers")
+                    self.events.log("error", controller="core", error=repr(err))
+        finally:
+            self.down()
 
     def down(self) -> None:
         if self.api:
             self.api.stop()
             self.api = None
+        if self.spare is not None:
+            self.runtime.destroy(self.spare)
+            self.spare = None
         for inst in list(self.instances.values()):
             self.runtime.stop(inst)
             self.runtime.destroy(inst)
         self.instances.clear()
+        if not self.cgroup.v2:
+            (self.cgroup.root / "cpu" / "cgroup.procs").write_text(str(os.getpid()))
+            (self.cgroup.root / "cpuacct" / "cgroup.procs").write_text(str(os.getpid()))
+            (self.cgroup.root / "memory" / "cgroup.procs").write_text(str(os.getpid()))
+        self.cgroup.destroy()
 
     # ---- repair controller --------------------------------------------------------
 
@@ -211,7 +268,7 @@ class CoreService:
             code = inst.proc.returncode if inst.proc else None
             return [f"daemon exited ({code})"]
         try:
-            st = Client(inst.spec.state_dir, timeout=1.0).get("/status")
+            st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status")
             self.answered.add(inst.spec.name)
         except ApiError as err:
             if inst.spec.name not in self.answered and time.time() - inst.started < 60:
@@ -240,24 +297,86 @@ class CoreService:
                 h.since = now
             h.problems = problems
             exited = inst.proc is None or inst.proc.poll() is not None
-            # A gone daemon is replaced at once; other problems must last a second.
-            if not exited and now - h.since < 1.0:
+            # A gone daemon is replaced at once; other problems must last a moment.
+            if not exited and now - h.since < PERSIST_S:
                 continue
             if now < self.next_try.get(name, 0):
                 continue
-            restarts = inst.restarts + 1
-            backoff = min(BACKOFF_MAX_S, 2 ** min(restarts - 1, 10)) if now - inst.started < 30 else 0
-            self.decisions["repair"] = {"time": now, "instance": name, "problems": problems,
-                                        "action": "replace", "restarts": restarts,
-                                        "next_retry_in_s": backoff}
-            self.events.log("repair", instance=name, action="replace", problems=problems,
-                            restarts=restarts, backoff_s=backoff)
-            self.runtime.destroy(inst)
-            self.next_try[name] = now + backoff
-            try:
-                self._launch(inst.spec, restarts)
-            except Exception as err:
-                self.events.log("error", instance=name, error=f"cannot recreate: {err}")
+            self.replace(name, problems)
+
+    def replace(self, name: str, problems: list[str], spec: InstanceSpec | None = None,
+                planned: bool = False) -> None:
+        """Remove an instance and start its successor: the parked spare when one is ready
+        (no compile: seconds sooner), else a new instance. A successor that dies within
+        CRASH_WINDOW_S of its start makes the next try wait (1, 2, 4 ... 60 s)."""
+        now = time.time()
+        inst = self.instances[name]
+        spec = spec or inst.spec
+        crashed = not planned and now - inst.started < CRASH_WINDOW_S and inst.restarts > 0
+        self.crashes[name] = self.crashes.get(name, 0) + 1 if crashed else 0
+        restarts = inst.restarts + 1
+        backoff = min(BACKOFF_MAX_S, 2 ** (self.crashes[name] - 1)) if crashed else 0
+        self.decisions["repair"] = {"time": now, "instance": name, "problems": problems,
+                                    "action": "resize" if planned else "replace",
+                                    "restarts": restarts,
+                                    "next_retry_in_s": backoff}
+        self.events.log("repair", instance=name, action="replace", problems=problems,
+                        restarts=restarts, backoff_s=backoff)
+        macs = self.runtime.macs(inst)
+        self.runtime.destroy(inst)
+        self.scalers.pop(name, None)
+        self.next_try[name] = now + backoff
+        try:
+            if not crashed and self._spare_ready():
+                self._activate_spare(spec, restarts, macs)
+            else:
+                self._launch(spec, restarts)
+        except Exception as err:
+            self.events.log("error", instance=name, error=f"cannot recreate: {err}")
+
+    # ---- the spare --------------------------------------------------------------------
+
+    def _spare_ready(self) -> bool:
+        sp = self.spare
+        return bool(sp and sp.pid and (sp.spec.state_dir / PARKED).exists())
+
+    def _activate_spare(self, spec: InstanceSpec, restarts: int, macs: dict) -> Instance:
+        """The spare becomes instance spec.name: its addresses, then its file (the parked
+        daemon waits for that file)."""
+        sp, self.spare = self.spare, None
+        raw = copy.deepcopy(spec.config)
+        raw["node"]["state_dir"] = str(sp.spec.state_dir)
+        new = replace(spec, state_dir=sp.spec.state_dir, config=raw)
+        self.runtime.assign(sp, new.links, macs)
+        inst = Instance(new, sp.netns, sp.cgroup, sp.proc, started=time.time(),
+                        restarts=restarts, host_ifnames=sp.host_ifnames)
+        write_atomically(inst.config_path, yaml.safe_dump(raw, sort_keys=False))
+        self.instances[spec.name] = inst
+        self.answered.discard(spec.name)
+        self.health[spec.name] = Health(since=time.time())
+        self.events.log("repair", instance=spec.name, action="started from the spare",
+                        spare=sp.spec.name, pid=inst.pid, restarts=restarts)
+        return inst
+
+    def spare_tick(self) -> None:
+        """Keep one parked spare while the pair is well (none while an instance is failing:
+        a crash loop must stay cheap)."""
+        if self.spare is not None:
+            if self.spare.pid is None:       # the parked daemon died: make another later
+                self.events.log("error", instance=self.spare.spec.name, error="spare exited")
+                self.runtime.destroy(self.spare)
+                self.spare = None
+                self.next_try["spare"] = time.time() + BACKOFF_MAX_S / 4
+            return
+        if time.time() < self.next_try.get("spare", 0) or self._resizing:
+            return
+        if any(h.problems for h in self.health.values()) or len(self.answered) < len(self.instances):
+            return
+        spec = self.spare_spec()
+        inst = self.runtime.create(spec, group=self.prefix)
+        self.runtime.start(inst, park=spec.config)
+        inst.started = time.time()
+        self.spare = inst
 
     # ---- status ---------------------------------------------------------------------
 
@@ -281,3 +400,113 @@ class CoreService:
         return {"project": self.project.project, "instances": out,
                 "controllers": {"repair": self.decisions["repair"] or {},
                                 "scaling": self.decisions["scaling"] or {}}}
+
+    # ---- scaling controller ----------------------------------------------------------
+
+    def _sample(self, name: str, inst: Instance, now: float) -> scaling.Sample | None:
+        """One second of an instance's load: CPU (and throttling) from its cgroup, flow
+        entries from its pinned flow table, packets from its counters."""
+        from zfast.controllers.statistics import count_entries
+        from zfast.paths import pin_dir
+        try:
+            cpu_ns = inst.cgroup.cpu_ns()
+            periods, throttled = inst.cgroup.throttling()
+            memory, _ = inst.cgroup.memory()
+            st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/stats")
+        except (OSError, ValueError, ApiError):
+            return None
+        packets = sum(v["packets"] for v in st.get("verdicts", {}).values())
+        flows = 0
+        path = pin_dir(inst.spec.config["node"]["name"]) / "flows"
+        try:
+            from bcc.libbcc import lib
+            fd = lib.bpf_obj_get(str(path).encode())
+            if fd >= 0:
+                try:
+                    flows = count_entries(fd)[0]
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass
+        last = self._last_usage.get(name)
+        self._last_usage[name] = (now, cpu_ns, periods, throttled, packets)
+        if last is None or last[1] > cpu_ns:
+            return None
+        dt = max(now - last[0], 1e-3)
+        return scaling.Sample(
+            time=now, cpu=(cpu_ns - last[1]) / 1e9 / dt,
+            throttled=(throttled - last[3]) / max(periods - last[2], 1), memory=memory,
+            flows=flows, pps=max(packets - last[4], 0) / dt)
+
+    def scale_tick(self) -> None:
+        now = time.time()
+        roles = {}
+        for name, inst in list(self.instances.items()):
+            if inst.pid is None or name not in self.answered or self.health[name].problems:
+                continue
+            sample = self._sample(name, inst, now)
+            if sample is None:
+                continue
+            try:
+                roles[name] = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status").get("role")
+            except ApiError:
+                continue
+            scaler = self.scalers.setdefault(name, scaling.Scaler(self.bounds))
+            scaler.add(sample)
+            sizes = scaling.Sizes(inst.spec.cpu, inst.spec.memory, self.core.flow_table)
+            on_active = roles[name] == "active" and self._resizing is None
+            for d in scaler.decide(sizes, now, flows=on_active):
+                self._carry_out(name, inst, d)
+        self._resize_step(roles)
+
+    def _carry_out(self, name: str, inst: Instance, d: scaling.Decision) -> None:
+        self.decisions["scaling"] = {"time": time.time(), **d.as_event(name)}
+        self.events.log("scale", **d.as_event(name))
+        if d.resource == "cpu":
+            self.runtime.resize(inst, float(d.new), inst.spec.memory)
+        elif d.resource == "memory":
+            self.runtime.resize(inst, inst.spec.cpu, int(d.new))
+        elif d.resource == "flow_table":
+            self._start_resize(int(d.new))
+
+    # A flow table cannot grow in place (a BPF map's size is fixed): the pair is resized
+    # by replacing one instance at a time with one of the new size. The standby goes
+    # first; once it is back and in sync, the active is replaced: the resized standby
+    # takes over (the failover every test already shows hitless) and the old active
+    # returns as a standby of the new size.
+
+    def _start_resize(self, size: int) -> None:
+        old = self.core.flow_table
+        self.core.flow_table = size
+        # The maps of a bigger table count against the memory limit (memcg): raise it.
+        need = (128 << 20) + size * 400
+        if need > self.core.memory:
+            self.core.memory = min(max(self.bounds.memory[1], self.core.memory), need)
+        if self.spare is not None:          # compiled for the old size
+            self.runtime.destroy(self.spare)
+            self.spare = None
+        self._resizing = {"from": old, "to": size, "step": "standby", "since": time.time()}
+
+    def _resize_step(self, roles: dict) -> None:
+        r = self._resizing
+        if r is None:
+            return
+        def sized(name):
+            return self.instances[name].spec.config.get("datapath", {}).get("flow_table") == r["to"]
+        ready = [n for n in self.instances if n in self.answered and not self.health[n].problems]
+        if len(ready) < len(self.instances) or len(roles) < len(self.instances):
+            return                           # wait until the pair is whole again
+        if time.time() - r.get("step_at", 0) < 3.0:
+            return                           # let the new standby take the full flow dump
+        pending = [n for n in self.instances if not sized(n)]
+        if not pending:
+            self.events.log("scale", resource="flow_table", action="resized", old=r["from"],
+                            new=r["to"], seconds=round(time.time() - r["since"], 1))
+            self._resizing = None
+            return
+        standby = [n for n in pending if roles.get(n) == "standby"]
+        name = (standby or pending)[0]
+        r["step_at"] = time.time()
+        spec = replace(self.spec_of(name), memory=max(self.core.memory, self.instances[name].spec.memory),
+                       cpu=self.instances[name].spec.cpu)
+        self.replace(name, [f"flow table {r['from']} -> {r['to']}"], spec=spec, planned=True)

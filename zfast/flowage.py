@@ -1,0 +1,126 @@
+"""The idle-flow sweep: flows with no packet for a while leave the flow table.
+
+The table is an LRU hash, so it never overflows; but without a sweep it also never
+empties, and its fill says nothing about the load (the scaling controller reads it to size
+the table). The data plane marks an entry SEEN on a packet (bpf/zfast.c, one write a
+sweep period at most); every ``flow_idle_s / 2`` this sweep turns SEEN into nothing and
+nothing into AGED, and deletes a forward entry still AGED with its reply entry. So a flow
+leaves between one and one and a half idle periods after its last client packet; one that
+wakes up later is balanced again by Maglev's hash, to the same backend while the backends
+are the same. Reply entries whose forward entry is gone (evicted) age the same way.
+
+The whole table is read and written with batch syscalls and numpy: a million entries
+take about a second of one CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+
+import numpy as np
+
+SEEN, AGED = 1, 2          # bpf/zfast_shared.h ZF_FLOW_SEEN / ZF_FLOW_AGED
+FORWARD, REPLY = 1, 2      # ZF_DIR_*
+CHUNK = 8192
+
+
+def _read_all(fd: int, key_size: int, value_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (key, value) of a hash map, as two uint8 arrays of rows."""
+    from bcc.libbcc import lib
+    keys_out, vals_out = [], []
+    keys = ct.create_string_buffer(key_size * CHUNK)
+    values = ct.create_string_buffer(value_size * CHUNK)
+    in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+    first = True
+    while True:
+        count.value = CHUNK
+        res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_batch),
+                                   ct.byref(out_batch), keys, values, ct.byref(count))
+        err = ct.get_errno()
+        n = count.value
+        keys_out.append(np.frombuffer(keys.raw[:n * key_size], np.uint8).reshape(n, key_size))
+        vals_out.append(np.frombuffer(values.raw[:n * value_size], np.uint8).reshape(n, value_size))
+        if res != 0:
+            if err == errno.ENOENT or -res == errno.ENOENT:
+                break
+            raise OSError(err or -res, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err or -res)}")
+        first = False
+        in_batch.value = out_batch.value
+    return (np.concatenate(keys_out) if keys_out else np.zeros((0, key_size), np.uint8),
+            np.concatenate(vals_out) if vals_out else np.zeros((0, value_size), np.uint8))
+
+
+def _batched(fn, fd: int, *arrays: np.ndarray) -> None:
+    for i in range(0, len(arrays[0]), CHUNK):
+        parts = [np.ascontiguousarray(a[i:i + CHUNK]) for a in arrays]
+        count = ct.c_uint32(len(parts[0]))
+        fn(fd, *[p.ctypes.data for p in parts], ct.byref(count))
+
+
+def sweep(table) -> dict:
+    """One sweep of a BCC flows table (its Key/Leaf ctypes give the offsets)."""
+    from bcc.libbcc import lib
+    Key, Leaf = table.Key, table.Leaf
+    ks, vs = ct.sizeof(Key), ct.sizeof(Leaf)
+    keys, vals = _read_all(table.map_fd, ks, vs)
+    if not len(keys):
+        return {"entries": 0, "aged": 0, "deleted": 0}
+    flags = vals[:, Leaf.flags.offset]
+    direction = vals[:, Leaf.dir.offset]
+    seen, aged = (flags & SEEN) != 0, (flags & AGED) != 0
+    idle = aged & ~seen
+    gone_fwd = idle & (direction == FORWARD)
+
+    k, v = Key, Leaf
+    a, port, fam = v.addr.offset, v.port.offset, k.family.offset
+
+    def swap(rows_k, rows_v, reply_from_forward: bool) -> np.ndarray:
+        """The key of the other direction's entry (flows.h zf_flow_new builds them so)."""
+        out = np.zeros((len(rows_k), ks), np.uint8)
+        if reply_from_forward:   # reply: backend -> client
+            out[:, k.src.offset:k.src.offset + 16] = rows_v[:, a:a + 16]
+            out[:, k.dst.offset:k.dst.offset + 16] = rows_k[:, k.src.offset:k.src.offset + 16]
+            out[:, k.sport.offset:k.sport.offset + 2] = rows_v[:, port:port + 2]
+            out[:, k.dport.offset:k.dport.offset + 2] = rows_k[:, k.sport.offset:k.sport.offset + 2]
+        else:                    # forward: client -> VIP
+            out[:, k.src.offset:k.src.offset + 16] = rows_k[:, k.dst.offset:k.dst.offset + 16]
+            out[:, k.dst.offset:k.dst.offset + 16] = rows_v[:, a:a + 16]
+            out[:, k.sport.offset:k.sport.offset + 2] = rows_k[:, k.dport.offset:k.dport.offset + 2]
+            out[:, k.dport.offset:k.dport.offset + 2] = rows_v[:, port:port + 2]
+        out[:, k.proto.offset] = rows_k[:, k.proto.offset]
+        out[:, fam] = rows_k[:, fam]
+        return out
+
+    def as_rows(arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(arr).view(f"V{ks}").ravel()
+
+    # Reply entries of forward entries that go, if they are there (a batch delete stops at
+    # the first missing key).
+    rkeys = swap(keys[gone_fwd], vals[gone_fwd], True)
+    rkeys = rkeys[np.isin(as_rows(rkeys), as_rows(keys[direction == REPLY]))]
+    # Reply entries whose forward entry is gone (evicted, or going now) go when idle too.
+    cand = idle & (direction == REPLY)
+    orphan = np.zeros(len(keys), bool)
+    if cand.any():
+        alive_fwd = as_rows(keys[(direction == FORWARD) & ~gone_fwd])
+        orphan[cand] = ~np.isin(as_rows(swap(keys[cand], vals[cand], False)), alive_fwd)
+
+    delete = np.concatenate([keys[gone_fwd | orphan], rkeys])
+    if len(delete):
+        delete = np.unique(delete, axis=0)
+        _batched(lambda fd, kp, cp: lib.bpf_delete_batch(fd, kp, cp), table.map_fd, delete)
+    # Everything else ages one step; only changed entries are written.
+    stay = ~(gone_fwd | orphan)
+    change = stay & (seen | ~aged)
+    if change.any():
+        new_vals = vals[change].copy()
+        f = new_vals[:, Leaf.flags.offset]
+        new_vals[:, Leaf.flags.offset] = np.where((f & SEEN) != 0, f & np.uint8(0xff ^ (SEEN | AGED)), f | AGED)
+        # (an entry the data plane deleted meanwhile, a firewall denial, comes back aged:
+        # the next sweep removes it)
+        _batched(lambda fd, kp, vp, cp: lib.bpf_update_batch(fd, kp, vp, cp), table.map_fd,
+                 keys[change], new_vals)
+    return {"entries": int(len(keys)), "aged": int(change.sum()),
+            "deleted": int(len(delete))}
