@@ -339,9 +339,7 @@ def test_shrink_cooldown_without_a_change_counts_from_the_window_start_short_coo
     assert [(t, d.old, d.new) for t, d in decisions] == [(9, 2.0, 1.0)]
 
 
-@pytest.mark.xfail(strict=True, reason="scaling.py bug: a never-changed resource measures its "
-                   "cooldown from samples[0].time, the oldest sample of the sliding 10-sample "
-                   "window (always now-9), so with cooldown_s >= 10 it never shrinks")
+
 def test_never_changed_oversized_instance_shrinks_after_cooldown():
     s, cur = Scaler(Bounds(cooldown_s=COOLDOWN)), sizes(cpu=2.0, memory=1 << 30, flow_table=1 << 20)
     decisions = run(s, cur, 0, 300, cpu=share(0.05, "cpu"), memory=16 * MI, flows=100)

@@ -82,8 +82,11 @@ class Scaler:
         self.bounds = bounds
         self.samples: deque[Sample] = deque(maxlen=WINDOW)
         self.changed: dict[str, float] = {}     # resource -> time of its last change
+        self.first: float | None = None         # the first sample's time (the instance's start)
 
     def add(self, sample: Sample) -> None:
+        if self.first is None:
+            self.first = sample.time
         self.samples.append(sample)
 
     def _window(self, attr: str) -> np.ndarray:
@@ -93,7 +96,7 @@ class Scaler:
         return len(self.samples) == WINDOW and now - self.changed.get(resource, -1e18) >= GROW_SETTLE_S
 
     def _may_shrink(self, resource: str, now: float) -> bool:
-        last = self.changed.get(resource, self.samples[0].time if self.samples else now)
+        last = self.changed.get(resource, self.first if self.first is not None else now)
         return len(self.samples) == WINDOW and now - last >= self.bounds.cooldown_s
 
     def decide(self, sizes: Sizes, now: float, flows: bool = True) -> list[Decision]:

@@ -39,7 +39,8 @@ SCALE_EVERY_S = 1.0        # the scaling controller's sample
 API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is not well
 PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
 CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
-BACKOFF_MAX_S = 60.0
+BACKOFF_FIRST_S = 8.0      # a start costs ~0.35 s of CPU (Python, imports): one try in 8 s
+BACKOFF_MAX_S = 60.0       # is under 5 % of a CPU, and it only gets rarer
 
 
 class CoreError(Exception):
@@ -308,20 +309,24 @@ class CoreService:
                 planned: bool = False) -> None:
         """Remove an instance and start its successor: the parked spare when one is ready
         (no compile: seconds sooner), else a new instance. A successor that dies within
-        CRASH_WINDOW_S of its start makes the next try wait (1, 2, 4 ... 60 s)."""
+        CRASH_WINDOW_S of its start makes the next try wait (8, 16, 32, 60 s)."""
         now = time.time()
         inst = self.instances[name]
         spec = spec or inst.spec
         crashed = not planned and now - inst.started < CRASH_WINDOW_S and inst.restarts > 0
         self.crashes[name] = self.crashes.get(name, 0) + 1 if crashed else 0
         restarts = inst.restarts + 1
-        backoff = min(BACKOFF_MAX_S, 2 ** (self.crashes[name] - 1)) if crashed else 0
+        backoff = (min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.crashes[name] - 1))
+                   if crashed else 0)
         self.decisions["repair"] = {"time": now, "instance": name, "problems": problems,
                                     "action": "resize" if planned else "replace",
                                     "restarts": restarts,
                                     "next_retry_in_s": backoff}
+        # what the instance cost over its life (a crash loop's cost is the sum of these)
+        cpu_s = round(self.runtime.usage(inst)["cpu_ns"] / 1e9, 3)
         self.events.log("repair", instance=name, action="replace", problems=problems,
-                        restarts=restarts, backoff_s=backoff)
+                        restarts=restarts, backoff_s=backoff, cpu_s=cpu_s,
+                        lived_s=round(now - inst.started, 2))
         macs = self.runtime.macs(inst)
         self.runtime.destroy(inst)
         self.scalers.pop(name, None)
@@ -398,6 +403,9 @@ class CoreService:
                 "restarts": inst.restarts, "started": inst.started,
             })
         return {"project": self.project.project, "instances": out,
+                "spare": self.spare.spec.name if self.spare else None,
+                "spare_ready": self._spare_ready(),
+                "resizing": self._resizing,
                 "controllers": {"repair": self.decisions["repair"] or {},
                                 "scaling": self.decisions["scaling"] or {}}}
 

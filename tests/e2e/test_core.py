@@ -1,0 +1,277 @@
+"""`zfast core up` end to end: the balancer pair as instances, repaired and scaled.
+
+One core service for the module, in a namespace of its own ("host", holding the public and
+private bridges), a client on the public bridge and two echo backends on the private one.
+Streams go through a public port (the VIP moves with the active instance).
+
+- SIGSTOP of the standby's daemon: a healthy standby again within 5 s (the parked spare
+  takes its place), no stream broken.
+- the active's program detached: failover, then the old active comes back as standby.
+- an instance that crashes on start (a corrupt pair key) is retried with growing back-off
+  and its failed starts cost under 5 % of one CPU meanwhile.
+- CPU quota: a load that saturates an instance's quota makes it rise; idle, it falls back
+  after the cooldown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zfast.api import ApiError, Client
+from zfast.netns import Topology
+from zfast.probe import Stream, streams_alive
+
+PROJECT = "coretest"
+STATE = Path("/run/zfast/test-core")
+PUBLIC_VIP, PUBLIC_PORT = "10.232.0.10", 2222
+BACKENDS = ("10.233.0.2", "10.233.0.3")
+STREAMS = 16
+
+
+def _config() -> dict:
+    return {
+        "project": PROJECT,
+        "services": [{"name": "app", "vip": "10.233.0.10",
+                      "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
+                      "backends": [{"address": a} for a in BACKENDS]}],
+        "public_ports": [{"port": PUBLIC_PORT, "proto": "tcp", "address": PUBLIC_VIP,
+                          "service": "app", "target_port": 8080}],
+        "datapath": {"max_services": 4, "max_backends": 16},
+        "core": {"public": {"bridge": "zcpub0", "subnet": "10.232.0.0/24"},
+                 "private": {"bridge": "zcpriv0", "subnet": "10.233.0.0/24",
+                             "gateway": "10.233.0.254"},
+                 "balancer": {"cpu": 0.5, "memory": "256Mi", "flow_table": 65536,
+                              "scale": {"cpu": [0.25, 1], "memory": ["128Mi", "1Gi"],
+                                        "flow_table": [65536, 262144], "cooldown_s": 8}}},
+    }
+
+
+class Core:
+    def __init__(self, topo: Topology, proc: subprocess.Popen, cli: str):
+        self.topo, self.proc, self.cli = topo, proc, cli
+
+    def status(self) -> dict:
+        return Client(STATE, timeout=5).get("/status")
+
+    def instances(self) -> dict:
+        return {i["name"]: i for i in self.status()["instances"]}
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        lines = (STATE / "events.jsonl").read_text().splitlines()
+        out = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in out if kind is None or e["kind"] == kind]
+
+    def wait_pair(self, timeout: float = 60.0, spare: bool = True) -> dict:
+        """Until one active and one standby, both healthy (and a spare parked)."""
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            try:
+                last = self.status()
+            except ApiError:
+                time.sleep(0.2)
+                continue
+            roles = sorted(i["role"] or "-" for i in last["instances"])
+            healthy = all(i["healthy"] for i in last["instances"])
+            if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
+                return {i["name"]: i for i in last["instances"]}
+            time.sleep(0.2)
+        raise AssertionError(f"the pair is not complete after {timeout} s: {last}")
+
+    def by_role(self, role: str) -> dict:
+        return next(i for i in self.instances().values() if i["role"] == role)
+
+
+@pytest.fixture(scope="module")
+def core():
+    assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
+    subprocess.run(["rm", "-rf", str(STATE)])
+    with Topology(prefix="zfct") as topo:
+        host = topo.add_ns("host")
+        cfg = STATE.parent / "test-core.yaml"
+        STATE.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump(_config()))
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{topo.ns('host')}", sys.executable, "-m", "zfast.cli",
+             "core", "up", "-c", str(cfg), "--state-dir", str(STATE)],
+            stdout=subprocess.DEVNULL, stderr=open(STATE.parent / "test-core.err", "wb"))
+        topo.at_close(lambda: _stop_core(proc))
+        end = time.monotonic() + 30
+        while subprocess.run(["ip", "-n", topo.ns("host"), "link", "show", "zcpriv0"],
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None, (STATE.parent / "test-core.err").read_text()
+            assert time.monotonic() < end, "the core made no bridges"
+            time.sleep(0.2)
+        for i, ip in enumerate(BACKENDS, 1):
+            ns = topo.add_ns(f"be{i}")
+            topo.veth(ns, "eth0", host, f"bh{i}", [f"{ip}/24"], [])
+            topo.attach_to_bridge(host, f"bh{i}", "zcpriv0")
+            topo.route(ns, "default", "10.233.0.254")
+            topo.offload_off(ns, "eth0")
+            topo.gro_on(ns, "eth0")
+            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
+        cli = topo.add_ns("cli")
+        topo.veth(cli, "eth0", host, "ch", ["10.232.0.100/24"], [])
+        topo.attach_to_bridge(host, "ch", "zcpub0")
+        topo.offload_off(cli, "eth0")
+        topo.gro_on(cli, "eth0")
+        c = Core(topo, proc, topo.ns("cli"))
+        c.wait_pair(90)
+        yield c
+    assert proc.returncode == 0, (STATE.parent / "test-core.err").read_text()[-2000:]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"zfc-{PROJECT}" not in left, f"instances left behind: {left}"
+
+
+def _stop_core(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _streams(core: Core) -> list[Stream]:
+    return [Stream(core.cli, PUBLIC_VIP, PUBLIC_PORT) for _ in range(STREAMS)]
+
+
+def _replaced(core: Core, name: str, restarts: int, timeout: float) -> tuple[float, dict]:
+    """Seconds until instance `name` has restarted and is a healthy standby again."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            inst = core.instances()[name]
+        except ApiError:
+            inst = None
+        if inst and inst["restarts"] > restarts and inst["role"] == "standby" and inst["healthy"]:
+            return time.monotonic() - t0, inst
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not back as a healthy standby in {timeout} s: {core.status()}")
+
+
+def test_sigstop_of_the_standby_is_repaired_within_5s_and_no_stream_breaks(core):
+    core.wait_pair()
+    streams = _streams(core)
+    assert not streams_alive(streams)
+    standby = core.by_role("standby")
+    os.kill(standby["pid"], signal.SIGSTOP)
+    took, inst = _replaced(core, standby["name"], standby["restarts"], timeout=15)
+    assert took < 5.0, f"replaced after {took:.1f} s"
+    assert inst["pid"] != standby["pid"]
+    assert not streams_alive(streams, rounds=3), "a stream broke"
+    repair = [e for e in core.events("repair") if e.get("instance") == standby["name"]]
+    assert repair[-2]["action"] == "replace" and "does not answer" in " ".join(repair[-2]["problems"])
+    assert repair[-1]["action"] == "started from the spare"
+
+
+def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(core):
+    core.wait_pair()
+    streams = _streams(core)
+    active = core.by_role("active")
+    netns = active["netns"]
+    for ifname in ("pub0", "priv0"):
+        subprocess.run(["ip", "-n", netns, "link", "set", "dev", ifname, "xdp", "off"], check=True)
+    took, inst = _replaced(core, active["name"], active["restarts"], timeout=20)
+    others = [i for i in core.instances().values() if i["name"] != active["name"]]
+    assert others[0]["role"] == "active"
+    assert not streams_alive(streams, rounds=3), "a stream broke"
+    problems = [e for e in core.events("repair")
+                if e.get("instance") == active["name"] and e["action"] == "replace"][-1]["problems"]
+    assert any("detached" in p or "not attached" in p for p in problems), problems
+
+
+def test_an_instance_that_crashes_on_start_backs_off_and_costs_under_5_percent_cpu(core):
+    core.wait_pair()
+    key = STATE / "ha.key"
+    good = key.read_bytes()
+    standby = core.by_role("standby")
+    try:
+        key.write_text("not a key\n")          # every new daemon refuses to start
+        os.kill(standby["pid"], signal.SIGKILL)
+        time.sleep(1)
+        first = time.time()
+        time.sleep(30)
+        tries = [e for e in core.events("repair")
+                 if e.get("instance") == standby["name"] and e["action"] == "replace"
+                 and e["time"] > standby_since(core, standby)]
+        backoffs = [e["backoff_s"] for e in tries]
+        assert len(tries) >= 3, tries
+        # doubling from 8 s (the killed standby may itself count as a crash: it was
+        # started by an earlier test less than 30 s before)
+        assert backoffs[1] in (8, 16) and backoffs[-1] >= 16, backoffs
+        assert all(b == min(60, 2 * a) for a, b in zip(backoffs[1:], backoffs[2:])), backoffs
+        # What the failed starts cost (each one's cgroup, read as it is removed) over the
+        # time spent failing: the tries that remove a daemon which refused to start (exit 1),
+        # not the one that removed the killed standby (its life's CPU is not a failed start).
+        failed = [e for e in tries if e["problems"] == ["daemon exited (1)"]]
+        assert len(failed) >= 2, tries
+        share = sum(e["cpu_s"] for e in failed) / (time.time() - first)
+        assert share < 0.05, f"failing starts used {share:.1%} of a CPU ({failed})"
+        assert core.status()["controllers"]["repair"]["next_retry_in_s"] >= 8
+    finally:
+        key.write_bytes(good)
+    core.wait_pair(90, spare=False)
+
+
+def _epoch(rfc3339: str) -> float:
+    import calendar
+    return calendar.timegm(time.strptime(rfc3339[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + rfc3339[20:23])
+
+
+def standby_since(core: Core, standby: dict) -> str:
+    """Events after this instance's own start (RFC 3339, comparable as text)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(standby["started"]))
+
+
+def _cgroup_of(pid: int) -> dict[str, Path]:
+    out = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            if c in ("cpu", "cpuacct"):
+                out[c] = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+    return out
+
+
+def test_cpu_quota_rises_under_a_saturating_load_and_falls_when_idle(core):
+    pair = core.wait_pair(90, spare=False)
+    standby = next(i for i in pair.values() if i["role"] == "standby")
+    name, start = standby["name"], standby["cpu"]
+    groups = _cgroup_of(standby["pid"])
+    assert groups, "the instance's daemon is in no cpu cgroup"
+    # Load inside the instance: two busy processes in its cgroup saturate any quota <= 2.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for h in hogs:
+            for path in groups.values():
+                (path / "cgroup.procs").write_text(str(h.pid))
+        end = time.monotonic() + 40
+        while core.instances()[name]["cpu"] <= start:
+            assert time.monotonic() < end, f"the quota did not rise: {core.status()['controllers']}"
+            time.sleep(0.5)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    raised = core.instances()[name]["cpu"]
+    up = [e for e in core.events("scale") if e.get("instance") == name and e["resource"] == "cpu"]
+    assert up and up[-1]["new"] > up[-1]["old"] and up[-1]["cpu_use_p90"] > 0.8, up
+    end = time.monotonic() + 60
+    while core.instances()[name]["cpu"] >= raised:
+        assert time.monotonic() < end, f"the quota did not fall: {core.status()['controllers']}"
+        time.sleep(0.5)
+    down = [e for e in core.events("scale") if e.get("instance") == name and e["resource"] == "cpu"]
+    assert down[-1]["new"] < down[-1]["old"], down
+    # not before the cooldown after the rise
+    assert _epoch(down[-1]["time"]) - _epoch(up[-1]["time"]) >= 8
