@@ -112,7 +112,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "ha": ("peer", "bind", "priority", "key_file", "heartbeat_ms", "vips", "port", "sync_port",
            "links", "preempt", "dead_intervals"),
     "ha.links[]": ("bind", "peer"),
-    "routing": ("addresses", "acme", "domains"),
+    "routing": ("addresses", "acme", "domains", "routers"),
+    "routing.routers[]": ("address", "weight"),
     "routing.acme": ("directory", "email", "ca_bundle"),
     "routing.domains[]": ("host", "service", "port", "tls", "redirect_https"),
     "telemetry": ("prometheus", "syslog"),
@@ -277,6 +278,26 @@ class Routing:
     addresses: tuple[IPAddress, ...]
     domains: tuple[Domain, ...] = ()
     acme: Acme | None = None
+    # Extension of the spec: the HTTP balancers (HAProxy) behind the addresses. `zfast core
+    # up` writes it; a node given it balances 80/443 of each address over them (below).
+    routers: tuple[Backend, ...] = ()
+
+
+ROUTING_SERVICE = "routing-"   # services `routing-<i>` are made from routing.routers: reserved
+
+
+def routing_services(routing: Routing) -> tuple[Service, ...]:
+    """The balancer's services for the routing service: ports 80 and 443 (TCP) of each
+    routing address over the routers of its family, checked like a backend (tcp)."""
+    out = []
+    for i, address in enumerate(routing.addresses):
+        routers = tuple(r for r in routing.routers if r.address.version == address.version)
+        if routers:
+            out.append(Service(name=f"{ROUTING_SERVICE}{i}", vip=address,
+                               ports=tuple(PortMap(p, "tcp", p) for p in ROUTING_PORTS),
+                               backends=routers,
+                               health=Health(kind="tcp", interval_ms=200, fall=2, rise=2)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -360,6 +381,16 @@ def parse(data: Any, source: str = "<file>") -> Project:
     ha = _ha(problems, data["ha"]) if "ha" in data else None
     routing = (_routing(problems, data["routing"], services, paths, public_ports)
                if "routing" in data else None)
+    for service, path in zip(services, paths):
+        if isinstance(service.name, str) and service.name.startswith(ROUTING_SERVICE):
+            problems.add(f"{path}.name", service.name, f"is reserved: services named "
+                                                       f"{ROUTING_SERVICE}* come from routing.routers")
+    if routing is not None and routing.routers and all(routing.routers):
+        services += routing_services(routing)
+        if len(services) > datapath.max_services:
+            problems.add("routing.routers", len(routing.routers),
+                         f"make {len(services)} services with the routing ones, over "
+                         f"datapath.max_services ({datapath.max_services})")
     if isinstance(data.get("telemetry"), dict):
         _telemetry(problems, data["telemetry"])
     # Objects built above hold None where a field was bad; they never leave here then.
@@ -572,7 +603,10 @@ def _routing(problems: _Problems, value: Any, services: tuple[Service, ...], pat
                              f"routing.domains[{first_host[domain.host]}].host)")
             first_host.setdefault(domain.host, i)
         domains.append(domain)
-    return Routing(addresses=tuple(addresses), domains=tuple(domains), acme=acme)
+    routers = tuple(_backend(problems, f"routing.routers[{i}]", item)
+                    for i, item in enumerate(section.list("routers", default=[]) or []))
+    return Routing(addresses=tuple(addresses), domains=tuple(domains), acme=acme,
+                   routers=routers)
 
 
 def _check_routing_address(problems: _Problems, path: str, address: IPAddress,

@@ -36,7 +36,8 @@ def _minimal():
             "ha": {"peer": "10.9.0.2", "bind": "10.9.0.1", "key_file": "/k",
                    "links": [{"bind": "10.8.0.1", "peer": "10.8.0.2"}]},
             "routing": {"addresses": ["10.0.0.30"], "acme": {"directory": "https://acme.test/dir"},
-                        "domains": [{"host": "a.example.org", "service": "s", "port": 80}]}}
+                        "domains": [{"host": "a.example.org", "service": "s", "port": 80}],
+                        "routers": [{"address": "10.0.0.40"}]}}
 
 
 SECTIONS = {  # where each FIELDS section sits in _minimal()
@@ -53,6 +54,7 @@ SECTIONS = {  # where each FIELDS section sits in _minimal()
     "ha.links[]": lambda d: d["ha"]["links"][0], "telemetry": lambda d: d["telemetry"],
     "routing": lambda d: d["routing"], "routing.acme": lambda d: d["routing"]["acme"],
     "routing.domains[]": lambda d: d["routing"]["domains"][0],
+    "routing.routers[]": lambda d: d["routing"]["routers"][0],
 }
 
 

@@ -208,7 +208,7 @@ BAD_CASES = {
                               'routing: ["203.0.113.10"] is not a mapping'),
     "routing null": (lambda d: d.update(routing=None), "routing: null is not a mapping"),
     "unknown in routing": (lambda d: routing(d).update(domain=[]),
-                           "routing.domain: unknown field (known: acme, addresses, domains)"),
+                           "routing.domain: unknown field (known: acme, addresses, domains, routers)"),
     # addresses
     "addresses missing": (lambda d: routing(d).pop("addresses"), "routing.addresses: is required"),
     "addresses empty": (lambda d: routing(d).update(addresses=[]),
@@ -508,3 +508,26 @@ def test_routing_problems_come_with_the_others(data):
     problems = problems_of(data)
     assert problems == ['services.api.vip: "nope" is not an IP address',
                         f'{D0}.host: "10.0.0.1" is an IP address, not a host name']
+
+
+def test_routers_make_the_balancers_routing_services():
+    from zfast import config
+    raw = {"project": "p",
+           "services": [{"name": "app", "vip": "10.0.0.10",
+                         "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
+                         "backends": [{"address": "10.0.0.2"}]}],
+           "routing": {"addresses": ["203.0.113.10", "2001:db8::10"],
+                       "domains": [{"host": "a.example.org", "service": "app", "port": 80}],
+                       "routers": [{"address": "10.0.0.50"}, {"address": "10.0.0.51", "weight": 0}]}}
+    project = config.parse(raw)
+    (routing,) = [s for s in project.services if s.name.startswith("routing-")]
+    assert str(routing.vip) == "203.0.113.10"            # no v6 routers: no v6 service
+    assert [(p.port, p.proto, p.target_port) for p in routing.ports] == [(80, "tcp", 80), (443, "tcp", 443)]
+    assert [(str(b.address), b.weight) for b in routing.backends] == [("10.0.0.50", 1), ("10.0.0.51", 0)]
+    assert routing.health.kind == "tcp"
+    raw["services"][0]["name"] = "routing-7"
+    raw["routing"]["domains"][0]["service"] = "routing-7"
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(raw)
+    assert str(err.value) == ('services.routing-7.name: "routing-7" is reserved: services named '
+                              'routing-* come from routing.routers')

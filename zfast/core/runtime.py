@@ -202,11 +202,16 @@ class NetnsRuntime(Runtime):
             except ProcessLookupError:
                 pass
             inst.proc.wait()
+        from zfast import pins
         from zfast.node import down
+        from zfast.paths import pin_dir
         try:
             down(inst.spec.state_dir)   # its pinned maps
         except Exception:
             pass
+        node = (inst.spec.config.get("node") or {}).get("name")
+        if node:                        # a parked spare's maps (no daemon state to say so)
+            pins.remove_pins(pin_dir(node))
         for host in inst.host_ifnames:
             _ip("link", "del", host, check=False)
         _ip("netns", "del", inst.netns, check=False)
