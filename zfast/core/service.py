@@ -41,6 +41,7 @@ PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this
 CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
 BACKOFF_FIRST_S = 8.0      # a start costs ~0.35 s of CPU (Python, imports): one try in 8 s
 BACKOFF_MAX_S = 60.0       # is under 5 % of a CPU, and it only gets rarer
+FLOW_ENTRY_BYTES = 1536   # memory a flow-table entry costs an instance at its peak (scaling)
 
 
 class CoreError(Exception):
@@ -486,8 +487,13 @@ class CoreService:
     def _start_resize(self, size: int) -> None:
         old = self.core.flow_table
         self.core.flow_table = size
-        # The maps of a bigger table count against the memory limit (memcg): raise it.
-        need = (128 << 20) + size * 400
+        # A bigger table counts against the memory limit (memcg): raise it. Not only the
+        # map (~150 B an entry): the daemon's passes over the whole table (idle sweep, full
+        # sync dumps) peak at ~1.2 KiB an entry. Measured (cgroup v1, 30k new flows/s):
+        # ~190 MiB at 65536 entries, peaks of 460 MiB at 262144; the old estimate here
+        # (128 MiB + 400 B an entry: 228 MiB) left 256 MiB instances OOM-killed in a loop.
+        base = parse_core(self.project)          # the configured memory for the configured table
+        need = base.memory + max(0, size - base.flow_table) * FLOW_ENTRY_BYTES
         if need > self.core.memory:
             self.core.memory = min(max(self.bounds.memory[1], self.core.memory), need)
         if self.spare is not None:          # compiled for the old size
