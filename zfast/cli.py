@@ -507,6 +507,65 @@ def core_status(state_dir, as_json):
         click.echo(f"  {name}: {json.dumps(d) if d else 'no decision yet'}")
 
 
+@core.command("apply")
+@click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
+              show_default=True)
+def core_apply(config_file, state_dir):
+    """Change the running core service (services, ports, firewall, domains): all or nothing."""
+    try:
+        text = Path(config_file).read_text()
+    except OSError as err:
+        _fail(f"{config_file}: {err.strerror}")
+    try:
+        result = Client(Path(state_dir)).post("/apply", {"config": text, "source": config_file,
+                                                         "who": _who()})
+    except ApiError as err:
+        _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
+    click.echo(f"revision {result['revision']}")
+
+
+CORE_DIR_OPTION = click.option("--state-dir", type=click.Path(file_okay=False),
+                               default="/run/zfast/core", show_default=True,
+                               help="State dir of the core service.")
+
+
+@main.group(invoke_without_command=True)
+@CORE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def certs(ctx, state_dir, as_json):
+    """The routing service's certificates (host, issuer, serial, expiry, source, renewal)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        rows = Client(Path(state_dir)).get("/certs")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no certificates")
+    for c in rows:
+        error = f"  last error: {c['last_error']}" if c.get("last_error") else ""
+        click.echo(f"{c['host']:<32} {c['source']:<11} {c['issuer'][:30]:<30} serial {c['serial'][:16]} "
+                   f"expires {c['not_after']} renew {c['renew_at']}{error}")
+
+
+@certs.command("renew")
+@click.argument("host")
+@CORE_DIR_OPTION
+def certs_renew(host, state_dir):
+    """Renew HOST's certificate now (ACME hosts through ACME)."""
+    try:
+        c = Client(Path(state_dir), timeout=120).post("/certs/renew", {"host": host})
+    except ApiError as err:
+        _fail(str(err))
+    click.echo(f"{c['host']}: new certificate from {c['issuer']} (serial {c['serial'][:16]}, "
+               f"expires {c['not_after']})")
+
+
 @main.command()
 @click.argument("iface")
 @click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",

@@ -41,6 +41,7 @@ class InstanceSpec:
     memory: int                 # bytes (cgroup limit)
     state_dir: Path
     config: dict = field(default_factory=dict)   # the daemon's project file
+    routes: list[tuple[str, str]] = field(default_factory=list)   # (destination, via)
 
 
 @dataclass
@@ -136,7 +137,13 @@ class NetnsRuntime(Runtime):
                 # The bridge port receives the instance's XDP redirects: it needs NAPI (GRO).
                 subprocess.run(["ethtool", "-K", host, "gro", "on"], capture_output=True)
                 _ip("-n", ns, "link", "set", link.ifname, "up")
+                # What the instance's own stack sends (a router's answers, heartbeats) must
+                # carry final checksums: a partial one is broken by the balancer's NAT.
+                subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", link.ifname,
+                                "tx", "off"], capture_output=True)
             self._add_addresses(ns, spec.links)
+            for dst, via in spec.routes:
+                _ip("-n", ns, "route", "replace", dst, "via", via)
         except Exception:
             for host in hosts:
                 _ip("link", "del", host, check=False)
@@ -170,7 +177,9 @@ class NetnsRuntime(Runtime):
             return {}
 
     def start(self, inst: Instance, park: dict | None = None) -> None:
-        argv = [sys.executable, "-m", "zfast.cli", "up", "-c", str(inst.config_path)]
+        module = {"balancer": ["zfast.cli", "up"], "router": ["zfast.routing.router"]}.get(
+            inst.spec.kind, ["zfast.cli", "up"])
+        argv = [sys.executable, "-m", *module, "-c", str(inst.config_path)]
         if park is None:
             write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
         else:
@@ -212,6 +221,13 @@ class NetnsRuntime(Runtime):
         node = (inst.spec.config.get("node") or {}).get("name")
         if node:                        # a parked spare's maps (no daemon state to say so)
             pins.remove_pins(pin_dir(node))
+        # Whatever still runs in the namespace (a router's HAProxy has a session of its own)
+        pids = _ip("netns", "pids", inst.netns, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         for host in inst.host_ifnames:
             _ip("link", "del", host, check=False)
         _ip("netns", "del", inst.netns, check=False)

@@ -17,6 +17,7 @@ import copy
 import ipaddress
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,9 @@ class CoreSpec:
     memory: int = 256 << 20
     flow_table: int = 65536
     scale: dict = field(default_factory=dict)
+    routers: int = 0              # HTTP balancers (0 unless the file has a routing section)
+    router_cpu: float = 0.5
+    router_memory: int = 256 << 20
 
 
 def parse_core(project: config.Project) -> CoreSpec:
@@ -80,6 +84,11 @@ def parse_core(project: config.Project) -> CoreSpec:
                                           or ipaddress.IPv4Network(priv["subnet"])[-2]),
             cpu=float(bal.get("cpu", 0.5)), memory=parse_size(bal.get("memory", "256Mi")),
             flow_table=int(bal.get("flow_table", 65536)), scale=bal.get("scale", {}) or {})
+        rt = raw.get("routers") or {}
+        if project.routing is not None:
+            spec.routers = int(rt.get("count", 2))
+            spec.router_cpu = float(rt.get("cpu", 0.5))
+            spec.router_memory = parse_size(rt.get("memory", "256Mi"))
     except (KeyError, TypeError, ValueError) as err:
         problems.append(f"core: {err}")
         spec = None
@@ -129,6 +138,10 @@ class CoreService:
         self.next_try: dict[str, float] = {}
         self.crashes: dict[str, int] = {}       # crashes in a row (back-off exponent)
         self.answered: set[str] = set()   # instances whose daemon has answered since (re)start
+        self.drained: set[str] = set()    # routers out of the balancers' rotation (repair)
+        self.store = None
+        self.certs = None                  # zfast.routing.certs.CertManager with a routing section
+        self._certs_due = threading.Event()
         self.decisions = {"repair": None, "scaling": None}
         self._stop = threading.Event()
         self.api: Server | None = None
@@ -138,19 +151,45 @@ class CoreService:
 
     def vips(self) -> list:
         out = [s.vip for s in self.project.services] + [p.address for p in self.project.public_ports]
+        if self.project.routing is not None:
+            out += list(self.project.routing.addresses)
         out.append(self.core.gateway)
         return list(dict.fromkeys(out))
+
+    def router_names(self) -> list[str]:
+        return [f"rt-{chr(ord('a') + i)}" for i in range(self.core.routers)]
+
+    def shared_raw(self) -> dict:
+        """The project file every instance shares (what the store's revisions hold): the
+        operator's, without core/node/ha, with the routers behind the routing addresses
+        (drained ones at weight 0)."""
+        raw = {k: copy.deepcopy(v) for k, v in self.project.raw.items() if k not in ("core", "node", "ha")}
+        raw["store"] = {"kind": "sqlite", "path": str(self.state_dir / "store.sqlite")}
+        dp = dict(raw.get("datapath") or {})
+        dp["flow_table"] = self.core.flow_table
+        raw["datapath"] = dp
+        if self.core.routers:
+            priv = self._private_addresses()
+            raw["routing"] = dict(raw["routing"])
+            raw["routing"]["routers"] = [
+                {"address": str(priv[2 + i]), "weight": 0 if name in self.drained else 1}
+                for i, name in enumerate(self.router_names())]
+        return raw
+
+    def _private_addresses(self) -> list:
+        c = self.core
+        return _top_down(c.private_subnet, {c.gateway, *self.vips()}, 2 + c.routers)
 
     def specs(self) -> list[InstanceSpec]:
         c = self.core
         pub4 = _top_down(c.public_subnet, set(self.vips()), 2)
-        priv4 = _top_down(c.private_subnet, {c.gateway, *self.vips()}, 2)
+        priv4 = self._private_addresses()
         pub6 = _top_down(c.public_subnet6, set(self.vips()), 2) if c.public_subnet6 else [None, None]
         names = ["lb-a", "lb-b"]
         specs = []
         for i, name in enumerate(names):
             j = 1 - i
-            raw = {k: copy.deepcopy(v) for k, v in self.project.raw.items() if k not in ("core", "node", "ha")}
+            raw = self.shared_raw()
             state_dir = self.state_dir / name
             raw["node"] = {"name": f"{self.project.project}-{name}", "state_dir": str(state_dir),
                            "mode": "native",
@@ -160,10 +199,6 @@ class CoreService:
                          "key_file": str(self.key_file), "heartbeat_ms": 50, "dead_intervals": 4,
                          "vips": [str(v) for v in self.vips()],
                          "links": [{"bind": str(pub4[i]), "peer": str(pub4[j])}]}
-            raw["store"] = {"kind": "sqlite", "path": str(self.state_dir / "store.sqlite")}
-            dp = dict(raw.get("datapath") or {})
-            dp["flow_table"] = c.flow_table
-            raw["datapath"] = dp
             pub_addrs = [f"{pub4[i]}/{c.public_subnet.prefixlen}"]
             if pub6[i] is not None:
                 pub_addrs.append(f"{pub6[i]}/{c.public_subnet6.prefixlen}")
@@ -171,6 +206,19 @@ class CoreService:
                 name=name, kind="balancer", cpu=c.cpu, memory=c.memory, state_dir=state_dir,
                 links=[Link(c.public_bridge, "pub0", pub_addrs),
                        Link(c.private_bridge, "priv0", [f"{priv4[i]}/{c.private_subnet.prefixlen}"])],
+                config=raw))
+        for i, name in enumerate(self.router_names()):
+            # A router is reached through the balancers (the routing addresses' 80/443) and
+            # answers through them: its default route is the private gateway, a VIP.
+            state_dir = self.state_dir / name
+            raw = self.shared_raw()
+            raw["router"] = {"name": f"{self.project.project}-{name}", "state_dir": str(state_dir),
+                             "binds": ["0.0.0.0"], "http_port": 80, "https_port": 443}
+            specs.append(InstanceSpec(
+                name=name, kind="router", cpu=c.router_cpu, memory=c.router_memory,
+                state_dir=state_dir, routes=[("default", str(c.gateway))],
+                links=[Link(c.private_bridge, "priv0",
+                            [f"{priv4[2 + i]}/{c.private_subnet.prefixlen}"])],
                 config=raw))
         return specs
 
@@ -210,10 +258,108 @@ class CoreService:
         self.cgroup.create()
         if not self.cgroup.v2:      # v2 keeps processes out of inner groups
             self.cgroup.add(os.getpid())
+        from zfast.store import open_store
+        self.store = open_store(self.shared_raw()["store"], self.state_dir,
+                                f"{self.project.project}-core")
+        self._commit("zfast core up")
         for spec in self.specs():
             self._launch(spec)
-        self.api = Server(self.state_dir, {("GET", "/status"): lambda _: (200, self.status())})
+        if self.project.routing is not None:
+            self._start_certs()
+        self.api = Server(self.state_dir, {
+            ("GET", "/status"): lambda _: (200, self.status()),
+            ("GET", "/certs"): lambda _: (200, self.certs_list()),
+            ("POST", "/certs/renew"): self._api_renew,
+            ("POST", "/apply"): self._api_apply,
+        })
         self.api.start()
+
+    # ---- the shared project file ---------------------------------------------------------
+
+    def _commit(self, who: str, changes: list[str] | None = None) -> int:
+        """The shared file as a store revision (balancers and routers follow the store)."""
+        from zfast.node import config_diff, shared_part
+        raw = shared_part(self.shared_raw())
+        latest = self.store.latest(self.project.project)
+        theirs = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}
+        if latest is not None and theirs == raw:
+            return latest.rev
+        rev = self.store.commit(self.project.project, yaml.safe_dump(raw, sort_keys=False), who,
+                                changes or config_diff(theirs, raw), "core")
+        return rev.rev
+
+    def _api_apply(self, body: dict | None):
+        """`zfast core apply`: a new project file for the whole core service (services,
+        ports, firewall, domains); the core section itself must not change."""
+        try:
+            raw = yaml.safe_load((body or {}).get("config", ""))
+            project = config.parse(raw, source=(body or {}).get("source", "<api>"))
+        except (config.ConfigError, yaml.YAMLError) as err:
+            problems = getattr(err, "problems", [str(err)])
+            return 400, {"error": "the file is not valid", "problems": problems}
+        if project.project != self.project.project:
+            return 409, {"error": f"the file is for project {project.project!r}, this core "
+                                  f"serves {self.project.project!r}"}
+        if (raw or {}).get("core") != self.project.raw.get("core"):
+            return 409, {"error": "the core section differs: restart the core service to change it"}
+        if (project.routing is None) != (self.project.routing is None):
+            return 409, {"error": "adding or removing the routing section needs a restart"}
+        old = self.project
+        self.project = project
+        try:
+            rev = self._commit((body or {}).get("who", "zfast core apply"))
+        except Exception as err:
+            self.project = old
+            return 503, {"error": f"store: {err}"}
+        if self.certs is not None:
+            self._certs_due.set()
+        self.events.log("apply", revision=rev, source=(body or {}).get("source"))
+        return 200, {"revision": rev}
+
+    # ---- certificates (the routing service) -------------------------------------------------
+
+    def _start_certs(self) -> None:
+        from zfast.routing.certs import CertManager
+        acme = self.project.routing.acme
+        self.certs = CertManager(
+            self.store, self.project.project,
+            {"directory": acme.directory, "email": acme.email, "ca_bundle": acme.ca_bundle} if acme else None,
+            log_event=lambda kind, **f: self.events.log(kind, **f))
+        self.certs.ensure(self._domains())
+        threading.Thread(target=self._certs_loop, name="zfast-core-certs", daemon=True).start()
+
+    def _domains(self) -> list[tuple[str, str]]:
+        return [(d.host, d.tls) for d in self.project.routing.domains] if self.project.routing else []
+
+    def _certs_loop(self) -> None:
+        """Self-signed at once for every host, ACME behind it, renewals when due."""
+        while not self._stop.is_set():
+            try:
+                self.certs.ensure(self._domains())
+                self.certs.tick()
+            except Exception as err:        # tick never raises; ensure on a bad store might
+                self.events.log("error", controller="certs", error=str(err))
+            self._certs_due.wait(1.0)
+            self._certs_due.clear()
+
+    def certs_list(self) -> list[dict]:
+        return [c.public() for c in self.certs.certs()] if self.certs else []
+
+    def _api_renew(self, body: dict | None):
+        from zfast.routing.certs import CertError
+        host = (body or {}).get("host")
+        if self.certs is None:
+            return 404, {"error": "this project has no routing service"}
+        try:
+            host = config.parse_host(host)
+        except (ValueError, TypeError) as err:
+            return 400, {"error": f"{host!r}: {err}"}
+        if host not in {h for h, _ in self._domains()}:
+            return 404, {"error": f"{host} is not one of routing.domains"}
+        try:
+            return 200, self.certs.renew(host).public()
+        except CertError as err:
+            return 502, {"error": str(err)}
 
     def _launch(self, spec: InstanceSpec, restarts: int = 0) -> Instance:
         inst = self.runtime.create(spec, group=self.prefix)
@@ -249,6 +395,7 @@ class CoreService:
         if self.api:
             self.api.stop()
             self.api = None
+        self._stop.set()
         if self.spare is not None:
             self.runtime.destroy(self.spare)
             self.spare = None
@@ -279,6 +426,8 @@ class CoreService:
         problems = []
         if len(st.get("interfaces", [])) < len(inst.spec.links):
             problems.append("programs detached")
+        if inst.spec.kind == "router" and not (st.get("haproxy") or {}).get("alive"):
+            problems.append("its HAProxy is not running")
         activity = (st.get("controllers") or {}).get("activity") or {}
         problems += activity.get("problems", [])
         use = self.runtime.usage(inst)
@@ -305,6 +454,7 @@ class CoreService:
             if now < self.next_try.get(name, 0):
                 continue
             self.replace(name, problems)
+        self._undrain_ready_routers()
 
     def replace(self, name: str, problems: list[str], spec: InstanceSpec | None = None,
                 planned: bool = False) -> None:
@@ -329,16 +479,62 @@ class CoreService:
                         restarts=restarts, backoff_s=backoff, cpu_s=cpu_s,
                         lived_s=round(now - inst.started, 2))
         macs = self.runtime.macs(inst)
+        if inst.spec.kind == "router":
+            self._drain_router(name, inst)
         self.runtime.destroy(inst)
         self.scalers.pop(name, None)
         self.next_try[name] = now + backoff
         try:
-            if not crashed and self._spare_ready():
+            if not crashed and spec.kind == "balancer" and self._spare_ready():
                 self._activate_spare(spec, restarts, macs)
             else:
                 self._launch(spec, restarts)
         except Exception as err:
             self.events.log("error", instance=name, error=f"cannot recreate: {err}")
+
+    # ---- routers out of and back into rotation ------------------------------------------
+
+    def _drain_router(self, name: str, inst: Instance, wait_s: float = 5.0) -> None:
+        """Before a router goes: the balancers stop sending it new connections (weight 0,
+        a store revision they apply in ~0.1 s), then its HAProxy soft-stops: it closes its
+        listeners and each keep-alive connection after its current response, so clients
+        reconnect (to the other router) instead of seeing an error."""
+        t0 = time.monotonic()
+        self.drained.add(name)
+        try:
+            rev = self._commit("zfast core (repair)", [f"router {name} drained"])
+        except Exception as err:
+            self.events.log("error", instance=name, error=f"cannot drain: {err}")
+            return
+        while time.monotonic() - t0 < 2.0:
+            revs = []
+            for other in self.instances.values():
+                if other.spec.kind == "balancer":
+                    try:
+                        revs.append(Client(other.spec.state_dir, timeout=0.3).get("/status")["revision"])
+                    except (ApiError, KeyError):
+                        pass
+            if revs and max(revs) >= rev:
+                break
+            time.sleep(0.05)
+        pidfile = inst.spec.state_dir / "haproxy" / "haproxy.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGUSR1)           # HAProxy's soft stop
+            while time.monotonic() - t0 < wait_s:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        except (OSError, ValueError, IndexError):
+            pass                                    # gone: nothing more to wait for
+        self.events.log("repair", instance=name, action="drained",
+                        seconds=round(time.monotonic() - t0, 2))
+
+    def _undrain_ready_routers(self) -> None:
+        back = [n for n in self.drained if n in self.answered and n in self.instances
+                and not self.health[n].problems]
+        if back:
+            self.drained -= set(back)
+            self._commit("zfast core (repair)", [f"router {n} back in rotation" for n in back])
 
     # ---- the spare --------------------------------------------------------------------
 
@@ -407,6 +603,7 @@ class CoreService:
                 "spare": self.spare.spec.name if self.spare else None,
                 "spare_ready": self._spare_ready(),
                 "resizing": self._resizing,
+                "drained": sorted(self.drained),
                 "controllers": {"repair": self.decisions["repair"] or {},
                                 "scaling": self.decisions["scaling"] or {}}}
 
@@ -426,8 +623,10 @@ class CoreService:
             return None
         packets = sum(v["packets"] for v in st.get("verdicts", {}).values())
         flows = 0
-        path = pin_dir(inst.spec.config["node"]["name"]) / "flows"
+        path = pin_dir((inst.spec.config.get("node") or {}).get("name", "-")) / "flows"
         try:
+            if inst.spec.kind != "balancer":
+                raise FileNotFoundError(path)   # routers have no flow table
             from bcc.libbcc import lib
             fd = lib.bpf_obj_get(str(path).encode())
             if fd >= 0:
@@ -463,7 +662,8 @@ class CoreService:
             scaler = self.scalers.setdefault(name, scaling.Scaler(self.bounds))
             scaler.add(sample)
             sizes = scaling.Sizes(inst.spec.cpu, inst.spec.memory, self.core.flow_table)
-            on_active = roles[name] == "active" and self._resizing is None
+            on_active = (inst.spec.kind == "balancer" and roles[name] == "active"
+                         and self._resizing is None)
             for d in scaler.decide(sizes, now, flows=on_active):
                 self._carry_out(name, inst, d)
         self._resize_step(roles)
