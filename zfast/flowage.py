@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import json
 import os
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -59,12 +62,36 @@ def _batched(fn, fd: int, *arrays: np.ndarray) -> None:
         fn(fd, *[p.ctypes.data for p in parts], ct.byref(count))
 
 
+KEY_FIELDS = ("src", "dst", "sport", "dport", "proto", "family")
+VALUE_FIELDS = ("addr", "port", "dir", "flags")
+
+
+def layout_of(table) -> dict:
+    """Sizes and field offsets of a BCC flows table (from its Key/Leaf ctypes), as JSON."""
+    return {"key_size": ct.sizeof(table.Key), "value_size": ct.sizeof(table.Leaf),
+            "key": {f: getattr(table.Key, f).offset for f in KEY_FIELDS},
+            "value": {f: getattr(table.Leaf, f).offset for f in VALUE_FIELDS}}
+
+
+class _Fields:
+    """Offsets by name, read like ctypes fields: fields.src.offset."""
+
+    def __init__(self, offsets: dict):
+        for name, offset in offsets.items():
+            setattr(self, name, SimpleNamespace(offset=offset))
+
+
 def sweep(table) -> dict:
-    """One sweep of a BCC flows table (its Key/Leaf ctypes give the offsets)."""
+    """One sweep of a BCC flows table, in this process."""
+    return sweep_fd(table.map_fd, layout_of(table))
+
+
+def sweep_fd(fd: int, layout: dict) -> dict:
+    """One sweep of the flows map behind fd."""
     from bcc.libbcc import lib
-    Key, Leaf = table.Key, table.Leaf
-    ks, vs = ct.sizeof(Key), ct.sizeof(Leaf)
-    keys, vals = _read_all(table.map_fd, ks, vs)
+    Key, Leaf = _Fields(layout["key"]), _Fields(layout["value"])
+    ks, vs = layout["key_size"], layout["value_size"]
+    keys, vals = _read_all(fd, ks, vs)
     if not len(keys):
         return {"entries": 0, "aged": 0, "deleted": 0}
     flags = vals[:, Leaf.flags.offset]
@@ -110,7 +137,7 @@ def sweep(table) -> dict:
     delete = np.concatenate([keys[gone_fwd | orphan], rkeys])
     if len(delete):
         delete = np.unique(delete, axis=0)
-        _batched(lambda fd, kp, cp: lib.bpf_delete_batch(fd, kp, cp), table.map_fd, delete)
+        _batched(lambda fd, kp, cp: lib.bpf_delete_batch(fd, kp, cp), fd, delete)
     # Everything else ages one step; only changed entries are written.
     stay = ~(gone_fwd | orphan)
     change = stay & (seen | ~aged)
@@ -120,7 +147,32 @@ def sweep(table) -> dict:
         new_vals[:, Leaf.flags.offset] = np.where((f & SEEN) != 0, f & np.uint8(0xff ^ (SEEN | AGED)), f | AGED)
         # (an entry the data plane deleted meanwhile, a firewall denial, comes back aged:
         # the next sweep removes it)
-        _batched(lambda fd, kp, vp, cp: lib.bpf_update_batch(fd, kp, vp, cp), table.map_fd,
+        _batched(lambda fd, kp, vp, cp: lib.bpf_update_batch(fd, kp, vp, cp), fd,
                  keys[change], new_vals)
     return {"entries": int(len(keys)), "aged": int(change.sum()),
             "deleted": int(len(delete))}
+
+
+def main() -> None:
+    """`python -m zfast.flowage LAYOUT_JSON PINNED_MAP`: a sweeper process of its own.
+
+    The daemon runs the sweep here, not in its own process: a quarter of a million entries
+    take ~0.5 s of numpy work, and in the daemon's process that would hold the GIL
+    (heartbeats, the API) that long. One sweep per line read ("sweep"), one JSON line back."""
+    from bcc.libbcc import lib
+    layout, path = json.loads(sys.argv[1]), sys.argv[2]
+    for line in sys.stdin:
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            print(json.dumps({"error": f"{path}: cannot open the pinned map"}), flush=True)
+            continue
+        try:
+            print(json.dumps(sweep_fd(fd, layout)), flush=True)
+        except OSError as err:
+            print(json.dumps({"error": str(err)}), flush=True)
+        finally:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    main()

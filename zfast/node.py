@@ -34,7 +34,9 @@ log = logging.getLogger("zfast.node")
 
 TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
 # Sections that are each node's own: the store shares everything else between nodes.
-LOCAL_SECTIONS = ("node", "ha", "store")
+# datapath too: its sizes are compiled into each node's program, and the two nodes of a
+# pair differ in them while the core service resizes one after the other.
+LOCAL_SECTIONS = ("node", "ha", "store", "datapath")
 
 
 def _dump_yaml(raw: dict) -> str:
@@ -132,6 +134,7 @@ class Node:
         # instead of compiling (seconds of BCC) when its pinned maps are fresh and of our layout.
         self.preloaded = preloaded
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
+        self._sweeper = None         # the idle-flow sweep's process (zfast/flowage.py)
 
     # ---- life cycle ---------------------------------------------------------
 
@@ -292,11 +295,25 @@ class Node:
         are the active's, replicated, and see no packet until it takes over."""
         if self.pair and self.pair.role == "standby":
             return
-        from zfast.flowage import sweep
+        import json
+        import subprocess
+        import sys
+
+        from zfast.flowage import layout_of
         try:
-            done = sweep(self.dp.table("flows"))
-        except OSError as err:
-            self.events.log("error", controller="flow sweep", error=str(err))
+            p = self._sweeper
+            if p is None or p.poll() is not None:
+                p = self._sweeper = subprocess.Popen(
+                    [sys.executable, "-m", "zfast.flowage",
+                     json.dumps(layout_of(self.dp.table("flows"))), str(self.pin / "flows")],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            p.stdin.write("sweep\n")
+            p.stdin.flush()
+            done = json.loads(p.stdout.readline() or '{"error": "the sweeper exited"}')
+        except (OSError, ValueError) as err:
+            done = {"error": str(err)}
+        if "error" in done:
+            self.events.log("error", controller="flow sweep", error=done["error"])
             return
         if done["deleted"]:
             log.info("idle flow sweep: %s", done)
@@ -334,6 +351,9 @@ class Node:
     def _teardown(self, remove_dataplane: bool) -> None:
         """Stop what the node runs; with remove_dataplane also release the VIPs, detach
         the program and remove the pinned maps (else the data plane keeps forwarding)."""
+        if self._sweeper is not None and self._sweeper.poll() is None:
+            self._sweeper.kill()
+            self._sweeper.wait()
         if self.health:
             self.health.stop()     # first: no map update after this
             self.health = None

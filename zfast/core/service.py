@@ -453,8 +453,16 @@ class CoreService:
                 continue
             if now < self.next_try.get(name, 0):
                 continue
+            if not exited and inst.spec.kind == "balancer" and not self._others_well(name):
+                continue    # never take down the last working balancer for a lesser problem
             self.replace(name, problems)
         self._undrain_ready_routers()
+
+    def _others_well(self, name: str) -> bool:
+        """Whether another balancer is up and answering (then this one may be replaced)."""
+        return any(n != name and i.spec.kind == "balancer" and n in self.answered
+                   and not self.health[n].problems and i.pid
+                   for n, i in self.instances.items())
 
     def replace(self, name: str, problems: list[str], spec: InstanceSpec | None = None,
                 planned: bool = False) -> None:
@@ -463,6 +471,10 @@ class CoreService:
         CRASH_WINDOW_S of its start makes the next try wait (8, 16, 32, 60 s)."""
         now = time.time()
         inst = self.instances[name]
+        if spec is None and inst.spec.kind == "balancer":
+            # today's sizes (a flow-table resize may be under way), this one's CPU and memory
+            spec = replace(self.spec_of(name), cpu=inst.spec.cpu,
+                           memory=max(inst.spec.memory, self.core.memory))
         spec = spec or inst.spec
         crashed = not planned and now - inst.started < CRASH_WINDOW_S and inst.restarts > 0
         self.crashes[name] = self.crashes.get(name, 0) + 1 if crashed else 0

@@ -35,6 +35,8 @@ MAGIC = b"ZFS1"
 NONCE_LEN = 16
 BATCH_S = 0.05          # the standby is at most this far behind, plus the wire
 MAX_BATCH = 4096        # flows per frame
+MAX_PENDING = 1 << 18   # unsent flows kept at most (a slow link drops the newest, counted:
+                        # the standby balances them again by Maglev's hash if it takes over)
 DIR_FORWARD, DIR_REPLY = 1, 2
 STALE_GEN = 0xFFFF      # a replicated flow asks the firewall again at its first packet here
 
@@ -43,6 +45,7 @@ STALE_GEN = 0xFFFF      # a replicated flow asks the firewall again at its first
 class SyncStats:
     connected: bool = False
     sent: int = 0
+    dropped: int = 0              # new flows not sent: more than MAX_PENDING waited
     received: int = 0
     installed: int = 0
     dumps: int = 0
@@ -106,20 +109,27 @@ class FlowSender:
         with self._lock:
             if not self._pending:
                 self.stats.oldest_pending = time.time()
-            self._pending.append(raw)
+            if len(self._pending) < MAX_PENDING:
+                self._pending.append(raw)
+            else:
+                self.stats.dropped += 1
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.dp.bpf.ring_buffer_poll(50)
 
     def _full_table(self) -> list[bytes]:
-        """Every forward entry of the flow table, as flow events."""
-        out = []
+        """Every forward entry of the flow table, as flow events (batch reads + numpy: a
+        quarter million entries in well under a second, not one syscall an entry)."""
+        import numpy as np
+
+        from zfast.flowage import _read_all
         flows = self.dp.table("flows")
-        for k, v in flows.items():
-            if v.dir == DIR_FORWARD:
-                out.append(bytes(k) + bytes(v))
-        return out
+        ks, vs = ctypes.sizeof(flows.Key), ctypes.sizeof(flows.Leaf)
+        keys, vals = _read_all(flows.map_fd, ks, vs)
+        forward = vals[:, flows.Leaf.dir.offset] == DIR_FORWARD
+        rows = np.concatenate([keys[forward], vals[forward]], axis=1)
+        return [r.tobytes() for r in rows]
 
     def _run(self) -> None:
         backoff = 0.05
@@ -143,12 +153,12 @@ class FlowSender:
                         self._send(s, nonce, number, dump[i:i + MAX_BATCH])
                     while not self._stop.is_set():
                         time.sleep(BATCH_S)
-                        with self._lock:
-                            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                            if not self._pending:
-                                self.stats.oldest_pending = 0.0
-                        number += 1
-                        self._send(s, nonce, number, batch)  # an empty frame is the keepalive
+                        with self._lock:     # take them all: swapping is O(1)
+                            batch, self._pending = self._pending, []
+                            self.stats.oldest_pending = 0.0
+                        for i in range(0, max(len(batch), 1), MAX_BATCH):
+                            number += 1      # an empty frame is the keepalive
+                            self._send(s, nonce, number, batch[i:i + MAX_BATCH])
             except OSError as err:
                 log.debug("sync to %s: %s", self.peer, err)
             self.stats.connected = False
