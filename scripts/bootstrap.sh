@@ -29,7 +29,7 @@ PKGS=(python3-bpfcc libbpfcc libbpf1 "linux-headers-cloud-$ARCH" bpftool iproute
       iputils-ping procps    # ping (tests) and sysctl (netns set-up)
       etcd-server etcd-client   # the shared store (store: {kind: etcd}) and its tests
       haproxy python3-acme      # the routing service: L7 proxy and ACME client library
-      pebble wrk openssl)       # its tests: an ACME test server, a steady HTTP load
+      pebble wrk openssl curl)  # its tests: an ACME test server, a steady HTTP load
 
 # One dpkg-query for all: it prints "ii" for installed packages and nothing
 # (exit 1) for unknown ones, so anything not listed as "ii" is missing.

@@ -507,6 +507,31 @@ def core_status(state_dir, as_json):
         click.echo(f"  {name}: {json.dumps(d) if d else 'no decision yet'}")
 
 
+@core.command("stats")
+@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def core_stats(state_dir, as_json):
+    """Counters of every instance: balancers per service/backend, routers per upstream."""
+    try:
+        st = Client(Path(state_dir)).get("/stats")
+    except ApiError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    for name, inst in st["instances"].items():
+        if "error" in inst:
+            click.echo(f"{name} ({inst['kind']}): {inst['error']}")
+            continue
+        click.echo(f"{name} ({inst['kind']})")
+        for svc in inst.get("services", []):
+            click.echo(f"  service {svc['name']:<20} packets {svc['packets']:>12} bytes {svc['bytes']:>14}")
+        for up, u in (inst.get("upstreams") or {}).items():
+            click.echo(f"  upstream {up:<19} requests {u.get('requests', 0):>11} "
+                       f"bytes out {u.get('bytes_out', 0):>12} {u.get('status', '')}")
+
+
 @core.command("apply")
 @click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False))
 @click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",

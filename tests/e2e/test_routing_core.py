@@ -171,6 +171,24 @@ def test_https_reaches_each_domains_service_with_a_certificate_from_pebble(env):
     r = get(env.host, ADDR, "api.example.org", "/plain")       # no redirect configured
     assert r.status == 200 and r.name == "api"
     assert get(env.host, ADDR, "nobody.example.org").status == 404
+    # A client that resolves the names (ip netns exec gives the namespace /etc/netns/NS/hosts)
+    hosts = Path("/etc/netns") / env.host / "hosts"
+    hosts.parent.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(f"127.0.0.1 localhost\n{ADDR} app.example.org api.example.org\n")
+    roots = STATE.parent / "test-routing-pebble-roots.pem"
+    roots.write_text(env.pebble.root_pem())
+    try:
+        for host, service in (("app.example.org", "app"), ("api.example.org", "api")):
+            out = subprocess.run(["ip", "netns", "exec", env.host, "curl", "-sS", "--http2",
+                                  "--cacert", str(roots), "-w", " %{http_version}",
+                                  f"https://{host}/by-name"],
+                                 capture_output=True, text=True, timeout=10)
+            assert out.returncode == 0, out.stderr
+            body, version = out.stdout.rsplit(" ", 1)
+            assert json.loads(body)["name"] == service and version == "2"
+    finally:
+        hosts.unlink()
+        hosts.parent.rmdir()
     rows = json.loads(zfast("certs", "--json", "--state-dir", str(STATE)).stdout)
     assert {r["host"]: r["source"] for r in rows} == {"app.example.org": "acme",
                                                      "api.example.org": "acme"}
@@ -247,3 +265,18 @@ def test_bad_input_is_refused_and_existing_domains_keep_working(env):
     assert status == 200 and body["name"] == "api"
     r = zfast("certs", "renew", "nobody.example.org", "--state-dir", str(STATE), check=False)
     assert r.returncode != 0 and "not one of routing.domains" in r.stderr
+
+
+def test_core_status_and_stats_show_the_routers(env):
+    st = json.loads(zfast("core", "status", "--json", "--state-dir", str(STATE)).stdout)
+    routers = [i for i in st["instances"] if i["kind"] == "router"]
+    assert len(routers) == 2 and all(r["healthy"] and r["pid"] for r in routers)
+    for _ in range(6):
+        assert https_get(env, "api.example.org")[0] == 200
+    stats = json.loads(zfast("core", "stats", "--json", "--state-dir", str(STATE)).stdout)["instances"]
+    served = sum(u["requests"] for r in routers
+                 for name, u in stats[r["name"]]["upstreams"].items() if name.startswith("api"))
+    assert served >= 6
+    active = next(i["name"] for i in st["instances"] if i["kind"] == "balancer" and i["role"] == "active")
+    routing = next(s for s in stats[active]["services"] if s["name"] == "routing-0")
+    assert routing["packets"] > 0

@@ -269,6 +269,7 @@ class CoreService:
         self.api = Server(self.state_dir, {
             ("GET", "/status"): lambda _: (200, self.status()),
             ("GET", "/certs"): lambda _: (200, self.certs_list()),
+            ("GET", "/stats"): lambda _: (200, self.stats()),
             ("POST", "/certs/renew"): self._api_renew,
             ("POST", "/apply"): self._api_apply,
         })
@@ -341,6 +342,18 @@ class CoreService:
                 self.events.log("error", controller="certs", error=str(err))
             self._certs_due.wait(1.0)
             self._certs_due.clear()
+
+    def stats(self) -> dict:
+        """Every instance's own counters: a balancer's services, backends and verdicts; a
+        router's requests and bytes per upstream and server."""
+        out = {}
+        for name, inst in list(self.instances.items()):
+            try:
+                out[name] = {"kind": inst.spec.kind,
+                             **Client(inst.spec.state_dir, timeout=API_TIMEOUT_S * 2).get("/stats")}
+            except ApiError as err:
+                out[name] = {"kind": inst.spec.kind, "error": str(err)}
+        return {"project": self.project.project, "instances": out}
 
     def certs_list(self) -> list[dict]:
         return [c.public() for c in self.certs.certs()] if self.certs else []
