@@ -266,6 +266,35 @@ def test_bad_input_is_refused_and_existing_domains_keep_working(env):
     r = zfast("certs", "renew", "nobody.example.org", "--state-dir", str(STATE), check=False)
     assert r.returncode != 0 and "not one of routing.domains" in r.stderr
 
+    # An ACME directory that does not answer: a logged retry with back-off, a self-signed
+    # certificate for the new domain meanwhile, the others served as before.
+    dead = json.loads(json.dumps(base))
+    dead["routing"]["acme"]["directory"] = "https://127.0.0.1:14999/dir"
+    dead["routing"]["domains"].append({"host": "late.example.org", "service": "app", "port": 80,
+                                       "tls": "acme"})
+    path = STATE.parent / "test-routing-core-dead.yaml"
+    path.write_text(yaml.safe_dump(dead))
+    try:
+        zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE))
+        wait_for("a logged ACME retry", lambda: [
+            e for e in map(json.loads, (STATE / "events.jsonl").read_text().splitlines())
+            if e["kind"] == "error" and e.get("host") == "late.example.org"
+            and "14999" in e.get("error", "") and e.get("retry_in_s", 0) > 0], 20, 0.3)
+        assert env.certs()["late.example.org"]["source"] == "self-signed"
+        r = zfast("certs", "renew", "late.example.org", "--state-dir", str(STATE), check=False)
+        assert r.returncode != 0 and "14999" in r.stderr
+        wait_for("late.example.org served", lambda: https_get_insecure(env, "late.example.org") == "app", 10, 0.2)
+        for host, service in (("app.example.org", "app"), ("api.example.org", "api")):
+            status, body, _ = https_get(env, host)      # still pebble's certificates
+            assert status == 200 and body["name"] == service
+    finally:
+        env.cfg.write_text(yaml.safe_dump(base))
+        zfast("core", "apply", "-c", str(env.cfg), "--state-dir", str(STATE))
+
+
+def https_get_insecure(env: Env, host: str) -> str | None:
+    return get(env.host, ADDR, host, port=443, tls=True).name
+
 
 def test_core_status_and_stats_show_the_routers(env):
     st = json.loads(zfast("core", "status", "--json", "--state-dir", str(STATE)).stdout)

@@ -1,7 +1,6 @@
 """The project file's `routing` section: the L7 routing service's addresses, ACME and domains."""
 
 import copy
-import os
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -452,14 +451,6 @@ def test_ca_bundle_may_be_relative(data, tmp_path, monkeypatch):
     assert parse(data).routing.acme.ca_bundle == "acme-ca.pem"
     routing(data)["acme"]["ca_bundle"] = "other.pem"
     assert problems_of(data) == ['routing.acme.ca_bundle: "other.pem" does not exist']
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_ca_bundle_unreadable(data, ca, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    routing(data)["acme"]["ca_bundle"] = "acme-ca.pem"
-    os.chmod(ca, 0)
-    assert problems_of(data) == ['routing.acme.ca_bundle: "acme-ca.pem" is not readable']
 
 
 def test_ca_bundle_unreadable_as_access_says(data, tmp_path, monkeypatch):

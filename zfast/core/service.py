@@ -141,6 +141,7 @@ class CoreService:
         self.drained: set[str] = set()    # routers out of the balancers' rotation (repair)
         self.store = None
         self.certs = None                  # zfast.routing.certs.CertManager with a routing section
+        self._certs_acme = None
         self._certs_due = threading.Event()
         self.decisions = {"repair": None, "scaling": None}
         self._stop = threading.Event()
@@ -319,14 +320,23 @@ class CoreService:
 
     # ---- certificates (the routing service) -------------------------------------------------
 
-    def _start_certs(self) -> None:
+    def _acme_spec(self) -> dict | None:
+        acme = self.project.routing.acme if self.project.routing else None
+        return ({"directory": acme.directory, "email": acme.email, "ca_bundle": acme.ca_bundle}
+                if acme else None)
+
+    def _cert_manager(self):
+        """The manager for today's routing.acme (an apply may change it)."""
         from zfast.routing.certs import CertManager
-        acme = self.project.routing.acme
-        self.certs = CertManager(
-            self.store, self.project.project,
-            {"directory": acme.directory, "email": acme.email, "ca_bundle": acme.ca_bundle} if acme else None,
-            log_event=lambda kind, **f: self.events.log(kind, **f))
-        self.certs.ensure(self._domains())
+        spec = self._acme_spec()
+        if self.certs is None or self._certs_acme != spec:
+            self.certs = CertManager(self.store, self.project.project, spec,
+                                     log_event=lambda kind, **f: self.events.log(kind, **f))
+            self._certs_acme = spec
+        return self.certs
+
+    def _start_certs(self) -> None:
+        self._cert_manager().ensure(self._domains())
         threading.Thread(target=self._certs_loop, name="zfast-core-certs", daemon=True).start()
 
     def _domains(self) -> list[tuple[str, str]]:
@@ -336,8 +346,9 @@ class CoreService:
         """Self-signed at once for every host, ACME behind it, renewals when due."""
         while not self._stop.is_set():
             try:
-                self.certs.ensure(self._domains())
-                self.certs.tick()
+                manager = self._cert_manager()
+                manager.ensure(self._domains())
+                manager.tick()
             except Exception as err:        # tick never raises; ensure on a bad store might
                 self.events.log("error", controller="certs", error=str(err))
             self._certs_due.wait(1.0)
