@@ -16,7 +16,6 @@ take about a second of one CPU.
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import json
 import os
 import sys
@@ -31,26 +30,11 @@ CHUNK = 8192
 
 def _read_all(fd: int, key_size: int, value_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every (key, value) of a hash map, as two uint8 arrays of rows."""
-    from bcc.libbcc import lib
+    from zfast.mapbatch import lookup_batches
     keys_out, vals_out = [], []
-    keys = ct.create_string_buffer(key_size * CHUNK)
-    values = ct.create_string_buffer(value_size * CHUNK)
-    in_batch, out_batch, count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
-    first = True
-    while True:
-        count.value = CHUNK
-        res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_batch),
-                                   ct.byref(out_batch), keys, values, ct.byref(count))
-        err = ct.get_errno()
-        n = count.value
-        keys_out.append(np.frombuffer(keys.raw[:n * key_size], np.uint8).reshape(n, key_size))
-        vals_out.append(np.frombuffer(values.raw[:n * value_size], np.uint8).reshape(n, value_size))
-        if res != 0:
-            if err == errno.ENOENT or -res == errno.ENOENT:
-                break
-            raise OSError(err or -res, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err or -res)}")
-        first = False
-        in_batch.value = out_batch.value
+    for keys, values, n in lookup_batches(fd, key_size, value_size, CHUNK):
+        keys_out.append(np.frombuffer(keys, np.uint8).reshape(n, key_size))
+        vals_out.append(np.frombuffer(values, np.uint8).reshape(n, value_size))
     return (np.concatenate(keys_out) if keys_out else np.zeros((0, key_size), np.uint8),
             np.concatenate(vals_out) if vals_out else np.zeros((0, value_size), np.uint8))
 

@@ -15,7 +15,6 @@ Streams go through a public port (the VIP moves with the active instance).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zfast.api import ApiError, Client
+from corekit import Core, plug, start_core
+from zfast.api import ApiError
 from zfast.netns import Topology
 from zfast.probe import Stream, streams_alive
 
@@ -55,42 +55,6 @@ def _config() -> dict:
     }
 
 
-class Core:
-    def __init__(self, topo: Topology, proc: subprocess.Popen, cli: str):
-        self.topo, self.proc, self.cli = topo, proc, cli
-
-    def status(self) -> dict:
-        return Client(STATE, timeout=5).get("/status")
-
-    def instances(self) -> dict:
-        return {i["name"]: i for i in self.status()["instances"]}
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        lines = (STATE / "events.jsonl").read_text().splitlines()
-        out = [json.loads(line) for line in lines if line.strip()]
-        return [e for e in out if kind is None or e["kind"] == kind]
-
-    def wait_pair(self, timeout: float = 60.0, spare: bool = True) -> dict:
-        """Until one active and one standby, both healthy (and a spare parked)."""
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            try:
-                last = self.status()
-            except ApiError:
-                time.sleep(0.2)
-                continue
-            roles = sorted(i["role"] or "-" for i in last["instances"])
-            healthy = all(i["healthy"] for i in last["instances"])
-            if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
-                return {i["name"]: i for i in last["instances"]}
-            time.sleep(0.2)
-        raise AssertionError(f"the pair is not complete after {timeout} s: {last}")
-
-    def by_role(self, role: str) -> dict:
-        return next(i for i in self.instances().values() if i["role"] == role)
-
-
 @pytest.fixture(scope="module")
 def core():
     assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
@@ -100,46 +64,17 @@ def core():
         cfg = STATE.parent / "test-core.yaml"
         STATE.mkdir(parents=True, exist_ok=True)
         cfg.write_text(yaml.safe_dump(_config()))
-        proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{topo.ns('host')}", sys.executable, "-m", "zfast.cli",
-             "core", "up", "-c", str(cfg), "--state-dir", str(STATE)],
-            stdout=subprocess.DEVNULL, stderr=open(STATE.parent / "test-core.err", "wb"))
-        topo.at_close(lambda: _stop_core(proc))
-        end = time.monotonic() + 30
-        while subprocess.run(["ip", "-n", topo.ns("host"), "link", "show", "zcpriv0"],
-                             capture_output=True).returncode != 0:
-            assert proc.poll() is None, (STATE.parent / "test-core.err").read_text()
-            assert time.monotonic() < end, "the core made no bridges"
-            time.sleep(0.2)
+        proc = start_core(topo, host, cfg, STATE, STATE.parent / "test-core.err", "zcpriv0")
         for i, ip in enumerate(BACKENDS, 1):
-            ns = topo.add_ns(f"be{i}")
-            topo.veth(ns, "eth0", host, f"bh{i}", [f"{ip}/24"], [])
-            topo.attach_to_bridge(host, f"bh{i}", "zcpriv0")
-            topo.route(ns, "default", "10.233.0.254")
-            topo.offload_off(ns, "eth0")
-            topo.gro_on(ns, "eth0")
+            ns = plug(topo, host, f"be{i}", f"bh{i}", "zcpriv0", [f"{ip}/24"], "10.233.0.254")
             topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
-        cli = topo.add_ns("cli")
-        topo.veth(cli, "eth0", host, "ch", ["10.232.0.100/24"], [])
-        topo.attach_to_bridge(host, "ch", "zcpub0")
-        topo.offload_off(cli, "eth0")
-        topo.gro_on(cli, "eth0")
-        c = Core(topo, proc, topo.ns("cli"))
+        plug(topo, host, "cli", "ch", "zcpub0", ["10.232.0.100/24"])
+        c = Core(STATE, topo, proc, topo.ns("cli"))
         c.wait_pair(90)
         yield c
     assert proc.returncode == 0, (STATE.parent / "test-core.err").read_text()[-2000:]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"zfc-{PROJECT}" not in left, f"instances left behind: {left}"
-
-
-def _stop_core(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _streams(core: Core) -> list[Stream]:

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zfast.api import ApiError, Client
+import corekit
+from corekit import plug, start_core
+from zfast.api import ApiError
 from zfast.netns import Topology, in_ns
 from zfast.probe import Stream, streams_alive, udp_hello
 
@@ -68,35 +70,7 @@ def _config() -> dict:
     }
 
 
-class Core:
-    def __init__(self, topo: Topology, proc: subprocess.Popen, cli: str):
-        self.topo, self.proc, self.cli = topo, proc, cli
-
-    def status(self) -> dict:
-        return Client(STATE, timeout=5).get("/status")
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        lines = (STATE / "events.jsonl").read_text().splitlines()
-        out = [json.loads(line) for line in lines if line.strip()]
-        return [e for e in out if kind is None or e["kind"] == kind]
-
-    def wait_pair(self, timeout: float = 60.0, spare: bool = True) -> dict:
-        """Until one active and one standby, both healthy (and a spare parked)."""
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            try:
-                last = self.status()
-            except ApiError:
-                time.sleep(0.2)
-                continue
-            roles = sorted(i["role"] or "-" for i in last["instances"])
-            healthy = all(i["healthy"] for i in last["instances"])
-            if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
-                return {i["name"]: i for i in last["instances"]}
-            time.sleep(0.2)
-        raise AssertionError(f"the pair is not complete after {timeout} s: {last}")
-
+class Core(corekit.Core):
     def active_mac(self) -> str | None:
         try:
             active = [i for i in self.status()["instances"] if i["role"] == "active"]
@@ -121,51 +95,22 @@ def core():
         err = STATE.parent / "test-core-flows.err"
         STATE.mkdir(parents=True, exist_ok=True)
         cfg.write_text(yaml.safe_dump(_config()))
-        proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{topo.ns('host')}", sys.executable, "-m", "zfast.cli",
-             "core", "up", "-c", str(cfg), "--state-dir", str(STATE)],
-            stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
-        topo.at_close(lambda: _stop_core(proc))
-        end = time.monotonic() + 30
-        while subprocess.run(["ip", "-n", topo.ns("host"), "link", "show", PRIV_BRIDGE],
-                             capture_output=True).returncode != 0:
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < end, "the core made no bridges"
-            time.sleep(0.2)
+        proc = start_core(topo, host, cfg, STATE, err, PRIV_BRIDGE)
         for i, ip in enumerate(BACKENDS, 1):
-            ns = topo.add_ns(f"be{i}")
-            topo.veth(ns, "eth0", host, f"bh{i}", [f"{ip}/24"], [])
-            topo.attach_to_bridge(host, f"bh{i}", PRIV_BRIDGE)
-            topo.route(ns, "default", "10.235.0.254")
-            topo.offload_off(ns, "eth0")
-            topo.gro_on(ns, "eth0")
+            ns = plug(topo, host, f"be{i}", f"bh{i}", PRIV_BRIDGE, [f"{ip}/24"], "10.235.0.254")
             # The streams' TCP echo at normal priority; the UDP echo (which the generator
             # floods) in a process of its own at the lowest, so it cannot starve them.
             topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
             topo.popen(ns, ["nice", "-n", "19", sys.executable, "-m", "zfast.echo",
                             "--name", f"be{i}", "--port", "8081", "--udp-port", "5353"])
-        cli = topo.add_ns("cli")
-        topo.veth(cli, "eth0", host, "ch", [f"{a}/24" for a in GEN_SOURCES], [])
-        topo.attach_to_bridge(host, "ch", PUB_BRIDGE)
-        topo.offload_off(cli, "eth0")
-        topo.gro_on(cli, "eth0")
+        cli = plug(topo, host, "cli", "ch", PUB_BRIDGE, [f"{a}/24" for a in GEN_SOURCES])
         topo.gro_on(host, "ch")      # the generator's frames arrive on ch by XDP redirect
-        c = Core(topo, proc, topo.ns("cli"))
+        c = Core(STATE, topo, proc, topo.ns("cli"))
         c.wait_pair(90)
         yield c
     assert proc.returncode == 0, err.read_text()[-2000:]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"zfc-{PROJECT}" not in left, f"instances left behind: {left}"
-
-
-def _stop_core(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Load:

@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from corekit import plug
 from pebblekit import Pebble
-from routerkit import BACKEND_SERVER, get, wait_for, wait_tcp
-from zfast.api import ApiError, Client
+from routerkit import BACKEND_SERVER, get, wait_for
+from zfast.api import Client
 from zfast.netns import Topology, in_ns
 
 PROJECT = "rcore"
@@ -107,12 +108,7 @@ def env():
         topo.bridge(host, "zrpub0", [f"{CLIENT}/24"])
         topo.bridge(host, "zrpriv0")
         for i, (name, ip) in enumerate(BACKENDS.items(), 1):
-            ns = topo.add_ns(f"be{i}")
-            topo.veth(ns, "eth0", host, f"rbh{i}", [f"{ip}/24"], [])
-            topo.attach_to_bridge(host, f"rbh{i}", "zrpriv0")
-            topo.route(ns, "default", "10.239.0.254")
-            topo.offload_off(ns, "eth0")
-            topo.gro_on(ns, "eth0")
+            ns = plug(topo, host, f"be{i}", f"rbh{i}", "zrpriv0", [f"{ip}/24"], "10.239.0.254")
             topo.popen(ns, [sys.executable, "-c", BACKEND_SERVER, name, ip, "8080"])
         topo.offload_off(host, "zrpub0")
         with Pebble(STATE.parent / "test-routing-pebble", addr=ADDR, netns=host) as pebble:

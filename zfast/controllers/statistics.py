@@ -125,10 +125,7 @@ def count_entries(map_fd: int, chunk: int = 4096) -> tuple[int, int]:
     for the whole map (get_next_key would be one a key). For the flow table:
     ``count_entries(node.dp.table("flows").map_fd)``; a pinned map:
     ``count_entries(bcc.libbcc.lib.bpf_obj_get(path.encode()))``."""
-    import ctypes as ct
-    import errno
-
-    from bcc.libbcc import lib
+    from zfast.mapbatch import lookup_batches
 
     info = {}
     with open(f"/proc/self/fdinfo/{map_fd}") as f:
@@ -139,23 +136,7 @@ def count_entries(map_fd: int, chunk: int = 4096) -> tuple[int, int]:
     max_entries = int(info["max_entries"])
     if info.get("map_type") in ("5", "6", "10"):     # per-CPU hash, array, LRU hash
         value_size = (value_size + 7) // 8 * 8 * _possible_cpus()
-    keys = ct.create_string_buffer(key_size * chunk)
-    values = ct.create_string_buffer(value_size * chunk)
-    in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)  # a hash map's token is a u32
-    count = ct.c_uint32(0)
-    total, first = 0, True
-    while True:
-        count.value = chunk
-        res = lib.bpf_lookup_batch(map_fd, None if first else ct.byref(in_batch),
-                                   ct.byref(out_batch), keys, values, ct.byref(count))
-        err = ct.get_errno()
-        total += count.value
-        if res != 0:
-            if err == errno.ENOENT or -res == errno.ENOENT:
-                break
-            raise OSError(err or -res, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err or -res)}")
-        first = False
-        in_batch.value = out_batch.value
+    total = sum(n for _, _, n in lookup_batches(map_fd, key_size, value_size, chunk))
     return total, max_entries
 
 

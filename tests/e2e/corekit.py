@@ -1,0 +1,90 @@
+"""What the core-service tests share: a handle on a running `zfast core up` (status,
+instances, events, waiting for a complete pair)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from zfast.api import ApiError, Client
+
+
+class Core:
+    def __init__(self, state: Path, topo, proc: subprocess.Popen, cli: str):
+        self.state, self.topo, self.proc, self.cli = state, topo, proc, cli
+
+    def status(self) -> dict:
+        return Client(self.state, timeout=5).get("/status")
+
+    def instances(self) -> dict:
+        return {i["name"]: i for i in self.status()["instances"]}
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        lines = (self.state / "events.jsonl").read_text().splitlines()
+        out = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in out if kind is None or e["kind"] == kind]
+
+    def wait_pair(self, timeout: float = 60.0, spare: bool = True) -> dict:
+        """Until one active and one standby, both healthy (and a spare parked)."""
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            try:
+                last = self.status()
+            except ApiError:
+                time.sleep(0.2)
+                continue
+            roles = sorted(i["role"] or "-" for i in last["instances"])
+            healthy = all(i["healthy"] for i in last["instances"])
+            if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
+                return {i["name"]: i for i in last["instances"]}
+            time.sleep(0.2)
+        raise AssertionError(f"the pair is not complete after {timeout} s: {last}")
+
+    def by_role(self, role: str) -> dict:
+        return next(i for i in self.instances().values() if i["role"] == role)
+
+
+def stop_core(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_core(topo, host: str, cfg: Path, state: Path, err: Path, private_bridge: str):
+    """`zfast core up` inside namespace `host` (nsenter: `ip netns exec` would give it a
+    mount namespace in which `ip netns add` of its instances fails); returns once it has
+    made its bridges."""
+    import sys
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "zfast.cli",
+         "core", "up", "-c", str(cfg), "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    topo.at_close(lambda: stop_core(proc))
+    end = time.monotonic() + 30
+    while subprocess.run(["ip", "-n", host, "link", "show", private_bridge],
+                         capture_output=True).returncode != 0:
+        assert proc.poll() is None, err.read_text()
+        assert time.monotonic() < end, "the core made no bridges"
+        time.sleep(0.2)
+    return proc
+
+
+def plug(topo, host: str, name: str, hostif: str, bridge: str, addresses: list[str],
+         gateway: str | None = None) -> str:
+    """A namespace on one of the core's bridges (a backend, a client): its own stack sends
+    final checksums (a balancer rewrites them) and receives redirected frames (GRO)."""
+    ns = topo.add_ns(name)
+    topo.veth(ns, "eth0", host, hostif, addresses, [])
+    topo.attach_to_bridge(host, hostif, bridge)
+    if gateway:
+        topo.route(ns, "default", gateway)
+    topo.offload_off(ns, "eth0")
+    topo.gro_on(ns, "eth0")
+    return ns
