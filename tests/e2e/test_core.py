@@ -210,3 +210,21 @@ def test_cpu_quota_rises_under_a_saturating_load_and_falls_when_idle(core):
     assert down[-1]["new"] < down[-1]["old"], down
     # not before the cooldown after the rise
     assert _epoch(down[-1]["time"]) - _epoch(up[-1]["time"]) >= 8
+
+
+def test_a_standby_whose_heartbeats_stop_is_replaced(core):
+    """Its daemon answers the core, but the active no longer hears it (here: an nftables
+    rule in the standby's namespace drops what it sends to the heartbeat port)."""
+    core.wait_pair(90, spare=False)
+    streams = _streams(core)
+    standby = core.by_role("standby")
+    rules = ("add table inet zftest\n"
+             "add chain inet zftest out { type filter hook output priority 0; }\n"
+             "add rule inet zftest out udp dport 5405 drop\n")
+    subprocess.run(["ip", "netns", "exec", standby["netns"], "nft", "-f", "-"], input=rules,
+                   text=True, check=True)
+    took, inst = _replaced(core, standby["name"], standby["restarts"], timeout=30)
+    problems = [e for e in core.events("repair") if e.get("instance") == standby["name"]
+                and e["action"] == "replace"][-1]["problems"]
+    assert any("heartbeats do not reach the active" in p for p in problems), problems
+    assert not streams_alive(streams, rounds=3), "a stream broke"

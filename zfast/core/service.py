@@ -39,6 +39,7 @@ CHECK_EVERY_S = 0.25       # the repair controller's look at every instance
 SCALE_EVERY_S = 1.0        # the scaling controller's sample
 API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is not well
 PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
+HEARTBEAT_MISSING_MS = 1000  # a standby the active has not heard from for this long is abnormal
 CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
 BACKOFF_FIRST_S = 8.0      # a start costs ~0.35 s of CPU (Python, imports): one try in 8 s
 BACKOFF_MAX_S = 60.0       # is under 5 % of a CPU, and it only gets rarer
@@ -139,6 +140,7 @@ class CoreService:
         self.crashes: dict[str, int] = {}       # crashes in a row (back-off exponent)
         self.answered: set[str] = set()   # instances whose daemon has answered since (re)start
         self.drained: set[str] = set()    # routers out of the balancers' rotation (repair)
+        self._statuses: dict[str, dict] = {}  # each daemon's last answer
         self.store = None
         self.certs = None                  # zfast.routing.certs.CertManager with a routing section
         self._certs_acme = None
@@ -443,11 +445,23 @@ class CoreService:
         try:
             st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status")
             self.answered.add(inst.spec.name)
+            self._statuses[inst.spec.name] = st
         except ApiError as err:
             if inst.spec.name not in self.answered and time.time() - inst.started < 60:
                 return []  # still starting (compiling the program takes seconds)
             return [f"daemon does not answer: {err}"]
         problems = []
+        if inst.spec.kind == "balancer" and st.get("role") == "standby":
+            # heartbeat missing: its daemon answers, but the active has not heard it for a
+            # while (the active is the one to trust: it keeps the VIPs and the flows)
+            for other, ost in self._statuses.items():
+                peer = (ost or {}).get("peer") or {}
+                if (other != inst.spec.name and ost.get("role") == "active"
+                        and peer.get("state") == "dead"
+                        and (peer.get("last_heartbeat_ms") or 0) > HEARTBEAT_MISSING_MS
+                        and time.time() - inst.started > 10):
+                    problems.append(f"its heartbeats do not reach the active "
+                                    f"({peer['last_heartbeat_ms']:.0f} ms)")
         if len(st.get("interfaces", [])) < len(inst.spec.links):
             problems.append("programs detached")
         if inst.spec.kind == "router" and not (st.get("haproxy") or {}).get("alive"):
@@ -519,6 +533,7 @@ class CoreService:
             self._drain_router(name, inst)
         self.runtime.destroy(inst)
         self.scalers.pop(name, None)
+        self._statuses.pop(name, None)
         self.next_try[name] = now + backoff
         try:
             if not crashed and spec.kind == "balancer" and self._spare_ready():
