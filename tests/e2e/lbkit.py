@@ -92,20 +92,25 @@ def lab_env(prefix: str, weights=(1, 1, 2), start_node: bool = True) -> Iterator
                 shutil.rmtree(lab_.state_dir, ignore_errors=True)
 
 
-def wait_servers(lab_: lab.Lab, timeout: float = 20.0) -> None:
-    """Until every backend's echo server accepts (tried from the balancer's namespace)."""
+def wait_accepting(ns: str, addresses, port: int = lab.TARGET_TCP, timeout: float = 20.0) -> None:
+    """Until a server accepts on every address (tried from namespace ns)."""
     deadline = time.monotonic() + timeout
-    for address in lab_.backend4:
+    for address in addresses:
         while True:
             try:
-                with in_ns(lab_.topo.ns(lab_.lb)):
-                    s = socket.create_connection((address, lab.TARGET_TCP), timeout=1)
+                with in_ns(ns):
+                    s = socket.create_connection((address, port), timeout=1)
                 s.close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"echo server on {address} does not answer") from None
                 time.sleep(0.1)
+
+
+def wait_servers(lab_: lab.Lab, timeout: float = 20.0) -> None:
+    """Until every backend's echo server accepts (tried from the balancer's namespace)."""
+    wait_accepting(lab_.topo.ns(lab_.lb), lab_.backend4, timeout=timeout)
 
 
 # ---------------------------------------------------------------- traffic

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lbkit import wait_accepting
 from zfast import lab
 from zfast.api import ApiError, Client
 from zfast.netns import Topology, in_ns
@@ -215,19 +216,8 @@ def _start_noting(env: PairEnv, i: int, errors: list) -> None:
 
 def wait_servers(env: PairEnv, timeout: float = 20.0) -> None:
     """Until every backend's echo server accepts (tried from node A's namespace)."""
-    deadline = time.monotonic() + timeout
-    for b in range(len(env.lab.backends)):
-        address = lab.backend_addrs(b)[0]
-        while True:
-            try:
-                with in_ns(env.lab.nodes[0].ns):
-                    s = socket.create_connection((address, lab.TARGET_TCP), timeout=1)
-                s.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"echo server on {address} does not answer") from None
-                time.sleep(0.1)
+    wait_accepting(env.lab.nodes[0].ns, [lab.backend_addrs(b)[0] for b in range(len(env.lab.backends))],
+                   timeout=timeout)
 
 
 def zfast(*args: str, ns: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
