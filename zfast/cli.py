@@ -460,15 +460,20 @@ def _since(text: str) -> float:
         _fail(f"--since {text!r}: give 10m, 2h, 1d or an RFC 3339 time")
 
 
+CORE_DIR_OPTION = click.option("--state-dir", type=click.Path(file_okay=False),
+                               default="/run/zfast/core", show_default=True,
+                               help="State dir of the core service.")
+
+
 @main.group()
 def core():
-    """A project's whole core service on this host (the balancer pair as instances)."""
+    """A project's whole core service on this host (the balancer pair and the routers as
+    instances)."""
 
 
 @core.command("up")
 @click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
-              show_default=True)
+@CORE_DIR_OPTION
 def core_up(config_file, state_dir):
     """Run the core service in the foreground; SIGTERM removes every instance it made."""
     from zfast.core.service import CoreError, CoreService
@@ -486,8 +491,7 @@ def core_up(config_file, state_dir):
 
 
 @core.command("status")
-@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
-              show_default=True)
+@CORE_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def core_status(state_dir, as_json):
     """Every instance of the core service and each controller's last decision."""
@@ -508,8 +512,7 @@ def core_status(state_dir, as_json):
 
 
 @core.command("stats")
-@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
-              show_default=True)
+@CORE_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def core_stats(state_dir, as_json):
     """Counters of every instance: balancers per service/backend, routers per upstream."""
@@ -534,8 +537,7 @@ def core_stats(state_dir, as_json):
 
 @core.command("apply")
 @click.option("-c", "--config", "config_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--state-dir", type=click.Path(file_okay=False), default="/run/zfast/core",
-              show_default=True)
+@CORE_DIR_OPTION
 def core_apply(config_file, state_dir):
     """Change the running core service (services, ports, firewall, domains): all or nothing."""
     try:
@@ -548,11 +550,6 @@ def core_apply(config_file, state_dir):
     except ApiError as err:
         _fail(f"{err}" + (": " + "; ".join(err.problems) if err.problems else ""))
     click.echo(f"revision {result['revision']}")
-
-
-CORE_DIR_OPTION = click.option("--state-dir", type=click.Path(file_okay=False),
-                               default="/run/zfast/core", show_default=True,
-                               help="State dir of the core service.")
 
 
 @main.group(invoke_without_command=True)

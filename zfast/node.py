@@ -267,9 +267,8 @@ class Node:
         if pre is not None and not (pre.pin == self.pin and pins.layout(pre.sizes) == want):
             pre.detach_all()
             pre = None
-        if pre is not None:
-            pass      # a parked spare's program: its fresh maps were just renamed here
-        elif pins.has_pins(self.pin):
+        # (a parked spare's program comes with fresh maps, just renamed here: nothing to adopt)
+        if pre is None and pins.has_pins(self.pin):
             if have == want:
                 self.adopted = True
             else:

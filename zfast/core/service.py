@@ -628,7 +628,6 @@ class CoreService:
         spec = self.spare_spec()
         inst = self.runtime.create(spec, group=self.prefix)
         self.runtime.start(inst, park=spec.config)
-        inst.started = time.time()
         self.spare = inst
 
     # ---- status ---------------------------------------------------------------------
@@ -706,10 +705,8 @@ class CoreService:
             sample = self._sample(name, inst, now)
             if sample is None:
                 continue
-            try:
-                roles[name] = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status").get("role")
-            except ApiError:
-                continue
+            # the repair controller asked it this very loop (it has no problems)
+            roles[name] = self._statuses.get(name, {}).get("role")
             scaler = self.scalers.setdefault(name, scaling.Scaler(self.bounds))
             scaler.add(sample)
             sizes = scaling.Sizes(inst.spec.cpu, inst.spec.memory, self.core.flow_table)
