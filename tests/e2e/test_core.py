@@ -110,6 +110,25 @@ def test_sigstop_of_the_standby_is_repaired_within_5s_and_no_stream_breaks(core)
     assert repair[-1]["action"] == "started from the spare"
 
 
+def test_a_successor_frozen_as_soon_as_it_answers_is_repaired_too(core):
+    """The parked spare takes a killed standby's place and is stopped the moment it first
+    answers as standby: it must not enjoy a new daemon's minute to compile (it has nothing
+    to compile). Its own successor (a cold start: no spare is parked yet) is a healthy
+    standby within 20 s."""
+    core.wait_pair(90)
+    standby = core.by_role("standby")
+    os.kill(standby["pid"], signal.SIGKILL)
+    end = time.monotonic() + 15
+    while True:           # as soon as the spare's daemon answers as that standby
+        inst = core.instances()[standby["name"]]
+        if inst["restarts"] > standby["restarts"] and inst["role"] == "standby":
+            break
+        assert time.monotonic() < end, core.status()
+    os.kill(inst["pid"], signal.SIGSTOP)
+    took, _ = _replaced(core, inst["name"], inst["restarts"], timeout=40)
+    assert took < 20.0, f"replaced after {took:.1f} s"
+
+
 def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(core):
     core.wait_pair()
     streams = _streams(core)

@@ -39,6 +39,8 @@ CHECK_EVERY_S = 0.25       # the repair controller's look at every instance
 SCALE_EVERY_S = 1.0        # the scaling controller's sample
 API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is not well
 PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
+START_GRACE_S = 60.0       # a new daemon may take this long to answer first (BCC compiles)
+SPARE_GRACE_S = 10.0       # a parked spare has compiled already: it answers within a second
 HEARTBEAT_MISSING_MS = 1000  # a standby the active has not heard from for this long is abnormal
 CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
 BACKOFF_FIRST_S = 8.0      # a start costs ~0.35 s of CPU (Python, imports): one try in 8 s
@@ -141,6 +143,7 @@ class CoreService:
         self.answered: set[str] = set()   # instances whose daemon has answered since (re)start
         self.drained: set[str] = set()    # routers out of the balancers' rotation (repair)
         self._statuses: dict[str, dict] = {}  # each daemon's last answer
+        self.grace: dict[str, float] = {}     # how long each may take to answer first
         self.store = None
         self.certs = None                  # zfast.routing.certs.CertManager with a routing section
         self._certs_acme = None
@@ -393,6 +396,7 @@ class CoreService:
         self.runtime.start(inst)
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
+        self.grace[spec.name] = START_GRACE_S
         self.health[spec.name] = Health(since=time.time())
         self.events.log("repair", instance=spec.name, action="started", pid=inst.pid,
                         restarts=restarts)
@@ -447,7 +451,8 @@ class CoreService:
             self.answered.add(inst.spec.name)
             self._statuses[inst.spec.name] = st
         except ApiError as err:
-            if inst.spec.name not in self.answered and time.time() - inst.started < 60:
+            if (inst.spec.name not in self.answered
+                    and time.time() - inst.started < self.grace.get(inst.spec.name, START_GRACE_S)):
                 return []  # still starting (compiling the program takes seconds)
             return [f"daemon does not answer: {err}"]
         problems = []
@@ -606,6 +611,7 @@ class CoreService:
         write_atomically(inst.config_path, yaml.safe_dump(raw, sort_keys=False))
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
+        self.grace[spec.name] = SPARE_GRACE_S
         self.health[spec.name] = Health(since=time.time())
         self.events.log("repair", instance=spec.name, action="started from the spare",
                         spare=sp.spec.name, pid=inst.pid, restarts=restarts)
@@ -638,6 +644,7 @@ class CoreService:
             role = None
             try:
                 role = Client(inst.spec.state_dir, timeout=0.5).get("/status").get("role")
+                self.answered.add(name)     # it has answered: from now on silence is a fault
             except ApiError:
                 pass
             out.append({
