@@ -304,3 +304,27 @@ def test_documents_put_fetch_items_shared_between_instances(store, tmp_path):
                                          "certs/b.example.org": "PEM-2"}
     finally:
         other.close()
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from zfast.store.sqlite import SqliteStore
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+SqliteStore(sys.argv[1], sys.argv[3]).close()
+"""
+
+
+def test_nodes_opening_a_new_store_at_the_same_instant_all_succeed(tmp_path):
+    # Two nodes of a pair start together on one file: the switch to WAL answers "database
+    # is locked" without waiting for the busy timeout; the open must wait its turn (seen in
+    # CI: the second node of the pair lab exited at start).
+    for round_ in range(10):
+        path = tmp_path / f"s{round_}.sqlite"
+        start = time.time() + 0.5
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(path), str(start),
+                                   f"n{i}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+        errors = [p.communicate(timeout=30)[1] for p in procs if p.wait(timeout=30) != 0]
+        assert not errors, errors[0]

@@ -72,19 +72,39 @@ class SqliteStore(Store):
         self._last_ok: float | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"{self.path}: cannot switch SQLite to WAL (journal_mode {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
-            with self._tx():
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(stmt)
+            self._open()
             self._last_ok = time.time()
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open SQLite store {self.path}: {e}") from e
+
+    def _open(self) -> None:
+        """Connect, switch to WAL and create the schema. Nodes sharing one file may open it
+        at the same instant; the switch to WAL (and WAL recovery) answer SQLITE_BUSY without
+        calling the busy handler, so a busy open is tried again until BUSY_TIMEOUT_MS."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                 isolation_level=None, check_same_thread=False)
+            try:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot switch SQLite to WAL (journal_mode {mode})")
+                db.execute("PRAGMA synchronous = FULL")
+                self._db = db
+                with self._tx():
+                    for stmt in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(stmt)
+                return
+            except sqlite3.OperationalError as e:
+                db.close()
+                busy = "locked" in str(e) or "busy" in str(e)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            except BaseException:
+                db.close()
+                raise
 
     # --- plumbing --------------------------------------------------------------------
     class _Tx:
