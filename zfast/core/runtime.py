@@ -52,6 +52,7 @@ class Instance:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restarts: int = 0
+    cpu_ns_before: int = 0      # CPU its cgroup had used before it became this instance (a spare's compile)
     host_ifnames: list[str] = field(default_factory=list)   # its links' ends on the bridges
 
     @property

@@ -528,8 +528,9 @@ class CoreService:
                                     "action": "resize" if planned else "replace",
                                     "restarts": restarts,
                                     "next_retry_in_s": backoff}
-        # what the instance cost over its life (a crash loop's cost is the sum of these)
-        cpu_s = round(self.runtime.usage(inst)["cpu_ns"] / 1e9, 3)
+        # what the instance cost over its life as this instance (a crash loop's cost is the
+        # sum of these; a spare's compile, done before it was needed, is not part of it)
+        cpu_s = round(max(0, self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9, 3)
         self.events.log("repair", instance=name, action="replace", problems=problems,
                         restarts=restarts, backoff_s=backoff, cpu_s=cpu_s,
                         lived_s=round(now - inst.started, 2))
@@ -607,7 +608,8 @@ class CoreService:
         new = replace(spec, state_dir=sp.spec.state_dir, config=raw)
         self.runtime.assign(sp, new.links, macs)
         inst = Instance(new, sp.netns, sp.cgroup, sp.proc, started=time.time(),
-                        restarts=restarts, host_ifnames=sp.host_ifnames)
+                        restarts=restarts, host_ifnames=sp.host_ifnames,
+                        cpu_ns_before=self.runtime.usage(sp)["cpu_ns"])
         write_atomically(inst.config_path, yaml.safe_dump(raw, sort_keys=False))
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
