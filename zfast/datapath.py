@@ -150,6 +150,16 @@ def _last_reason(log: str) -> str | None:
     return errors[0] if errors else None
 
 
+def _release_compiler_heap() -> None:
+    """Give back to the kernel what clang/LLVM freed after the compile: glibc keeps it in
+    its arenas otherwise, and a daemon would carry ~80 MiB it no longer uses against its
+    instance's memory limit (measured: 115 -> 38 MiB anonymous after a load)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass        # not glibc: nothing to trim
+
+
 @dataclass
 class Attachment:
     ifname: str
@@ -182,6 +192,7 @@ class Loaded:
             saved.write_text(log.text)
             raise DatapathError(f"the kernel refused the zfast program: {_last_reason(log.text) or err}"
                                 f" (compiler/verifier log: {saved})") from None
+        _release_compiler_heap()
         self.prog_fd = self.fn.fd
         self.prog_id = int(fd_info(self.prog_fd).get("prog_id", 0))
         self.attached: dict[str, Attachment] = {}

@@ -83,14 +83,27 @@ class Cgroup:
         return stat.get("nr_periods", 0), stat.get("nr_throttled", 0)
 
     def memory(self) -> tuple[int, int]:
-        """(used, limit) bytes."""
+        """(working set, limit) bytes. The working set leaves out inactive page cache (the
+        kernel drops it before it would OOM-kill): counted, a daemon that read files looks
+        near its limit when it is not (the measure kubelet and cAdvisor use)."""
         if self.v2:
-            used = int((self.paths["memory"] / "memory.current").read_text())
-            limit = (self.paths["memory"] / "memory.max").read_text().strip()
-            return used, (1 << 62) if limit == "max" else int(limit)
+            mem = self.paths["memory"]
+            used = int((mem / "memory.current").read_text())
+            limit = (mem / "memory.max").read_text().strip()
+            inactive = self._stat(mem / "memory.stat", "inactive_file")
+            return max(0, used - inactive), (1 << 62) if limit == "max" else int(limit)
         mem = self.paths["memory"]
-        return (int((mem / "memory.usage_in_bytes").read_text()),
-                int((mem / "memory.limit_in_bytes").read_text()))
+        used = int((mem / "memory.usage_in_bytes").read_text())
+        inactive = self._stat(mem / "memory.stat", "total_inactive_file")
+        return max(0, used - inactive), int((mem / "memory.limit_in_bytes").read_text())
+
+    @staticmethod
+    def _stat(path: Path, key: str) -> int:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+        return 0
 
     def pids(self) -> list[int]:
         try:
