@@ -26,8 +26,9 @@ class Core:
         out = [json.loads(line) for line in lines if line.strip()]
         return [e for e in out if kind is None or e["kind"] == kind]
 
-    def wait_pair(self, timeout: float = 60.0, spare: bool = True) -> dict:
-        """Until one active and one standby, both healthy (and a spare parked)."""
+    def wait_pair(self, timeout: float = 60.0, spare: bool = True, stable_s: float = 0.0) -> dict:
+        """Until one active and one standby, both healthy (for stable_s at least: failing
+        sooner counts as a crash), and a spare parked."""
         end = time.monotonic() + timeout
         last = None
         while time.monotonic() < end:
@@ -37,7 +38,9 @@ class Core:
                 time.sleep(0.2)
                 continue
             roles = sorted(i["role"] or "-" for i in last["instances"])
-            healthy = all(i["healthy"] for i in last["instances"])
+            healthy = all(i["healthy"] and i["healthy_since"] is not None
+                          and time.time() - i["healthy_since"] >= stable_s
+                          for i in last["instances"])
             if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
                 return {i["name"]: i for i in last["instances"]}
             time.sleep(0.2)

@@ -112,6 +112,7 @@ def test_cpu_throttled_share_alone_grows():
     decisions = run(s, cur, 0, WINDOW, cpu=share(0.10, "cpu"), throttled=0.25)
     assert [(d.resource, d.old, d.new) for _, d in decisions] == [("cpu", 0.5, 1.0)]
     assert decisions[0][1].numbers["throttled_p90"] == pytest.approx(0.25)
+    assert "throttled in 25% of its periods" in decisions[0][1].reason
     assert decisions[0][1].numbers["cpu_use_p90"] == pytest.approx(0.10)
     # at or under 20 % throttled (and a quiet use) nothing happens
     s, cur = Scaler(Bounds()), sizes(cpu=0.5)
@@ -376,3 +377,26 @@ def test_decision_as_event_carries_everything():
     assert set(event) == {"instance", "resource", "old", "new", "reason"} | set(d.numbers)
     plain = Decision("memory", 1, 2, "why").as_event("x")
     assert plain == {"instance": "x", "resource": "memory", "old": 1, "new": 2, "reason": "why"}
+
+
+def test_a_starved_daemon_grows_at_once_and_not_past_the_bound():
+    s = Scaler(Bounds(cpu=(0.25, 1.0)))
+    d = s.grow_starved(0.25, throttled=0.9, now=100.0)
+    assert (d.resource, d.old, d.new) == ("cpu", 0.25, 0.5) and "starved" in d.reason
+    assert d.numbers["throttled"] == 0.9
+    # the normal rules wait GROW_SETTLE_S after it like after any change
+    assert s.changed["cpu"] == 100.0
+    assert s.grow_starved(0.5, throttled=0.5, now=101.0) is None    # not throttled enough
+    assert s.grow_starved(1.0, throttled=1.0, now=101.0) is None    # at the bound
+
+
+def test_cpu_does_not_flap_between_a_throttled_quota_and_an_idle_looking_one():
+    # A bursty daemon: at 0.25 CPU it uses 0.22 and is throttled in 22 % of its periods;
+    # at 0.5 it uses 0.12 (under 30 %) unthrottled. Grown once, it stays at 0.5.
+    s, cur = Scaler(Bounds(cpu=(0.25, 1.0), cooldown_s=8)), sizes(cpu=0.25)
+    decisions = run(s, cur, 0, WINDOW + 1, cpu=0.22, throttled=0.22)
+    assert [(d.old, d.new) for _, d in decisions] == [(0.25, 0.5)]
+    assert run(s, cur, WINDOW + 1, 200, cpu=0.12) == []
+    # the load that made 0.25 too small has gone (under half of it): back to 0.25
+    later = run(s, cur, 200, 230, cpu=0.05)
+    assert [(d.old, d.new) for _, d in later] == [(0.5, 0.25)]

@@ -13,7 +13,10 @@ only well below a low one), min/max bounds from ``core.balancer.scale`` and a co
 - flow_table: entries over capacity (an LRU table sits near 100 % when too small: it
   evicts); grow x4 above 85 %; shrink /4 when the fill would stay under 50 % after it.
 A resource grows after ``GROW_SETTLE_S`` of full-window evidence; it shrinks only after
-``cooldown_s`` without any change of it, on a window entirely below the low mark. Every
+``cooldown_s`` without any change of it, on a window entirely below the low mark. A CPU
+quota also remembers why it last grew: it goes back to a quota found too small only when
+the load is under half of what it was then (without that, a bursty daemon at 0.25 CPU is
+throttled, grows to 0.5, looks idle there and shrinks again, every cooldown). Every
 decision carries the numbers that drove it.
 """
 
@@ -75,6 +78,9 @@ def _round_cpu(value: float) -> float:
     return round(math.ceil(value / CPU_STEP - 1e-9) * CPU_STEP, 2)
 
 
+STARVED = 0.5               # throttled in over half its periods while not answering: starved
+
+
 class Scaler:
     """One instance's load history and last changes."""
 
@@ -83,6 +89,7 @@ class Scaler:
         self.samples: deque[Sample] = deque(maxlen=WINDOW)
         self.changed: dict[str, float] = {}     # resource -> time of its last change
         self.first: float | None = None         # the first sample's time (the instance's start)
+        self.too_small: tuple[float, float] | None = None  # (CPU quota it grew from, CPUs used then)
 
     def add(self, sample: Sample) -> None:
         if self.first is None:
@@ -110,10 +117,25 @@ class Scaler:
             self.changed[d.resource] = now
         return out
 
+    def grow_starved(self, cpu: float, throttled: float, now: float) -> Decision | None:
+        """A daemon that does not answer while its quota runs out in most periods is
+        starved, not hung (a stopped process is never throttled): its quota grows now,
+        without a full window. A successor with the same quota would starve as well."""
+        hi = self.bounds.cpu[1]
+        if throttled <= STARVED or cpu >= hi:
+            return None
+        self.changed["cpu"] = now
+        self.too_small = (cpu, cpu)       # starved: it would have used all of it and more
+        return Decision("cpu", cpu, min(hi, _round_cpu(cpu * 2)),
+                        f"starved: throttled in {throttled:.0%} of its periods while it "
+                        f"does not answer", {"throttled": round(throttled, 3)})
+
     def _cpu(self, sizes: Sizes, now: float) -> Decision | None:
         lo, hi = self.bounds.cpu
         use = self._window("cpu") / max(sizes.cpu, 1e-6)
-        throttled = self._window("throttled")
+        # throttling measured under an older quota says nothing of this one
+        since = self.changed.get("cpu", -1e18)
+        throttled = np.array([s.throttled for s in self.samples if s.time > since] or [0.0])
         p50, p90 = (float(x) for x in np.percentile(use, [50, 90]))
         numbers = {"cpu_use_p50": round(p50, 3), "cpu_use_p90": round(p90, 3),
                    "throttled_p90": round(float(np.percentile(throttled, 90)), 3),
@@ -121,9 +143,15 @@ class Scaler:
         if self._may_grow("cpu", now) and sizes.cpu < hi and (
                 p90 > CPU_HIGH or numbers["throttled_p90"] > THROTTLED_HIGH):
             new = min(hi, _round_cpu(sizes.cpu * 2))
-            return Decision("cpu", sizes.cpu, new, f"p90 use {p90:.0%} of the quota", numbers)
+            reason = (f"p90 use {p90:.0%} of the quota" if p90 > CPU_HIGH else
+                      f"throttled in {numbers['throttled_p90']:.0%} of its periods (p90)")
+            self.too_small = (sizes.cpu, p90 * sizes.cpu)
+            return Decision("cpu", sizes.cpu, new, reason, numbers)
         if self._may_shrink("cpu", now) and sizes.cpu > lo and float(use.max()) < CPU_LOW:
             new = max(lo, _round_cpu(sizes.cpu / 2))
+            used_max = float(use.max()) * sizes.cpu
+            if self.too_small and new <= self.too_small[0] and used_max >= self.too_small[1] / 2:
+                return None     # the load that found `new` too small is not gone
             if new < sizes.cpu:
                 return Decision("cpu", sizes.cpu, new,
                                 f"use under {CPU_LOW:.0%} of the quota for the whole window", numbers)

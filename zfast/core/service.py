@@ -39,10 +39,11 @@ CHECK_EVERY_S = 0.25       # the repair controller's look at every instance
 SCALE_EVERY_S = 1.0        # the scaling controller's sample
 API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is not well
 PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
+STARVED_WAIT_S = 2.0       # after a starved daemon's quota grew: its time to answer again
 START_GRACE_S = 60.0       # a new daemon may take this long to answer first (BCC compiles)
 SPARE_GRACE_S = 10.0       # a parked spare has compiled already: it answers within a second
 HEARTBEAT_MISSING_MS = 1000  # a standby the active has not heard from for this long is abnormal
-CRASH_WINDOW_S = 30.0      # dying sooner than this after a start counts as a crash loop
+STABLE_S = 10.0            # failing before this long healthy (or never healthy) is a crash
 BACKOFF_FIRST_S = 8.0      # a start costs ~0.35 s of CPU (Python, imports): one try in 8 s
 BACKOFF_MAX_S = 60.0       # is under 5 % of a CPU, and it only gets rarer
 FLOW_ENTRY_BYTES = 1536   # memory a flow-table entry costs an instance at its peak (scaling)
@@ -116,6 +117,7 @@ def _top_down(subnet, skip, count: int) -> list:
 class Health:
     problems: list[str] = field(default_factory=list)
     since: float = 0.0
+    healthy_at: float | None = None     # first answer without problems (None: never yet)
 
 
 class CoreService:
@@ -136,6 +138,7 @@ class CoreService:
         self.bounds = scaling.bounds_from(self.core.scale, parse_size)
         self.scalers: dict[str, scaling.Scaler] = {}
         self._last_usage: dict[str, tuple] = {}
+        self._throttle_seen: dict[str, tuple[int, int]] = {}   # (periods, throttled) last look
         self._resizing: dict | None = None      # a rolling flow-table resize under way
         self.health: dict[str, Health] = {}
         self.next_try: dict[str, float] = {}
@@ -483,9 +486,12 @@ class CoreService:
         now = time.time()
         for name, inst in list(self.instances.items()):
             problems = self.problems_of(inst)
+            throttled = self._throttled_share(name, inst)
             h = self.health[name]
             if not problems:
                 h.problems, h.since = [], now
+                if h.healthy_at is None and name in self.answered:
+                    h.healthy_at = now
                 continue
             if not h.problems:
                 h.since = now
@@ -494,12 +500,37 @@ class CoreService:
             # A gone daemon is replaced at once; other problems must last a moment.
             if not exited and now - h.since < PERSIST_S:
                 continue
+            if not exited and self._grow_if_starved(name, inst, problems, throttled, now):
+                h.since = now + STARVED_WAIT_S - PERSIST_S
+                continue
             if now < self.next_try.get(name, 0):
                 continue
             if not exited and inst.spec.kind == "balancer" and not self._others_well(name):
                 continue    # never take down the last working balancer for a lesser problem
             self.replace(name, problems)
         self._undrain_ready_routers()
+
+    def _throttled_share(self, name: str, inst: Instance) -> float:
+        """Share of CFS periods since the last look in which its quota ran out."""
+        try:
+            periods, throttled = inst.cgroup.throttling()
+        except (OSError, ValueError):
+            return 0.0
+        before = self._throttle_seen.get(name, (periods, throttled))
+        self._throttle_seen[name] = (periods, throttled)
+        return (throttled - before[1]) / max(periods - before[0], 1)
+
+    def _grow_if_starved(self, name: str, inst: Instance, problems: list[str],
+                         throttled: float, now: float) -> bool:
+        """A silent daemon whose quota ran out in most periods since the last look gets
+        more CPU instead of a successor (which would starve the same way)."""
+        if not all(p.startswith("daemon does not answer") for p in problems):
+            return False
+        d = self.scalers.setdefault(name, scaling.Scaler(self.bounds)).grow_starved(
+            inst.spec.cpu, throttled, now)
+        if d is not None:
+            self._carry_out(name, inst, d)
+        return d is not None
 
     def _others_well(self, name: str) -> bool:
         """Whether another balancer is up and answering (then this one may be replaced)."""
@@ -511,7 +542,9 @@ class CoreService:
                 planned: bool = False) -> None:
         """Remove an instance and start its successor: the parked spare when one is ready
         (no compile: seconds sooner), else a new instance. A successor that dies within
-        CRASH_WINDOW_S of its start makes the next try wait (8, 16, 32, 60 s)."""
+        STABLE_S of being healthy (or before it ever was) makes the next try wait (8, 16,
+        32, 60 s). How long it lived does not count: a start that took long (a compile on
+        a busy machine) and then served is no crash loop."""
         now = time.time()
         inst = self.instances[name]
         if spec is None and inst.spec.kind == "balancer":
@@ -519,7 +552,9 @@ class CoreService:
             spec = replace(self.spec_of(name), cpu=inst.spec.cpu,
                            memory=max(inst.spec.memory, self.core.memory))
         spec = spec or inst.spec
-        crashed = not planned and now - inst.started < CRASH_WINDOW_S and inst.restarts > 0
+        healthy_at = self.health[name].healthy_at if name in self.health else None
+        crashed = (not planned and inst.restarts > 0
+                   and (healthy_at is None or now - healthy_at < STABLE_S))
         self.crashes[name] = self.crashes.get(name, 0) + 1 if crashed else 0
         restarts = inst.restarts + 1
         backoff = (min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.crashes[name] - 1))
@@ -533,16 +568,21 @@ class CoreService:
         cpu_s = round(max(0, self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9, 3)
         self.events.log("repair", instance=name, action="replace", problems=problems,
                         restarts=restarts, backoff_s=backoff, cpu_s=cpu_s,
-                        lived_s=round(now - inst.started, 2))
+                        lived_s=round(now - inst.started, 2),
+                        healthy_s=round(now - healthy_at, 2) if healthy_at else None)
         macs = self.runtime.macs(inst)
         if inst.spec.kind == "router":
             self._drain_router(name, inst)
         self.runtime.destroy(inst)
         self.scalers.pop(name, None)
+        self._throttle_seen.pop(name, None)
+        self._last_usage.pop(name, None)
         self._statuses.pop(name, None)
         self.next_try[name] = now + backoff
         try:
-            if not crashed and spec.kind == "balancer" and self._spare_ready():
+            # the spare even after a crash: it costs no compile, and none is made while
+            # anything fails, so a crash loop uses it once at most
+            if spec.kind == "balancer" and self._spare_ready():
                 self._activate_spare(spec, restarts, macs)
             else:
                 self._launch(spec, restarts)
@@ -657,6 +697,7 @@ class CoreService:
                 "flow_table": inst.spec.config.get("datapath", {}).get("flow_table"),
                 "healthy": not self.health[name].problems, "problems": self.health[name].problems,
                 "restarts": inst.restarts, "started": inst.started,
+                "healthy_since": self.health[name].healthy_at,
             })
         return {"project": self.project.project, "instances": out,
                 "spare": self.spare.spec.name if self.spare else None,
@@ -677,10 +718,16 @@ class CoreService:
             cpu_ns = inst.cgroup.cpu_ns()
             periods, throttled = inst.cgroup.throttling()
             memory, _ = inst.cgroup.memory()
-            st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/stats")
-        except (OSError, ValueError, ApiError):
+        except (OSError, ValueError):
             return None
-        packets = sum(v["packets"] for v in st.get("verdicts", {}).values())
+        last = self._last_usage.get(name)
+        packets = last[4] if last else 0     # a daemon that does not answer: no new packets
+        if not self.health[name].problems:
+            try:
+                st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/stats")
+                packets = sum(v["packets"] for v in st.get("verdicts", {}).values())
+            except ApiError:
+                pass
         flows = 0
         path = pin_dir((inst.spec.config.get("node") or {}).get("name", "-")) / "flows"
         try:
@@ -695,7 +742,6 @@ class CoreService:
                     os.close(fd)
         except OSError:
             pass
-        last = self._last_usage.get(name)
         self._last_usage[name] = (now, cpu_ns, periods, throttled, packets)
         if last is None or last[1] > cpu_ns:
             return None
@@ -709,17 +755,20 @@ class CoreService:
         now = time.time()
         roles = {}
         for name, inst in list(self.instances.items()):
-            if inst.pid is None or name not in self.answered or self.health[name].problems:
+            # A daemon starved by its quota may not answer in time: it is still sampled
+            # (from its cgroup), so that its quota can grow before the repair gives up on it.
+            if inst.pid is None or name not in self.answered:
                 continue
             sample = self._sample(name, inst, now)
             if sample is None:
                 continue
-            # the repair controller asked it this very loop (it has no problems)
-            roles[name] = self._statuses.get(name, {}).get("role")
+            well = not self.health[name].problems
+            if well:   # the repair controller asked it this very loop
+                roles[name] = self._statuses.get(name, {}).get("role")
             scaler = self.scalers.setdefault(name, scaling.Scaler(self.bounds))
             scaler.add(sample)
             sizes = scaling.Sizes(inst.spec.cpu, inst.spec.memory, self.core.flow_table)
-            on_active = (inst.spec.kind == "balancer" and roles[name] == "active"
+            on_active = (well and inst.spec.kind == "balancer" and roles[name] == "active"
                          and self._resizing is None)
             for d in scaler.decide(sizes, now, flows=on_active):
                 self._carry_out(name, inst, d)
