@@ -322,3 +322,29 @@ def test_peer_alive_is_the_dead_interval_since_the_last_heartbeat():
     e.on_heartbeat(Peer().hb(STANDBY), clock())
     assert e.peer_alive(clock.advance(DEAD - 0.001))
     assert not e.peer_alive(clock.advance(0.001))
+
+
+# ---------------------------------------------------------------- after a freeze
+
+def test_after_a_freeze_init_waits_the_hold_to_hear_the_peer_before_claiming_active():
+    # A frozen active (SIGSTOP) resumes: the peer took over, but under load its heartbeats
+    # can take longer than one dead interval to reach the node catching up. Silence for a
+    # dead interval must not make it active again (a second failover): it waits the hold.
+    clock, peer = Clock(), Peer()
+    e = active_pair(clock, peer)
+    t = e.restart_after_freeze(clock.advance(1.0), hold=8 * DEAD, reason="frozen for 1.00 s")
+    assert (t.old, t.new) == (ACTIVE, INIT) and e.init_period() == 8 * DEAD
+    assert run(e, clock, 4 * DEAD) == [] and e.role == INIT
+    [t] = run(e, clock, HB, peer=peer, peer_role=ACTIVE)
+    assert (t.old, t.new) == (INIT, STANDBY)
+    # the next init period (a restart) is one dead interval again
+    assert e.init_period() == DEAD
+
+
+def test_after_a_freeze_with_the_peer_gone_for_good_it_becomes_active_after_the_hold():
+    clock, peer = Clock(), Peer()
+    e = active_pair(clock, peer)
+    e.restart_after_freeze(clock.advance(1.0), hold=8 * DEAD, reason="frozen")
+    assert run(e, clock, 8 * DEAD - HB) == []
+    [t] = run(e, clock, HB)
+    assert (t.old, t.new) == (INIT, ACTIVE) and "no peer" in t.reason

@@ -44,6 +44,7 @@ class Election:
     peer_seen: float | None = None
     healthy: bool = True
     history: list[Transition] = field(default_factory=list)
+    init_s: float | None = None     # this init period's length (None: the dead interval)
 
     def _rank(self, node: str, priority: int) -> tuple:
         return (priority, node)
@@ -53,8 +54,20 @@ class Election:
             return None
         t = Transition(self.role, role, reason)
         self.role = role
+        if role != INIT:
+            self.init_s = None      # a later init period is one dead interval again
         self.history.append(t)
         return t
+
+    def init_period(self) -> float:
+        return max(self.dead_interval, self.init_s or 0.0)
+
+    def restart_after_freeze(self, now: float, hold: float, reason: str) -> Transition | None:
+        """Back to init after this node was frozen: the peer has most likely taken over,
+        and its heartbeats may be slow to reach a node that is catching up; so this init
+        period lasts `hold` (not one dead interval) before silence means the peer is gone."""
+        self.started, self.init_s = now, hold
+        return self._become(INIT, reason)
 
     def peer_alive(self, now: float) -> bool:
         return self.peer_seen is not None and now - self.peer_seen < self.dead_interval
@@ -80,7 +93,7 @@ class Election:
             if peer is not None:
                 return self._become(ACTIVE if me_first else STANDBY,
                                     f"both starting; {'we' if me_first else peer.node} rank higher")
-            if now - self.started >= self.dead_interval:
+            if now - self.started >= self.init_period():
                 return self._become(ACTIVE, "no peer heard")
             return None
         if self.role == STANDBY:

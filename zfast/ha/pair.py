@@ -31,6 +31,7 @@ log = logging.getLogger("zfast.ha")
 ACTIVITY_EVERY_S = 0.1   # the activity controller's period
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
 ANNOUNCE_AGAIN_S = (0.05, 0.25, 1.0)   # repeat GARP/NA: a single frame can be lost
+FROZEN_INIT_S = 1.0      # init period after a freeze: hear the peer before claiming anything
 
 
 class Pair:
@@ -61,7 +62,7 @@ class Pair:
         # The heartbeat thread and one listener per link all drive the election: one step
         # (decision, lease, event) at a time, so the role, the lease and the log agree.
         self._role_lock = threading.Lock()
-        self._sender_lock = threading.Lock()
+        self._role_changed = threading.Event()   # wakes the thread that starts/stops sync
         self._sender_on = False
         self._in_hand: dict[str, bool] = {}   # per link: a heartbeat read, not yet decided on
 
@@ -93,7 +94,9 @@ class Pair:
         self.election.started = time.monotonic()
         more = [threading.Thread(target=self._beat, name="ha-beat", daemon=True),
                 threading.Thread(target=self._check_activity, name="ha-activity", daemon=True),
-                threading.Thread(target=self._announcer, name="ha-announce", daemon=True)]
+                threading.Thread(target=self._announcer, name="ha-announce", daemon=True),
+                threading.Thread(target=self._apply_role_to_sender, name="ha-sync-role",
+                                 daemon=True)]
         self._threads += more
         for t in more:
             t.start()
@@ -129,8 +132,8 @@ class Pair:
                 # peer was dead already keeps its role: nobody took over; a peer that
                 # started meanwhile and went active yields or wins by rank, as two actives do.)
                 def frozen(away=now - self.last_loop, now=now):
-                    self.election.started = now
-                    return self.election._become(INIT, f"frozen for {away:.2f} s")
+                    return self.election.restart_after_freeze(
+                        now, max(self.dead_s, FROZEN_INIT_S), f"frozen for {away:.2f} s")
                 self._step(frozen)
             self.last_loop = now
             if self._unread():
@@ -149,7 +152,7 @@ class Pair:
         e = self.election
         deadline = None
         if e.role == INIT:
-            deadline = e.started + self.dead_s
+            deadline = e.started + e.init_period()
         elif e.role == STANDBY and e.peer_seen is not None:
             deadline = e.peer_seen + self.dead_s
         if deadline is not None and time.monotonic() < deadline < next_send:
@@ -280,12 +283,17 @@ class Pair:
             elif renew and self.role == ACTIVE:
                 self.holder.renew(self.lease_s)
         if t is not None:
-            self._sync_sender()
+            self._role_changed.set()
 
-    def _sync_sender(self) -> None:
-        """Replicate while active. Outside the role lock: stopping may wait for the
-        sender's threads; whichever thread comes last applies the latest role."""
-        with self._sender_lock:
+    def _apply_role_to_sender(self) -> None:
+        """Replicate while active, on a thread of its own: stopping the sender waits for
+        its threads (up to seconds, a connect to a dead peer), and the heartbeat thread
+        that changed the role must not wait with it (it did: "frozen for 1.3 s" right after
+        a takeover, and the pair flapped)."""
+        while not self._stop.is_set():
+            if not self._role_changed.wait(0.5):
+                continue
+            self._role_changed.clear()
             if self.role == ACTIVE and not self._sender_on:
                 self.flow_sender.start()
                 self._sender_on = True
