@@ -603,17 +603,21 @@ class CoreService:
         except Exception as err:
             self.events.log("error", instance=name, error=f"cannot drain: {err}")
             return
+        # Every balancer that answers must have it (not just one: the standby may apply it
+        # first while the active still sends new connections to a router about to stop
+        # listening, which clients see as refused connections).
+        balancers = [i for i in self.instances.values() if i.spec.kind == "balancer"]
         while time.monotonic() - t0 < 2.0:
             revs = []
-            for other in self.instances.values():
-                if other.spec.kind == "balancer":
-                    try:
-                        revs.append(Client(other.spec.state_dir, timeout=0.3).get("/status")["revision"])
-                    except (ApiError, KeyError):
-                        pass
-            if revs and max(revs) >= rev:
+            for other in balancers:
+                try:
+                    revs.append(Client(other.spec.state_dir, timeout=0.3).get("/status")["revision"])
+                except (ApiError, KeyError):
+                    pass
+            if revs and min(revs) >= rev:
                 break
             time.sleep(0.05)
+        applied_s = round(time.monotonic() - t0, 2)
         pidfile = inst.spec.state_dir / "haproxy" / "haproxy.pid"
         try:
             pid = int(pidfile.read_text().split()[0])
@@ -624,7 +628,7 @@ class CoreService:
         except (OSError, ValueError, IndexError):
             pass                                    # gone: nothing more to wait for
         self.events.log("repair", instance=name, action="drained",
-                        seconds=round(time.monotonic() - t0, 2))
+                        seconds=round(time.monotonic() - t0, 2), weight_0_applied_s=applied_s)
 
     def _undrain_ready_routers(self) -> None:
         back = [n for n in self.drained if n in self.answered and n in self.instances
