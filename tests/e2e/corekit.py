@@ -26,9 +26,9 @@ class Core:
         out = [json.loads(line) for line in lines if line.strip()]
         return [e for e in out if kind is None or e["kind"] == kind]
 
-    def wait_pair(self, timeout: float = 60.0, spare: bool = True, stable_s: float = 0.0) -> dict:
-        """Until one active and one standby, both healthy (for stable_s at least: failing
-        sooner counts as a crash), and a spare parked."""
+    def wait_status(self, done, timeout: float, failure: str, during=None, step: float = 0.2) -> dict:
+        """Core status until done(status) holds; that status. ``during`` (if given) runs
+        between looks (a check that must hold meanwhile)."""
         end = time.monotonic() + timeout
         last = None
         while time.monotonic() < end:
@@ -37,14 +37,24 @@ class Core:
             except ApiError:
                 time.sleep(0.2)
                 continue
-            roles = sorted(i["role"] or "-" for i in last["instances"])
+            if done(last):
+                return last
+            if during:
+                during()
+            time.sleep(step)
+        raise AssertionError(f"{failure} after {timeout} s: {last}")
+
+    def wait_pair(self, timeout: float = 60.0, spare: bool = True, stable_s: float = 0.0) -> dict:
+        """Until one active and one standby, both healthy (for stable_s at least: failing
+        sooner counts as a crash), and a spare parked."""
+        def complete(st: dict) -> bool:
+            roles = sorted(i["role"] or "-" for i in st["instances"])
             healthy = all(i["healthy"] and i["healthy_since"] is not None
                           and time.time() - i["healthy_since"] >= stable_s
-                          for i in last["instances"])
-            if roles == ["active", "standby"] and healthy and (not spare or last.get("spare_ready")):
-                return {i["name"]: i for i in last["instances"]}
-            time.sleep(0.2)
-        raise AssertionError(f"the pair is not complete after {timeout} s: {last}")
+                          for i in st["instances"])
+            return roles == ["active", "standby"] and healthy and (not spare or st.get("spare_ready"))
+        st = self.wait_status(complete, timeout, "the pair is not complete")
+        return {i["name"]: i for i in st["instances"]}
 
     def by_role(self, role: str) -> dict:
         return next(i for i in self.instances().values() if i["role"] == role)

@@ -190,24 +190,14 @@ def _wait_event(core: Core, match, timeout: float, what: str, during=None) -> di
 def _wait_resized(core: Core, size: int, timeout: float, during=None) -> dict:
     """Until no resize is under way, both instances have `size` entries, and the pair is
     whole: an active and a standby, both healthy."""
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = core.status()
-        except ApiError:
-            time.sleep(0.2)
-            continue
-        inst = last["instances"]
-        if (last["resizing"] is None and len(inst) == 2
+    def done(st: dict) -> bool:
+        inst = st["instances"]
+        return (st["resizing"] is None and len(inst) == 2
                 and all(i["flow_table"] == size for i in inst)
                 and sorted(i["role"] or "-" for i in inst) == ["active", "standby"]
-                and all(i["healthy"] for i in inst)):
-            return {i["name"]: i for i in inst}
-        if during:
-            during()
-        time.sleep(0.3)
-    raise AssertionError(f"the resize to {size} is not done after {timeout} s: {last}")
+                and all(i["healthy"] for i in inst))
+    st = core.wait_status(done, timeout, f"the resize to {size} is not done", during, step=0.3)
+    return {i["name"]: i for i in st["instances"]}
 
 
 def test_200k_flows_grow_the_flow_table_hitless_and_it_shrinks_back_after_the_cooldown(core):

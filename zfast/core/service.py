@@ -552,7 +552,7 @@ class CoreService:
             spec = replace(self.spec_of(name), cpu=inst.spec.cpu,
                            memory=max(inst.spec.memory, self.core.memory))
         spec = spec or inst.spec
-        healthy_at = self.health[name].healthy_at if name in self.health else None
+        healthy_at = self.health[name].healthy_at
         crashed = (not planned and inst.restarts > 0
                    and (healthy_at is None or now - healthy_at < STABLE_S))
         self.crashes[name] = self.crashes.get(name, 0) + 1 if crashed else 0
