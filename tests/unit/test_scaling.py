@@ -400,3 +400,15 @@ def test_cpu_does_not_flap_between_a_throttled_quota_and_an_idle_looking_one():
     # the load that made 0.25 too small has gone (under half of it): back to 0.25
     later = run(s, cur, 200, 230, cpu=0.05)
     assert [(d.old, d.new) for _, d in later] == [(0.5, 0.25)]
+
+
+def test_a_later_rise_does_not_make_it_forget_a_quota_found_too_small_before():
+    # 0.25 is too small for the daemon's bursts; a load later grows 0.5 to 1.0. When that
+    # load goes, the quota comes back to 0.5, not to 0.25 (seen in the core e2e test).
+    s, cur = Scaler(Bounds(cpu=(0.25, 1.0), cooldown_s=8)), sizes(cpu=0.25)
+    run(s, cur, 0, WINDOW + 1, cpu=0.22, throttled=0.22)
+    assert cur.cpu == 0.5
+    run(s, cur, WINDOW + 1, 40, cpu=0.5)
+    assert cur.cpu == 1.0
+    later = run(s, cur, 40, 200, cpu=0.12)
+    assert [(d.old, d.new) for _, d in later] == [(1.0, 0.5)]

@@ -14,7 +14,7 @@ only well below a low one), min/max bounds from ``core.balancer.scale`` and a co
   evicts); grow x4 above 85 %; shrink /4 when the fill would stay under 50 % after it.
 A resource grows after ``GROW_SETTLE_S`` of full-window evidence; it shrinks only after
 ``cooldown_s`` without any change of it, on a window entirely below the low mark. A CPU
-quota also remembers why it last grew: it goes back to a quota found too small only when
+quota also remembers why it grew: it goes back to a quota found too small only when
 the load is under half of what it was then (without that, a bursty daemon at 0.25 CPU is
 throttled, grows to 0.5, looks idle there and shrinks again, every cooldown). Every
 decision carries the numbers that drove it.
@@ -89,7 +89,7 @@ class Scaler:
         self.samples: deque[Sample] = deque(maxlen=WINDOW)
         self.changed: dict[str, float] = {}     # resource -> time of its last change
         self.first: float | None = None         # the first sample's time (the instance's start)
-        self.too_small: tuple[float, float] | None = None  # (CPU quota it grew from, CPUs used then)
+        self.too_small: dict[float, float] = {}  # CPU quota it grew from -> CPUs used then
 
     def add(self, sample: Sample) -> None:
         if self.first is None:
@@ -125,7 +125,7 @@ class Scaler:
         if throttled <= STARVED or cpu >= hi:
             return None
         self.changed["cpu"] = now
-        self.too_small = (cpu, cpu)       # starved: it would have used all of it and more
+        self.too_small[cpu] = cpu         # starved: it would have used all of it and more
         return Decision("cpu", cpu, min(hi, _round_cpu(cpu * 2)),
                         f"starved: throttled in {throttled:.0%} of its periods while it "
                         f"does not answer", {"throttled": round(throttled, 3)})
@@ -145,13 +145,13 @@ class Scaler:
             new = min(hi, _round_cpu(sizes.cpu * 2))
             reason = (f"p90 use {p90:.0%} of the quota" if p90 > CPU_HIGH else
                       f"throttled in {numbers['throttled_p90']:.0%} of its periods (p90)")
-            self.too_small = (sizes.cpu, p90 * sizes.cpu)
+            self.too_small[sizes.cpu] = p90 * sizes.cpu
             return Decision("cpu", sizes.cpu, new, reason, numbers)
         if self._may_shrink("cpu", now) and sizes.cpu > lo and float(use.max()) < CPU_LOW:
             new = max(lo, _round_cpu(sizes.cpu / 2))
             used_max = float(use.max()) * sizes.cpu
-            if self.too_small and new <= self.too_small[0] and used_max >= self.too_small[1] / 2:
-                return None     # the load that found `new` too small is not gone
+            if any(new <= quota and used_max >= load / 2 for quota, load in self.too_small.items()):
+                return None     # the load that found `new` (or more) too small is not gone
             if new < sizes.cpu:
                 return Decision("cpu", sizes.cpu, new,
                                 f"use under {CPU_LOW:.0%} of the quota for the whole window", numbers)
