@@ -203,7 +203,9 @@ def test_new_backends_reload_hitlessly(lab):
     wait_for("be2 serving the wildcard",
              lambda: "be2" in lab.names("x.apps.example.org", 4), SOON)
     assert set(lab.names("x.apps.example.org")) == {"be2", "be3"}
-    st = lab.router.status()
+    # the new workers serve a moment before the reload returns and the daemon records the
+    # revision as applied: its status says so once the apply is whole
+    st = wait_for(f"revision {rev} recorded", lambda: (s := lab.router.status())["revision"] == rev and s, SOON)
     assert st["revision"] == rev and st["haproxy"]["reloads"] == reloads + 1
     ev = [e for e in routing_events(lab, before) if e.get("revision") == rev]
     assert ev and ev[0]["reloaded"] is True and ev[0]["upstreams_changed"] == ["web_80"]
