@@ -26,6 +26,17 @@ class Core:
         out = [json.loads(line) for line in lines if line.strip()]
         return [e for e in out if kind is None or e["kind"] == kind]
 
+    def story(self, n: int = 10) -> str:
+        """For a failure message: the controllers' last events and what the daemons that
+        ran in the last two minutes printed last."""
+        events = [e for e in self.events() if e["kind"] in ("repair", "scale", "error")][-n:]
+        logs = []
+        for log in sorted(self.state.glob("*/daemon.log")):
+            if time.time() - log.stat().st_mtime < 120:
+                tail = log.read_text(errors="replace").splitlines()[-6:]
+                logs.append(f"{log.parent.name}/daemon.log:\n  " + "\n  ".join(tail))
+        return "\n".join([json.dumps(e) for e in events] + logs)
+
     def wait_status(self, done, timeout: float, failure: str, during=None, step: float = 0.2) -> dict:
         """Core status until done(status) holds; that status. ``during`` (if given) runs
         between looks (a check that must hold meanwhile)."""
@@ -42,7 +53,7 @@ class Core:
             if during:
                 during()
             time.sleep(step)
-        raise AssertionError(f"{failure} after {timeout} s: {last}")
+        raise AssertionError(f"{failure} after {timeout} s: {last}\n{self.story()}")
 
     def wait_pair(self, timeout: float = 60.0, spare: bool = True, stable_s: float = 0.0) -> dict:
         """Until one active and one standby, both healthy (for stable_s at least: failing

@@ -53,6 +53,7 @@ class Instance:
     started: float = 0.0
     restarts: int = 0
     cpu_ns_before: int = 0      # CPU its cgroup had used before it became this instance (a spare's compile)
+    log_from: int = 0           # where its daemon's output starts in daemon.log (shared by its predecessors)
     host_ifnames: list[str] = field(default_factory=list)   # its links' ends on the bridges
 
     @property
@@ -92,6 +93,10 @@ class Runtime(ABC):
 
     @abstractmethod
     def usage(self, inst: Instance) -> dict: ...
+
+    @abstractmethod
+    def last_words(self, inst: Instance) -> str:
+        """The last line its daemon printed (why it exited: a refusal, a traceback's end)."""
 
     @abstractmethod
     def resize(self, inst: Instance, cpu: float, memory: int) -> None: ...
@@ -189,6 +194,7 @@ class NetnsRuntime(Runtime):
             template.write_text(yaml.safe_dump(park, sort_keys=False))
             argv += ["--park", str(template)]
         log = open(inst.spec.state_dir / "daemon.log", "ab")
+        inst.log_from = log.tell()
         inst.proc = subprocess.Popen(["ip", "netns", "exec", inst.netns, *argv],
                                      stdout=log, stderr=log, start_new_session=True)
         log.close()
@@ -240,6 +246,16 @@ class NetnsRuntime(Runtime):
             return {"cpu_ns": inst.cgroup.cpu_ns(), "memory": used, "memory_limit": limit}
         except (OSError, ValueError):
             return {"cpu_ns": 0, "memory": 0, "memory_limit": 0}
+
+    def last_words(self, inst: Instance, limit: int = 300) -> str:
+        try:
+            with open(inst.spec.state_dir / "daemon.log", "rb") as f:
+                f.seek(max(inst.log_from, f.seek(0, os.SEEK_END) - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1][:limit] if lines else ""
 
     def resize(self, inst: Instance, cpu: float, memory: int) -> None:
         inst.cgroup.set_limits(cpu, memory)

@@ -448,7 +448,8 @@ class CoreService:
         """What is wrong with an instance now (empty: healthy)."""
         if inst.proc is None or inst.proc.poll() is not None:
             code = inst.proc.returncode if inst.proc else None
-            return [f"daemon exited ({code})"]
+            why = self.runtime.last_words(inst)
+            return [f"daemon exited ({code})" + (f": {why}" if why else "")]
         try:
             st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status")
             self.answered.add(inst.spec.name)
