@@ -278,6 +278,11 @@ class Loaded:
         tx = self.table("tx_ports")
         for idx in ifindexes:
             if 0 < idx < self.sizes.max_ifindex:
+                try:
+                    if tx[ctypes.c_int(idx)].value == idx:
+                        continue        # a rewrite would allocate a new entry for nothing
+                except KeyError:
+                    pass
                 tx[ctypes.c_int(idx)] = ctypes.c_int(idx)
 
     # ---- XDP attach -------------------------------------------------------

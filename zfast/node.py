@@ -335,14 +335,23 @@ class Node:
         signal.signal(signal.SIGUSR1, keep)
         next_sweep = time.monotonic()
         while not self._stop.wait(TX_PORTS_REFRESH_S):
-            self._refresh_tx_ports()
+            # A failing chore (a map update refused for a moment, e.g. ENOMEM at the memory
+            # limit) is an error event and is tried again next time: the node serves on.
+            self._chore("interfaces", self._refresh_tx_ports)
             if self.pair:
-                self.pair.holder.refresh_macs()
+                self._chore("interface MACs", self.pair.holder.refresh_macs)
             idle_s = self.project.datapath.flow_idle_s
             if idle_s and time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + idle_s / 2
-                self._sweep_idle_flows()
+                self._chore("flow sweep", self._sweep_idle_flows)
         self.stop()
+
+    def _chore(self, what: str, job) -> None:
+        try:
+            job()
+        except Exception as err:
+            log.exception("%s", what)
+            self.events.log("error", controller=what, error=repr(err))
 
     def stop(self) -> None:
         self._teardown(remove_dataplane=not self.keep_dataplane)
