@@ -129,11 +129,23 @@ def test_a_successor_frozen_as_soon_as_it_answers_is_repaired_too(core):
         assert time.monotonic() < end, core.status()
     os.kill(inst["pid"], signal.SIGSTOP)
     took, _ = _replaced(core, inst["name"], inst["restarts"], timeout=50)
-    last = [e for e in core.events("repair") if e.get("instance") == inst["name"]
-            and e["action"] == "replace"][-1]
+    repair = [e for e in core.events("repair") if e.get("instance") == inst["name"]]
+    last = [e for e in repair if e["action"] == "replace"][-1]
     # a crash (it was never healthy for long): the try after this one waits 8 s
     assert last["backoff_s"] == 8 and "does not answer" in " ".join(last["problems"]), last
-    assert took < 25.0, f"replaced after {took:.1f} s"
+    assert took < 25.0, f"replaced after {took:.1f} s\n{core.story()}"
+    # the cold start compiled with the top of scale.cpu, then went back to its own quota
+    st = core.wait_status(lambda st: not {i["name"]: i for i in st["instances"]}[inst["name"]]["boosted"],
+                          5, "still boosted")
+    successor = {i["name"]: i for i in st["instances"]}[inst["name"]]
+    repair = [e for e in core.events("repair") if e.get("instance") == inst["name"]]
+    started = [e for e in repair if e["action"] == "started"][-1]
+    answered = [e for e in repair if e["action"] == "answered"][-1]
+    assert started["start_cpu"] == 1.0 and answered["cpu"] == successor["cpu"] < 1.0, repair[-3:]
+    assert _epoch(answered["time"]) > _epoch(started["time"]), repair[-3:]
+    quota = _cgroup_of(successor["pid"])["cpu"]
+    assert (int((quota / "cpu.cfs_quota_us").read_text())
+            == int(successor["cpu"] * int((quota / "cpu.cfs_period_us").read_text())))
 
 
 def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(core):
@@ -184,7 +196,18 @@ def test_an_instance_that_crashes_on_start_backs_off_and_costs_under_5_percent_c
         assert core.status()["controllers"]["repair"]["next_retry_in_s"] >= 8
     finally:
         key.write_bytes(good)
-    core.wait_pair(90, spare=False)
+    # Once a successor has been healthy for STABLE_S the loop is over: its next failure is
+    # repaired at once, not after what is left of the last back-off (60 s).
+    name = standby["name"]
+    core.wait_pair(120, spare=False, stable_s=STABLE_S + 1)
+    stable = [e for e in core.events("repair") if e.get("instance") == name and e["action"] == "stable"]
+    assert stable and stable[-1]["after_crashes"] >= 3, core.story()
+    again = core.instances()[name]
+    killed = time.time()
+    os.kill(again["pid"], signal.SIGKILL)
+    _replaced(core, name, again["restarts"], timeout=60)
+    last = [e for e in core.events("repair") if e.get("instance") == name and e["action"] == "replace"][-1]
+    assert last["backoff_s"] == 0 and _epoch(last["time"]) - killed < 2, last
 
 
 def _epoch(rfc3339: str) -> float:
@@ -203,7 +226,7 @@ def _cgroup_of(pid: int) -> dict[str, Path]:
 
 
 def test_cpu_quota_rises_under_a_saturating_load_and_falls_when_idle(core):
-    pair = core.wait_pair(90, spare=False)
+    pair = core.wait_pair(90, spare=False, stable_s=STABLE_S)
     standby = next(i for i in pair.values() if i["role"] == "standby")
     name, start = standby["name"], standby["cpu"]
     groups = _cgroup_of(standby["pid"])
@@ -226,7 +249,9 @@ def test_cpu_quota_rises_under_a_saturating_load_and_falls_when_idle(core):
     # starved, not hung: its quota grew, it was not replaced by one that would starve too
     assert core.instances()[name]["restarts"] == standby["restarts"], core.events("repair")[-3:]
     up = [e for e in core.events("scale") if e.get("instance") == name and e["resource"] == "cpu"]
-    assert up and up[-1]["new"] > up[-1]["old"] and up[-1]["cpu_use_p90"] > 0.8, up
+    # what drove it: use near the whole quota, or the quota running out in many periods
+    assert up and up[-1]["new"] > up[-1]["old"], up
+    assert up[-1]["cpu_use_p90"] > 0.8 or up[-1]["throttled_p90"] > 0.2, up[-1]
     end = time.monotonic() + 60
     while core.instances()[name]["cpu"] >= raised:
         assert time.monotonic() < end, f"the quota did not fall: {core.status()}\n{core.story()}"

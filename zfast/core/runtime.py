@@ -95,6 +95,11 @@ class Runtime(ABC):
     def usage(self, inst: Instance) -> dict: ...
 
     @abstractmethod
+    def boost(self, inst: Instance, cpu: float | None) -> None:
+        """Let the instance use up to ``cpu`` CPUs for a while (its start: the compile);
+        None: back to its size (spec.cpu)."""
+
+    @abstractmethod
     def last_words(self, inst: Instance) -> str:
         """The last line its daemon printed (why it exited: a refusal, a traceback's end)."""
 
@@ -246,6 +251,9 @@ class NetnsRuntime(Runtime):
             return {"cpu_ns": inst.cgroup.cpu_ns(), "memory": used, "memory_limit": limit}
         except (OSError, ValueError):
             return {"cpu_ns": 0, "memory": 0, "memory_limit": 0}
+
+    def boost(self, inst: Instance, cpu: float | None) -> None:
+        inst.cgroup.set_limits(inst.spec.cpu if cpu is None else cpu, inst.spec.memory)
 
     def last_words(self, inst: Instance, limit: int = 300) -> str:
         try:

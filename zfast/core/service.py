@@ -144,6 +144,7 @@ class CoreService:
         self.next_try: dict[str, float] = {}
         self.crashes: dict[str, int] = {}       # crashes in a row (back-off exponent)
         self.answered: set[str] = set()   # instances whose daemon has answered since (re)start
+        self.boosted: set[str] = set()    # cold starts with more CPU until they answer
         self.drained: set[str] = set()    # routers out of the balancers' rotation (repair)
         self._statuses: dict[str, dict] = {}  # each daemon's last answer
         self.grace: dict[str, float] = {}     # how long each may take to answer first
@@ -397,13 +398,26 @@ class CoreService:
         inst = self.runtime.create(spec, group=self.prefix)
         inst.restarts = restarts
         self.runtime.start(inst)
+        # Most of a cold start is the compile: it may use the top of scale.cpu until the
+        # daemon first answers (a standby back in half the time), then its own quota.
+        boost = self.bounds.cpu[1] if self.bounds.cpu[1] > spec.cpu else None
+        if boost:
+            self.runtime.boost(inst, boost)
+            self.boosted.add(spec.name)
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
         self.grace[spec.name] = START_GRACE_S
         self.health[spec.name] = Health(since=time.time())
         self.events.log("repair", instance=spec.name, action="started", pid=inst.pid,
-                        restarts=restarts)
+                        restarts=restarts, start_cpu=boost or spec.cpu)
         return inst
+
+    def _end_boost(self, name: str, inst: Instance) -> None:
+        self.boosted.discard(name)
+        self.runtime.boost(inst, None)
+        cpu_s = (self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9
+        self.events.log("repair", instance=name, action="answered", cpu=inst.spec.cpu,
+                        start_s=round(time.time() - inst.started, 2), start_cpu_s=round(cpu_s, 2))
 
     def run(self) -> None:
         import signal
@@ -487,12 +501,21 @@ class CoreService:
         now = time.time()
         for name, inst in list(self.instances.items()):
             problems = self.problems_of(inst)
+            if name in self.boosted and name in self.answered:
+                self._end_boost(name, inst)
             throttled = self._throttled_share(name, inst)
             h = self.health[name]
             if not problems:
                 h.problems, h.since = [], now
                 if h.healthy_at is None and name in self.answered:
                     h.healthy_at = now
+                if self.crashes.get(name) and h.healthy_at and now - h.healthy_at >= STABLE_S:
+                    # the crash loop is over: a later failure is repaired at once, not
+                    # after what is left of the last back-off
+                    self.events.log("repair", instance=name, action="stable",
+                                    after_crashes=self.crashes[name])
+                    self.crashes[name] = 0
+                    self.next_try.pop(name, None)
                 continue
             if not h.problems:
                 h.since = now
@@ -575,6 +598,7 @@ class CoreService:
         if inst.spec.kind == "router":
             self._drain_router(name, inst)
         self.runtime.destroy(inst)
+        self.boosted.discard(name)
         self.scalers.pop(name, None)
         self._throttle_seen.pop(name, None)
         self._last_usage.pop(name, None)
@@ -703,6 +727,7 @@ class CoreService:
                 "healthy": not self.health[name].problems, "problems": self.health[name].problems,
                 "restarts": inst.restarts, "started": inst.started,
                 "healthy_since": self.health[name].healthy_at,
+                "boosted": name in self.boosted,    # starting with more CPU than "cpu"
             })
         return {"project": self.project.project, "instances": out,
                 "spare": self.spare.spec.name if self.spare else None,
