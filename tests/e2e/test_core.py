@@ -135,9 +135,10 @@ def test_a_successor_frozen_as_soon_as_it_answers_is_repaired_too(core):
     assert last["backoff_s"] == 8 and "does not answer" in " ".join(last["problems"]), last
     assert took < 25.0, f"replaced after {took:.1f} s\n{core.story()}"
     # the cold start compiled with the top of scale.cpu, then went back to its own quota
-    st = core.wait_status(lambda st: not {i["name"]: i for i in st["instances"]}[inst["name"]]["boosted"],
-                          5, "still boosted")
-    successor = {i["name"]: i for i in st["instances"]}[inst["name"]]
+    def unboosted(st):
+        return not next(i for i in st["instances"] if i["name"] == inst["name"])["boosted"]
+    st = core.wait_status(unboosted, 5, "still starting with the boosted quota")
+    successor = next(i for i in st["instances"] if i["name"] == inst["name"])
     repair = [e for e in core.events("repair") if e.get("instance") == inst["name"]]
     started = [e for e in repair if e["action"] == "started"][-1]
     answered = [e for e in repair if e["action"] == "answered"][-1]
