@@ -26,6 +26,11 @@ class Core:
         out = [json.loads(line) for line in lines if line.strip()]
         return [e for e in out if kind is None or e["kind"] == kind]
 
+    def repairs(self, name: str, action: str | None = None) -> list[dict]:
+        """The repair events of instance `name` (of one action, if given), oldest first."""
+        return [e for e in self.events("repair") if e.get("instance") == name
+                and (action is None or e["action"] == action)]
+
     def story(self, n: int = 10) -> str:
         """For a failure message: the controllers' last events and what the daemons that
         ran in the last two minutes printed last."""

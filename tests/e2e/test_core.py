@@ -107,7 +107,7 @@ def test_sigstop_of_the_standby_is_repaired_within_5s_and_no_stream_breaks(core)
     assert took < 5.0, f"replaced after {took:.1f} s"
     assert inst["pid"] != standby["pid"]
     assert not streams_alive(streams, rounds=3), "a stream broke"
-    repair = [e for e in core.events("repair") if e.get("instance") == standby["name"]]
+    repair = core.repairs(standby["name"])
     assert repair[-2]["action"] == "replace" and "does not answer" in " ".join(repair[-2]["problems"])
     assert repair[-1]["action"] == "started from the spare"
 
@@ -129,8 +129,7 @@ def test_a_successor_frozen_as_soon_as_it_answers_is_repaired_too(core):
         assert time.monotonic() < end, core.status()
     os.kill(inst["pid"], signal.SIGSTOP)
     took, _ = _replaced(core, inst["name"], inst["restarts"], timeout=50)
-    repair = [e for e in core.events("repair") if e.get("instance") == inst["name"]]
-    last = [e for e in repair if e["action"] == "replace"][-1]
+    last = core.repairs(inst["name"], "replace")[-1]
     # a crash (it was never healthy for long): the try after this one waits 8 s
     assert last["backoff_s"] == 8 and "does not answer" in " ".join(last["problems"]), last
     assert took < 25.0, f"replaced after {took:.1f} s\n{core.story()}"
@@ -139,7 +138,7 @@ def test_a_successor_frozen_as_soon_as_it_answers_is_repaired_too(core):
         return not next(i for i in st["instances"] if i["name"] == inst["name"])["boosted"]
     st = core.wait_status(unboosted, 5, "still starting with the boosted quota")
     successor = next(i for i in st["instances"] if i["name"] == inst["name"])
-    repair = [e for e in core.events("repair") if e.get("instance") == inst["name"]]
+    repair = core.repairs(inst["name"])
     started = [e for e in repair if e["action"] == "started"][-1]
     answered = [e for e in repair if e["action"] == "answered"][-1]
     assert started["start_cpu"] == 1.0 and answered["cpu"] == successor["cpu"] < 1.0, repair[-3:]
@@ -160,8 +159,7 @@ def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(cor
     others = [i for i in core.instances().values() if i["name"] != active["name"]]
     assert others[0]["role"] == "active"
     assert not streams_alive(streams, rounds=3), "a stream broke"
-    problems = [e for e in core.events("repair")
-                if e.get("instance") == active["name"] and e["action"] == "replace"][-1]["problems"]
+    problems = core.repairs(active["name"], "replace")[-1]["problems"]
     assert any("detached" in p or "not attached" in p for p in problems), problems
 
 
@@ -177,9 +175,8 @@ def test_an_instance_that_crashes_on_start_backs_off_and_costs_under_5_percent_c
         time.sleep(1)
         first = time.time()
         time.sleep(30)
-        tries = [e for e in core.events("repair")
-                 if e.get("instance") == standby["name"] and e["action"] == "replace"
-                 and _epoch(e["time"]) >= killed - 0.01]
+        tries = [e for e in core.repairs(standby["name"], "replace")
+                 if _epoch(e["time"]) >= killed - 0.01]
         backoffs = [e["backoff_s"] for e in tries]
         assert len(tries) >= 3, tries
         # the killed standby was stable: no crash, the spare steps in at once; the spare
@@ -201,13 +198,13 @@ def test_an_instance_that_crashes_on_start_backs_off_and_costs_under_5_percent_c
     # repaired at once, not after what is left of the last back-off (60 s).
     name = standby["name"]
     core.wait_pair(120, spare=False, stable_s=STABLE_S + 1)
-    stable = [e for e in core.events("repair") if e.get("instance") == name and e["action"] == "stable"]
+    stable = core.repairs(name, "stable")
     assert stable and stable[-1]["after_crashes"] >= 3, core.story()
     again = core.instances()[name]
     killed = time.time()
     os.kill(again["pid"], signal.SIGKILL)
     _replaced(core, name, again["restarts"], timeout=60)
-    last = [e for e in core.events("repair") if e.get("instance") == name and e["action"] == "replace"][-1]
+    last = core.repairs(name, "replace")[-1]
     assert last["backoff_s"] == 0 and _epoch(last["time"]) - killed < 2, last
 
 
@@ -275,7 +272,6 @@ def test_a_standby_whose_heartbeats_stop_is_replaced(core):
     subprocess.run(["ip", "netns", "exec", standby["netns"], "nft", "-f", "-"], input=rules,
                    text=True, check=True)
     took, inst = _replaced(core, standby["name"], standby["restarts"], timeout=30)
-    problems = [e for e in core.events("repair") if e.get("instance") == standby["name"]
-                and e["action"] == "replace"][-1]["problems"]
+    problems = core.repairs(standby["name"], "replace")[-1]["problems"]
     assert any("heartbeats do not reach the active" in p for p in problems), problems
     assert not streams_alive(streams, rounds=3), "a stream broke"

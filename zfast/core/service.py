@@ -415,9 +415,13 @@ class CoreService:
     def _end_boost(self, name: str, inst: Instance) -> None:
         self.boosted.discard(name)
         self.runtime.boost(inst, None)
-        cpu_s = (self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9
         self.events.log("repair", instance=name, action="answered", cpu=inst.spec.cpu,
-                        start_s=round(time.time() - inst.started, 2), start_cpu_s=round(cpu_s, 2))
+                        start_s=round(time.time() - inst.started, 2),
+                        start_cpu_s=round(self._cpu_s(inst), 2))
+
+    def _cpu_s(self, inst: Instance) -> float:
+        """CPU seconds the instance used as this instance (not a spare's compile before)."""
+        return max(0, self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9
 
     def run(self) -> None:
         import signal
@@ -589,7 +593,7 @@ class CoreService:
                                     "next_retry_in_s": backoff}
         # what the instance cost over its life as this instance (a crash loop's cost is the
         # sum of these; a spare's compile, done before it was needed, is not part of it)
-        cpu_s = round(max(0, self.runtime.usage(inst)["cpu_ns"] - inst.cpu_ns_before) / 1e9, 3)
+        cpu_s = round(self._cpu_s(inst), 3)
         self.events.log("repair", instance=name, action="replace", problems=problems,
                         restarts=restarts, backoff_s=backoff, cpu_s=cpu_s,
                         lived_s=round(now - inst.started, 2),
