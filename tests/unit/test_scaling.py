@@ -412,3 +412,18 @@ def test_a_later_rise_does_not_make_it_forget_a_quota_found_too_small_before():
     assert cur.cpu == 1.0
     later = run(s, cur, 40, 200, cpu=0.12)
     assert [(d.old, d.new) for _, d in later] == [(1.0, 0.5)]
+
+
+def test_a_load_that_ran_a_quota_out_is_remembered_at_its_peak_not_its_window_p90():
+    # Idle at 0.07 CPU; then a load starts mid-sample (0.1) and fills the 0.25 quota
+    # (throttled): it grows. The window's p90 (46 %, mostly idle samples) would remember
+    # the load as 0.115 CPU, and the idle daemon (0.07, over half of it) would keep 0.5 for
+    # ever (seen in a fresh-clone run of the core CPU test). The load was the quota (0.25):
+    # once only the idle 0.07 remains, the quota goes back after the cooldown.
+    s, cur = Scaler(Bounds(cpu=(0.25, 1.0), cooldown_s=8)), sizes(cpu=0.25)
+    assert run(s, cur, 0, WINDOW - 2, cpu=0.07) == []
+    assert run(s, cur, WINDOW - 2, WINDOW - 1, cpu=0.1, throttled=0.4) == []
+    grown = run(s, cur, WINDOW - 1, WINDOW, cpu=0.25, throttled=0.9)
+    assert [(d.old, d.new) for _, d in grown] == [(0.25, 0.5)]
+    later = run(s, cur, WINDOW, 60, cpu=0.07)
+    assert [(d.old, d.new) for _, d in later] == [(0.5, 0.25)]

@@ -15,7 +15,7 @@ only well below a low one), min/max bounds from ``core.balancer.scale`` and a co
 A resource grows after ``GROW_SETTLE_S`` of full-window evidence; it shrinks only after
 ``cooldown_s`` without any change of it, on a window entirely below the low mark. A CPU
 quota also remembers why it grew: it goes back to a quota found too small only when
-the load is under half of what it was then (without that, a bursty daemon at 0.25 CPU is
+the load is under half of its peak then (without that, a bursty daemon at 0.25 CPU is
 throttled, grows to 0.5, looks idle there and shrinks again, every cooldown). Every
 decision carries the numbers that drove it.
 """
@@ -145,7 +145,9 @@ class Scaler:
             new = min(hi, _round_cpu(sizes.cpu * 2))
             reason = (f"p90 use {p90:.0%} of the quota" if p90 > CPU_HIGH else
                       f"throttled in {numbers['throttled_p90']:.0%} of its periods (p90)")
-            self.too_small[sizes.cpu] = p90 * sizes.cpu
+            # the load that ran it out, at its peak (the window's p90 is mostly the idle
+            # samples before a load that just began)
+            self.too_small[sizes.cpu] = float(use.max()) * sizes.cpu
             return Decision("cpu", sizes.cpu, new, reason, numbers)
         if self._may_shrink("cpu", now) and sizes.cpu > lo and float(use.max()) < CPU_LOW:
             new = max(lo, _round_cpu(sizes.cpu / 2))
