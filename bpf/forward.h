@@ -3,11 +3,13 @@
  * forward.h: L3 forwarding of a rewritten packet.  The kernel's FIB picks the
  * egress port and next hop; the packet leaves through the devmap.  Where the
  * FIB cannot answer (no neighbour yet, a local or unreachable route) the
- * packet goes to the kernel, which resolves or answers it.
+ * packet goes to the kernel, which resolves or answers it.  The XDP program
+ * leaves through the devmap; the tc program redirects the skb.
  */
 #ifndef ZFAST_FORWARD_H
 #define ZFAST_FORWARD_H
 
+#include "hook.h"
 #include "maps.h"
 #include "parse.h"
 
@@ -36,12 +38,12 @@ static __always_inline int zf_ttl_expires(struct zf_pkt *p)
  * Send a rewritten packet on.  cache, when given, is the flow's map entry: its
  * cached next hop is used while valid (cfg->nh_gen), else refreshed from the FIB.
  */
-static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int reason,
-				      struct flow_value *cache, struct zf_config *cfg)
+static __always_inline int zf_forward(void *ctx, struct zf_pkt *p, int reason,
+				      struct flow_value *cache, struct zf_config *cfg, const int hook)
 {
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth;
-	__u32 ifindex;
+	__u32 ifindex, *tx;
 	int rc;
 
 	/* XDP cannot transmit through a VLAN device: the kernel forwards it. */
@@ -55,7 +57,7 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 		goto out;
 	}
 
-	fib.ifindex = ctx->ingress_ifindex;
+	fib.ifindex = zf_ctx_get(ctx, hook, ingress_ifindex);
 	fib.l4_protocol = p->proto;
 	if (p->family == ZF_AF_INET) {
 		struct iphdr *iph = zf_l3(p, struct iphdr);
@@ -64,7 +66,7 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 			return ZF_DROP_MALFORMED;
 		fib.family = AF_INET;
 		fib.tos = iph->tos;
-		fib.tot_len = bpf_ntohs(iph->tot_len);
+		fib.tot_len = hook == ZF_HOOK_TC ? 0 : bpf_ntohs(iph->tot_len);
 		fib.ipv4_src = iph->saddr;
 		fib.ipv4_dst = iph->daddr;
 	} else {
@@ -74,11 +76,13 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 			return ZF_DROP_MALFORMED;
 		fib.family = AF_INET6;
 		fib.flowinfo = *(__be32 *)ip6h & bpf_htonl(0x0fffffff);
-		fib.tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
+		fib.tot_len = hook == ZF_HOOK_TC ? 0 : bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
 		__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
 	}
 
+	/* tc gives no length: the kernel then checks the skb itself against the
+	 * egress MTU, a GSO packet by its segments. */
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return ZF_PASS_NO_NEIGH;
@@ -92,6 +96,12 @@ static __always_inline int zf_forward(struct xdp_md *ctx, struct zf_pkt *p, int 
 		cache->nh_gen = cfg->nh_gen;
 	}
 out:
+	if (hook == ZF_HOOK_XDP) {
+		/* An egress XDP frames cannot reach: the kernel forwards (untouched TTL). */
+		tx = tx_flags.lookup(&ifindex);
+		if (tx && (*tx & ZF_TX_KERNEL))
+			return ZF_PASS_EGRESS;
+	}
 
 	if (p->family == ZF_AF_INET) {
 		struct iphdr *iph = zf_l3(p, struct iphdr);
@@ -115,7 +125,7 @@ out:
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 
 	/* The devmap batches; a port missing from it still goes out directly. */
-	if (tx_ports.redirect_map(ifindex, XDP_PASS) != XDP_REDIRECT)
+	if (hook == ZF_HOOK_TC || tx_ports.redirect_map(ifindex, XDP_PASS) != XDP_REDIRECT)
 		bpf_redirect(ifindex, 0);
 	return reason;
 }

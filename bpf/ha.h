@@ -68,9 +68,9 @@ static __always_inline int zf_holds_vip(struct zf_addr *addr, __u8 family)
 	return zf_active(config.lookup(&zero));
 }
 
-static __always_inline __u8 *zf_my_mac(struct xdp_md *ctx)
+static __always_inline __u8 *zf_my_mac(void *ctx, const int hook)
 {
-	__u32 idx = ctx->ingress_ifindex;
+	__u32 idx = zf_ctx_get(ctx, hook, ingress_ifindex);
 	struct if_mac *m = if_macs.lookup(&idx);
 
 	if (!m || !(m->mac[0] | m->mac[1] | m->mac[2] | m->mac[3] | m->mac[4] | m->mac[5]))
@@ -79,7 +79,7 @@ static __always_inline __u8 *zf_my_mac(struct xdp_md *ctx)
 }
 
 /* An ARP request for a VIP we hold becomes our reply, sent back where it came from. */
-static __always_inline int zf_arp(struct xdp_md *ctx, struct zf_pkt *p)
+static __always_inline int zf_arp(void *ctx, struct zf_pkt *p, const int hook)
 {
 	struct zf_arp *arp = zf_at(p, p->l3_off, sizeof(struct zf_arp));
 	struct ethhdr *eth = zf_at(p, 0, sizeof(*eth));
@@ -94,7 +94,7 @@ static __always_inline int zf_arp(struct xdp_md *ctx, struct zf_pkt *p)
 	__builtin_memcpy(&target.w[0], arp->tpa, 4);
 	if (!zf_holds_vip(&target, ZF_AF_INET))
 		return ZF_PASS_NOT_IP;
-	mac = zf_my_mac(ctx);
+	mac = zf_my_mac(ctx, hook);
 	if (!mac)
 		return ZF_PASS_NOT_IP;
 
@@ -105,7 +105,7 @@ static __always_inline int zf_arp(struct xdp_md *ctx, struct zf_pkt *p)
 	__builtin_memcpy(arp->spa, &target.w[0], 4);
 	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
-	bpf_redirect(ctx->ingress_ifindex, 0);
+	bpf_redirect(zf_ctx_get(ctx, hook, ingress_ifindex), 0);
 	return ZF_TX_ARP;
 }
 
@@ -128,7 +128,7 @@ static __always_inline __u32 zf_sum16(void *data, int n, __u32 sum)
  * for us, the packet untouched; anything else ends the packet (after
  * bpf_xdp_adjust_tail no earlier packet pointer may be used again).
  */
-static __always_inline int zf_nd(struct xdp_md *ctx, struct zf_pkt *p)
+static __always_inline int zf_nd(void *ctx, struct zf_pkt *p, const int hook)
 {
 	struct ipv6hdr *ip6h = zf_l3(p, struct ipv6hdr);
 	struct zf_nd *nd = zf_l4(p, struct zf_nd);
@@ -154,16 +154,15 @@ static __always_inline int zf_nd(struct xdp_md *ctx, struct zf_pkt *p)
 		target.w[i] = nd->target[i];
 	if (!zf_holds_vip(&target, ZF_AF_INET6))
 		return ZF_CONTINUE;
-	mac = zf_my_mac(ctx);
+	mac = zf_my_mac(ctx, hook);
 	if (!mac)
 		return ZF_CONTINUE;
 	__builtin_memcpy(mac_copy, mac, 6);
 
 	want = p->l4_off + sizeof(struct zf_nd);
-	if (bpf_xdp_adjust_tail(ctx, (int)want - (int)p->len))
+	if (hook == ZF_HOOK_TC ? bpf_skb_change_tail(ctx, want, 0) : bpf_xdp_adjust_tail(ctx, (int)want - (int)p->len))
 		return ZF_PASS_NO_SERVICE;
-	p->data = (void *)(long)ctx->data;
-	p->data_end = (void *)(long)ctx->data_end;
+	zf_reload(ctx, p, hook);
 	eth = zf_at(p, 0, sizeof(*eth));
 	ip6h = zf_l3(p, struct ipv6hdr);
 	nd = zf_l4(p, struct zf_nd);
@@ -194,7 +193,7 @@ static __always_inline int zf_nd(struct xdp_md *ctx, struct zf_pkt *p)
 	sum = zf_sum16(nd, sizeof(struct zf_nd) / 2, sum);
 	nd->check = ~zf_csum_fold(sum);
 	p->len = want;
-	bpf_redirect(ctx->ingress_ifindex, 0);
+	bpf_redirect(zf_ctx_get(ctx, hook, ingress_ifindex), 0);
 	return ZF_TX_ND;
 }
 

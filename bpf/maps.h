@@ -49,6 +49,9 @@ ZF_MAP("hash", struct vip_key, __u32, vips, ZF_MAX_VIPS);
 ZF_MAP("array", u32, struct if_mac, if_macs, ZF_MAX_IFINDEX);
 BPF_RINGBUF_OUTPUT(flow_events, ZF_SYNC_PAGES);
 
+/* Egress ports XDP frames cannot reach (ZF_TX_KERNEL), indexed by ifindex. */
+ZF_MAP("array", u32, u32, tx_flags, ZF_MAX_IFINDEX);
+
 /* Egress ports for XDP_REDIRECT, indexed by ifindex (BCC 0.26 has no devmap_hash). */
 BPF_DEVMAP(tx_ports, ZF_MAX_IFINDEX);
 

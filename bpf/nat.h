@@ -3,11 +3,18 @@
  * nat.h: rewrite a packet's source or destination (address and port) and
  * keep every checksum valid: the IPv4 header, and TCP/UDP through their
  * pseudo header.  An IPv4 UDP datagram without a checksum (zero) keeps zero.
+ *
+ * On XDP the TCP/UDP checksum is a full one (a NIC hands over nothing else)
+ * and is patched in place.  On tc it may be partial (the sender's TX checksum
+ * offload: the field holds the pseudo header's sum, the skb says so, and a
+ * device or the receiver completes it); the kernel's bpf_l4_csum_replace
+ * knows which, and patches the pseudo header part only, or the whole.
  */
 #ifndef ZFAST_NAT_H
 #define ZFAST_NAT_H
 
 #include "csum.h"
+#include "hook.h"
 #include "parse.h"
 
 #define ZF_SIDE_SRC 0
@@ -52,9 +59,28 @@ static __always_inline int zf_set_l3_addr(struct zf_pkt *p, int side, const stru
 	return ZF_CONTINUE;
 }
 
-/* Rewrite the TCP/UDP port of one side, folding diff (the address change) in. */
-static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 port, __u32 diff)
+/*
+ * tc: the checksum at offset off through the kernel, which knows whether the
+ * skb's checksum is partial: the address change (diff) as a pseudo header
+ * change, then the port change.  flags: BPF_F_MARK_MANGLED_0 for UDP.
+ */
+static __always_inline int zf_tc_l4_csum(void *ctx, struct zf_pkt *p, __u32 off, __u32 diff,
+					 __be16 old_port, __be16 port, __u64 flags)
 {
+	off &= ZF_OFF_MASK;
+	if (bpf_l4_csum_replace(ctx, off, 0, diff, flags | BPF_F_PSEUDO_HDR) ||
+	    bpf_l4_csum_replace(ctx, off, old_port, port, flags | sizeof(port)))
+		return ZF_DROP_ERROR;
+	zf_reload(ctx, p, ZF_HOOK_TC); /* the helpers invalidate every packet pointer */
+	return ZF_CONTINUE;
+}
+
+/* Rewrite the TCP/UDP port of one side, folding diff (the address change) in. */
+static __always_inline int zf_set_l4_port(void *ctx, struct zf_pkt *p, int side, __be16 port, __u32 diff,
+					  const int hook)
+{
+	__be16 old;
+
 	if (p->frag == ZF_FRAG_LATER)
 		return ZF_CONTINUE; /* no L4 header: the first fragment carried the change */
 	if (p->proto == IPPROTO_TCP) {
@@ -64,9 +90,11 @@ static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 por
 		if (!th)
 			return ZF_DROP_MALFORMED;
 		pp = side == ZF_SIDE_DST ? &th->dest : &th->source;
-		diff = zf_csum_diff16(diff, *pp, port);
+		old = *pp;
 		*pp = port;
-		th->check = zf_csum_apply(th->check, diff);
+		if (hook == ZF_HOOK_TC)
+			return zf_tc_l4_csum(ctx, p, p->l4_off + offsetof(struct tcphdr, check), diff, old, port, 0);
+		th->check = zf_csum_apply(th->check, zf_csum_diff16(diff, old, port));
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = zf_l4(p, struct udphdr);
 		__be16 *pp;
@@ -77,10 +105,13 @@ static __always_inline int zf_set_l4_port(struct zf_pkt *p, int side, __be16 por
 		if (!uh->check && p->family == ZF_AF_INET6)
 			return ZF_DROP_UDP6_NO_CSUM; /* zf_balance refuses these earlier */
 		pp = side == ZF_SIDE_DST ? &uh->dest : &uh->source;
-		diff = zf_csum_diff16(diff, *pp, port);
+		old = *pp;
 		*pp = port;
+		if (hook == ZF_HOOK_TC)
+			return zf_tc_l4_csum(ctx, p, p->l4_off + offsetof(struct udphdr, check), diff, old, port,
+					     BPF_F_MARK_MANGLED_0);
 		if (uh->check) {
-			check = zf_csum_apply(uh->check, diff);
+			check = zf_csum_apply(uh->check, zf_csum_diff16(diff, old, port));
 			/* A computed zero is sent as all ones (RFC 768). */
 			uh->check = check ? check : 0xffff;
 		}
@@ -100,7 +131,8 @@ static __always_inline int zf_udp6_no_csum(struct zf_pkt *p)
 }
 
 /* Rewrite address and port of one side of a TCP/UDP packet. */
-static __always_inline int zf_nat(struct zf_pkt *p, int side, const struct zf_addr *addr, __be16 port)
+static __always_inline int zf_nat(void *ctx, struct zf_pkt *p, int side, const struct zf_addr *addr,
+				  __be16 port, const int hook)
 {
 	__u32 diff = 0;
 	int ret;
@@ -108,7 +140,7 @@ static __always_inline int zf_nat(struct zf_pkt *p, int side, const struct zf_ad
 	ret = zf_set_l3_addr(p, side, addr, &diff);
 	if (ret != ZF_CONTINUE)
 		return ret;
-	return zf_set_l4_port(p, side, port, diff);
+	return zf_set_l4_port(ctx, p, side, port, diff, hook);
 }
 
 #endif /* ZFAST_NAT_H */

@@ -8,6 +8,7 @@
 #define ZFAST_PARSE_H
 
 #include "verdict.h"
+#include "hook.h"
 
 #define ZF_FRAG_NONE 0
 #define ZF_FRAG_FIRST 1 /* offset 0, more to come: carries the L4 header */
@@ -234,14 +235,21 @@ static __always_inline int parse_l4(struct zf_pkt *p)
 	return ZF_CONTINUE;
 }
 
-static __always_inline int parse_packet(struct xdp_md *ctx, struct zf_pkt *p)
+/* Point p at the packet again: after a helper that may move it, as at the start. */
+static __always_inline void zf_reload(void *ctx, struct zf_pkt *p, const int hook)
+{
+	p->data = (void *)(long)zf_ctx_get(ctx, hook, data);
+	p->data_end = (void *)(long)zf_ctx_get(ctx, hook, data_end);
+}
+
+static __always_inline int parse_packet(void *ctx, struct zf_pkt *p, const int hook)
 {
 	__be16 proto;
 	int ret;
 
-	p->data = (void *)(long)ctx->data;
-	p->data_end = (void *)(long)ctx->data_end;
-	p->len = p->data_end - p->data;
+	zf_reload(ctx, p, hook);
+	/* An skb's length counts its paged part too (a GSO packet: all its segments). */
+	p->len = hook == ZF_HOOK_TC ? ((struct __sk_buff *)ctx)->len : p->data_end - p->data;
 	ret = parse_eth(p, &proto);
 	if (ret != ZF_CONTINUE)
 		return ret;

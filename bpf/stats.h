@@ -8,6 +8,7 @@
 #define ZFAST_STATS_H
 
 #include "maps.h"
+#include "hook.h"
 
 static __always_inline void zf_count(struct zf_counter *c, __u32 len)
 {
@@ -23,12 +24,12 @@ static __always_inline void zf_count_service(__u32 service, __u32 backend, __u32
 	zf_count(backend_stats.lookup(&backend), len);
 }
 
-static __always_inline int zf_count_reason(int reason, __u32 len)
+static __always_inline int zf_count_reason(int reason, __u32 len, const int hook)
 {
 	__u32 key = reason;
 
 	zf_count(reason_stats.lookup(&key), len);
-	return zf_reason_action(reason);
+	return zf_hook_action(zf_reason_action(reason), hook);
 }
 
 #endif /* ZFAST_STATS_H */

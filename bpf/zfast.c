@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * zfast.c: the XDP entry point of a zfast balancer.
+ * zfast.c: the entry points of a zfast balancer: XDP and tc, one pipeline.
  *
  * One program serves every interface of a node: packets to a service's VIP
  * are balanced to a backend (destination rewritten), the backends' replies
@@ -18,6 +18,7 @@
 
 #include "zfast_shared.h"
 #include "verdict.h"
+#include "hook.h"
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
@@ -30,7 +31,7 @@
 #include "stats.h"
 
 /* A packet of a known flow, or of a new flow to a service. */
-static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
+static __always_inline int zf_balance(void *ctx, struct zf_pkt *p, const int hook)
 {
 	struct flow_value *fv, new_fv = {}, *cache;
 	struct service_value *svc;
@@ -100,25 +101,25 @@ static __always_inline int zf_balance(struct xdp_md *ctx, struct zf_pkt *p)
 	}
 
 	if (fv->dir == ZF_DIR_FORWARD) {
-		ret = zf_nat(p, ZF_SIDE_DST, &fv->addr, fv->port);
+		ret = zf_nat(ctx, p, ZF_SIDE_DST, &fv->addr, fv->port, hook);
 		if (ret == ZF_CONTINUE) {
 			zf_count_service(fv->service, fv->backend, p->len);
 			if (fv->fw_port)
 				zf_count_port(fv->fw_port, ZF_PORT_ALLOWED, p->len);
 		}
 	} else {
-		ret = zf_nat(p, ZF_SIDE_SRC, &fv->addr, fv->port);
+		ret = zf_nat(ctx, p, ZF_SIDE_SRC, &fv->addr, fv->port, hook);
 		reason = ZF_FWD_REPLY;
 	}
 	if (ret != ZF_CONTINUE)
 		return ret;
 	if (p->frag == ZF_FRAG_FIRST)
 		zf_frag_remember(p, fv);
-	return zf_forward(ctx, p, reason, cache, cfg);
+	return zf_forward(ctx, p, reason, cache, cfg, hook);
 }
 
 /* A fragment after the first: it follows the first one's decision. */
-static __always_inline int zf_fragment(struct xdp_md *ctx, struct zf_pkt *p)
+static __always_inline int zf_fragment(void *ctx, struct zf_pkt *p, const int hook)
 {
 	struct flow_value *fv = zf_frag_lookup(p);
 	__u32 diff = 0;
@@ -133,25 +134,25 @@ static __always_inline int zf_fragment(struct xdp_md *ctx, struct zf_pkt *p)
 		return ret;
 	if (fv->dir == ZF_DIR_FORWARD)
 		zf_count_service(fv->service, fv->backend, p->len);
-	return zf_forward(ctx, p, ZF_FWD_FRAGMENT, 0, 0);
+	return zf_forward(ctx, p, ZF_FWD_FRAGMENT, 0, 0, hook);
 }
 
-static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
+static __always_inline int zf_process(void *ctx, struct zf_pkt *p, const int hook)
 {
 	struct flow_value *fv = 0;
 	int ret;
 
-	ret = parse_packet(ctx, p);
+	ret = parse_packet(ctx, p, hook);
 	if (ret == ZF_PASS_NOT_IP && p->arp)
-		return zf_arp(ctx, p);
+		return zf_arp(ctx, p, hook);
 	if (ret != ZF_CONTINUE)
 		return ret;
 	if (p->frag == ZF_FRAG_LATER)
-		return zf_fragment(ctx, p);
+		return zf_fragment(ctx, p, hook);
 	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)
-		return zf_balance(ctx, p);
+		return zf_balance(ctx, p, hook);
 	if (p->family == ZF_AF_INET6 && p->proto == IPPROTO_ICMPV6) {
-		ret = zf_nd(ctx, p);
+		ret = zf_nd(ctx, p, hook);
 		if (ret != ZF_CONTINUE)
 			return ret;
 	}
@@ -162,15 +163,27 @@ static __always_inline int zf_process(struct xdp_md *ctx, struct zf_pkt *p)
 		ret = zf_icmp_error(p, &fv);
 		if (ret != ZF_CONTINUE)
 			return ret;
-		return zf_forward(ctx, p, ZF_FWD_ICMP, 0, 0);
+		return zf_forward(ctx, p, ZF_FWD_ICMP, 0, 0, hook);
 	}
 	return ZF_PASS_NO_SERVICE;
 }
 
+/* Physical and virtio NICs: in the driver, before an skb exists. */
 int xdp_zfast(struct xdp_md *ctx)
 {
 	struct zf_pkt p = {};
-	int reason = zf_process(ctx, &p);
+	int reason = zf_process(ctx, &p, ZF_HOOK_XDP);
 
-	return zf_count_reason(reason, p.len);
+	return zf_count_reason(reason, p.len, ZF_HOOK_XDP);
+}
+
+/* Virtual interfaces (veth, bridge ports): tc ingress, on the skb (hook.h says why). */
+int tc_zfast(struct __sk_buff *skb)
+{
+	struct zf_pkt p = {};
+	int reason;
+
+	zf_tc_pull(skb);
+	reason = zf_process(skb, &p, ZF_HOOK_TC);
+	return zf_count_reason(reason, p.len, ZF_HOOK_TC);
 }

@@ -191,6 +191,14 @@ struct if_mac {
 	__u16 pad;
 };
 
+/*
+ * tx_flags, per egress ifindex.  ZF_TX_KERNEL: an XDP frame redirected there
+ * would be dropped by the kernel (a veth whose peer has no NAPI: no XDP program
+ * and GRO off, and zfast could not turn GRO on), so the XDP program hands such
+ * packets to the kernel's forwarding instead (PASS_EGRESS).
+ */
+#define ZF_TX_KERNEL 1
+
 /* A new flow, for the standby: its forward entry; the reply entry follows from it. */
 struct flow_event {
 	struct flow_key key;
@@ -247,6 +255,7 @@ struct zf_counter {
 	X(PASS_NO_NEIGH, PASS, "no neighbour entry yet: the kernel resolves it") \
 	X(PASS_FIB, PASS, "route is local, unreachable or too small an MTU")   \
 	X(PASS_VLAN, PASS, "balanced, then forwarded by the kernel's VLAN device") \
+	X(PASS_EGRESS, PASS, "egress port takes no XDP frames: the kernel forwards") \
 	X(DROP_MALFORMED, DROP, "truncated or malformed header")               \
 	X(DROP_NO_BACKEND, DROP, "service has no healthy backend")             \
 	X(DROP_FW_PROJECT, DROP, "source on the project-wide deny list")       \
