@@ -152,7 +152,8 @@ def up(config_file, verbose, template):
         _fail(str(err))
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)  # role changes and the like, from now on
-    atts = ", ".join(f"{a.ifname} ({a.mode}, prog {a.prog_id})" for a in node.dp.attached.values())
+    atts = ", ".join(f"{a.ifname} ({a.hook} {a.mode}, prog {a.prog_id})" if a.hook == "xdp"
+                     else f"{a.ifname} (tc, prog {a.prog_id})" for a in node.dp.attached.values())
     click.echo(f"zfast: node {node.name} up on {atts}; {len(changes)} change(s); "
                f"API at {node.state_dir}/api.sock", err=True)
     node.run()
@@ -212,7 +213,10 @@ def status(state_dir, config_file, node, as_json):
         return
     click.echo(f"node {st['node']} ({st['project']}): {st['role']}, revision {st['revision']}, pid {st['pid']}")
     for itf in st["interfaces"]:
-        click.echo(f"  {itf['name']:<16} {itf['mode']:<8} prog {itf['prog_id']}")
+        how = "tc" if itf["mode"] == "tc" else f"xdp {itf['mode']}"
+        click.echo(f"  {itf['name']:<16} {how:<12} prog {itf['prog_id']:<6} {itf.get('why', '')}")
+        if itf.get("egress"):
+            click.echo(f"  {'':<16} egress: {itf['egress']}")
     click.echo(f"  peer: {st['peer'] or 'none (solo)'}")
 
 
@@ -607,8 +611,10 @@ def certs_renew(host, state_dir):
 
 @main.command()
 @click.argument("iface")
-@click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
-              show_default=True, help="XDP attach mode.")
+@click.option("--mode", type=click.Choice(["native", "generic", "tc", "auto"]), default="auto",
+              show_default=True,
+              help="native/generic: XDP in that mode; tc: tc ingress; auto: tc on a virtual link "
+                   "(veth, bridge), else native XDP, then generic.")
 def attach(iface, mode):
     """Load the data plane on IFACE without a config (no services: everything passes)."""
     from zfast.datapath import DatapathError, Loaded, ifindex
@@ -619,13 +625,14 @@ def attach(iface, mode):
         att = dp.attach(iface, mode)
     except DatapathError as err:
         _fail(str(err))
-    click.echo(f"attached zfast (prog {att.prog_id}) to {iface} in {att.mode} mode")
+    click.echo(f"attached zfast (prog {att.prog_id}) to {iface}: "
+               f"{'tc ingress' if att.hook == 'tc' else f'XDP, {att.mode} mode'} ({att.why})")
 
 
 @main.command()
 @click.argument("iface")
 def detach(iface):
-    """Unload whatever XDP program is on IFACE."""
+    """Unload whatever XDP program, and zfast's tc filter, is on IFACE."""
     from zfast.datapath import DatapathError, attached_prog, detach_interface
 
     try:
@@ -634,7 +641,7 @@ def detach(iface):
     except DatapathError as err:
         _fail(str(err))
     if before is None:
-        click.echo(f"{iface}: no XDP program was attached")
+        click.echo(f"{iface}: no XDP program or zfast tc filter was attached")
     else:
         click.echo(f"detached prog {before[0]} ({before[1]}) from {iface}")
 

@@ -75,7 +75,7 @@ from zfast.maglev import is_prime, next_prime
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 PROTOCOLS = ("tcp", "udp")
-XDP_MODES = ("native", "generic", "auto")
+XDP_MODES = ("native", "generic", "tc", "auto")   # tc: not XDP, the tc ingress hook
 INTERFACE_ROLES = ("public", "private")
 HEALTH_KINDS = ("tcp", "http")
 

@@ -1,4 +1,9 @@
-"""The data plane as Python sees it: bpf/zfast.c compiled by BCC, its maps, XDP attach.
+"""The data plane as Python sees it: bpf/zfast.c compiled by BCC, its maps, attach.
+
+One source, two programs (bpf/hook.h): ``xdp_zfast`` in the driver of a physical or
+virtio NIC, ``tc_zfast`` at tc ingress of a virtual interface (veth, bridge port),
+where senders on the same host hand over partial checksums that only an skb carries.
+`choose_hook` decides per interface and says why; `zfast status` shows it.
 
 Map keys and values are BCC's ctypes classes, generated from the C structs in
 bpf/zfast_shared.h (``self.table("flows").Key``): no layout is written twice.
@@ -9,18 +14,22 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import json
 import os
 import re
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from zfast.config import Datapath as Sizes
 from zfast.paths import bpf_dir
-from zfast.reasons import reasons
+from zfast.reasons import defines, reasons
 
 # XDP attach flags (linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -28,14 +37,26 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 
+# tc: clsact's ingress hook, and where our filter sits in it
+TC_INGRESS = 0xFFFFFFF2
+TC_PRIO = 1
+TC_HANDLE = 1
+TC_NAME = "zfast"
+
+# Link kinds whose receive path is an skb handed over by a local sender (a veth peer,
+# a bridge, a tunnel, a VM's tap): its checksum may be partial, so tc, not XDP.
+VIRTUAL_KINDS = frozenset({"veth", "bridge", "vxlan", "geneve", "tun", "tap", "macvlan", "macvtap",
+                           "ipvlan", "netkit", "dummy", "gretap", "ip6gretap"})
+
 AF = {4: 4, 6: 6}  # ip.version -> ZF_AF_* (the same numbers, by design)
 PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in PROTO.items()}
 
-# flags of struct backend
-BACKEND_UP = 1
-BACKEND_DOWN = 2
-NO_BACKEND = 0xFFFFFFFF
+# flags of struct backend, of tx_flags: zfast_shared.h's own
+BACKEND_UP = defines()["ZF_BACKEND_UP"]
+BACKEND_DOWN = defines()["ZF_BACKEND_DOWN"]
+NO_BACKEND = defines()["ZF_NO_BACKEND"]
+TX_KERNEL = defines()["ZF_TX_KERNEL"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -163,8 +184,44 @@ def _release_compiler_heap() -> None:
 @dataclass
 class Attachment:
     ifname: str
-    mode: str      # native | generic, as attached
+    mode: str      # native | generic (XDP) | tc, as attached
     prog_id: int
+    why: str = ""  # why this hook and mode: the interface's kind or the project file
+
+    @property
+    def hook(self) -> str:
+        return "tc" if self.mode == "tc" else "xdp"
+
+
+def link_info(ifname: str) -> dict:
+    """`ip -d -j link show dev IFNAME`: kind, XDP program, ..."""
+    out = subprocess.run(["ip", "-d", "-j", "link", "show", "dev", ifname],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise DatapathError(f"interface {ifname!r} does not exist")
+    return json.loads(out.stdout)[0]
+
+
+def link_kind(ifname: str) -> str | None:
+    """veth, bridge, ... for a virtual link; None for a NIC with a driver of its own."""
+    return link_info(ifname).get("linkinfo", {}).get("info_kind") or None
+
+
+def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
+    """The modes to try on ifname, in order, and why.
+
+    auto: tc on a virtual link (its senders may leave checksums partial, which XDP
+    cannot see and no rewrite in XDP can patch; and a veth peer needs no NAPI for an
+    skb), XDP in the driver on a NIC, falling back to generic XDP. A mode the project
+    file names is used as it is."""
+    if mode != "auto":
+        return [mode], f"mode {mode} set in the project file"
+    kind = link_kind(ifname)
+    if kind in VIRTUAL_KINDS:
+        return ["tc"], (f"{kind}: a virtual link; local senders hand over partial checksums "
+                        "(TX offload), which only tc's skb carries")
+    return ["native", "generic"], ("a NIC driver: XDP before any skb exists"
+                                   if kind is None else f"{kind}: XDP")
 
 
 class Loaded:
@@ -184,6 +241,7 @@ class Loaded:
                 # bytes, not str: BCC warns about str on every call
                 self.bpf = bcc.BPF(text=src.encode(), cflags=cflags_for(sizes, pin))
                 self.fn = self.bpf.load_func(b"xdp_zfast", bcc.BPF.XDP)
+                self.fn_tc = self.bpf.load_func(b"tc_zfast", bcc.BPF.SCHED_CLS)
                 err = None
             except Exception as e:  # BCC raises bare Exception with the reason in text
                 err = e
@@ -195,6 +253,7 @@ class Loaded:
         _release_compiler_heap()
         self.prog_fd = self.fn.fd
         self.prog_id = int(fd_info(self.prog_fd).get("prog_id", 0))
+        self.tc_prog_id = int(fd_info(self.fn_tc.fd).get("prog_id", 0))
         self.attached: dict[str, Attachment] = {}
         self._config_lock = threading.Lock()
 
@@ -285,24 +344,45 @@ class Loaded:
                     pass
                 tx[ctypes.c_int(idx)] = ctypes.c_int(idx)
 
-    # ---- XDP attach -------------------------------------------------------
+    def set_tx_kernel(self, idx: int, kernel: bool) -> None:
+        """ZF_TX_KERNEL for egress ifindex idx: XDP hands its packets to the kernel."""
+        if not 0 < idx < self.sizes.max_ifindex:
+            return
+        flags = self.table("tx_flags")
+        value = flags[flags.Key(idx)].value
+        want = (value | TX_KERNEL) if kernel else (value & ~TX_KERNEL)
+        if want != value:
+            flags[flags.Key(idx)] = flags.Leaf(want)
+
+    # ---- attach -------------------------------------------------------------
+
+    def prog_id_of(self, mode: str) -> int:
+        return self.tc_prog_id if mode == "tc" else self.prog_id
 
     def attach(self, ifname: str, mode: str = "auto") -> Attachment:
-        """Attach to one interface; auto tries native (driver) mode, then generic."""
+        """Attach to one interface: tc or XDP by choose_hook (auto: tc on a virtual link,
+        else native XDP, then generic); replaces what is there (a restarted daemon's own)."""
         bcc = _bcc()
         ifindex(ifname)  # a clear error for a missing interface
-        tries = ["native", "generic"] if mode == "auto" else [mode]
+        tries, why = choose_hook(ifname, mode)
         last = None
         for m in tries:
             try:
-                bcc.BPF.attach_xdp(ifname, self.fn, MODE_FLAGS[m])
+                if m == "tc":
+                    tc_attach(ifname, self.fn_tc.fd, self.tc_prog_id)
+                    xdp_detach(ifname)      # one hook at a time: a mode change moves it
+                else:
+                    bcc.BPF.attach_xdp(ifname, self.fn, MODE_FLAGS[m])
+                    tc_detach(ifname)
             except Exception as err:
                 last = err
                 continue
-            att = Attachment(ifname, m, self.prog_id)
+            if m == "generic" and len(tries) > 1:
+                why += f"; no native XDP in this driver ({last})"
+            att = Attachment(ifname, m, self.prog_id_of(m), why)
             self.attached[ifname] = att
             return att
-        raise DatapathError(f"cannot attach XDP to {ifname} ({mode} mode): {last}")
+        raise DatapathError(f"cannot attach zfast to {ifname} ({mode} mode): {last}")
 
     def detach(self, ifname: str) -> None:
         att = self.attached.pop(ifname, None)
@@ -316,15 +396,62 @@ class Loaded:
                 pass
 
 
-def detach_interface(ifname: str, mode: str | None = None) -> None:
-    """Remove whatever XDP program is on ifname (in the given mode, or any)."""
-    bcc = _bcc()
+def tc_attach(ifname: str, prog_fd: int, prog_id: int) -> None:
+    """Our direct-action filter at tc ingress (clsact made if missing), replacing ours.
+    Its name carries the program id, so a check can tell our program from a stale one."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        try:
+            ipr.tc("add", "clsact", index=idx)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+        ipr.tc("replace-filter", "bpf", index=idx, handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS,
+               fd=prog_fd, name=f"{TC_NAME}-{prog_id}", classid=1, direct_action=True)
+
+
+def tc_filters(ipr: IPRoute, idx: int) -> list[str]:
+    """Names of the BPF filters at tc ingress of interface idx."""
     try:
-        socket.if_nametoindex(ifname)  # gone (with its namespace, or its peer): nothing to do,
-    except OSError:                    # and libbcc would print its own error for it
-        raise DatapathError(f"interface {ifname!r} does not exist") from None
-    modes = [mode] if mode else ["native", "generic"]
-    for m in modes:
+        msgs = ipr.get_filters(index=idx, parent=TC_INGRESS)
+    except NetlinkError:
+        return []                       # no clsact qdisc
+    names = []
+    for msg in msgs:
+        opts = msg.get_attr("TCA_OPTIONS")
+        if msg.get_attr("TCA_KIND") == "bpf" and opts:
+            names.append(opts.get_attr("TCA_BPF_NAME") or "")
+    return names
+
+
+def tc_attached(ifname: str) -> int | None:
+    """The id of the zfast program at tc ingress of ifname, or None."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise DatapathError(f"interface {ifname!r} does not exist")
+        for name in tc_filters(ipr, found[0]):
+            if name.startswith(TC_NAME + "-"):
+                return int(name.rsplit("-", 1)[1])
+    return None
+
+
+def tc_detach(ifname: str) -> None:
+    """Remove our filter from tc ingress; other filters and the qdisc stay."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        try:
+            ipr.tc("del-filter", "bpf", index=found[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
+        except NetlinkError as err:
+            if err.code not in (errno.ENOENT, errno.EINVAL):
+                raise
+
+
+def xdp_detach(ifname: str, mode: str | None = None) -> None:
+    bcc = _bcc()
+    for m in [mode] if mode else ["native", "generic"]:
         try:
             bcc.BPF.remove_xdp(ifname, MODE_FLAGS[m])
         except Exception as err:
@@ -332,19 +459,22 @@ def detach_interface(ifname: str, mode: str | None = None) -> None:
                 raise DatapathError(f"interface {ifname!r} does not exist") from None
 
 
-def attached_prog(ifname: str) -> tuple[int, str] | None:
-    """(prog_id, mode) of the XDP program on ifname, from `ip -d link`, or None."""
-    import json
-    import subprocess
+def detach_interface(ifname: str, mode: str | None = None) -> None:
+    """Remove zfast from ifname: the XDP program (in the given mode, or any) and our tc filter."""
+    try:
+        socket.if_nametoindex(ifname)  # gone (with its namespace, or its peer): nothing to do,
+    except OSError:                    # and libbcc would print its own error for it
+        raise DatapathError(f"interface {ifname!r} does not exist") from None
+    if mode != "tc":
+        xdp_detach(ifname, mode)
+    tc_detach(ifname)
 
-    out = subprocess.run(["ip", "-d", "-j", "link", "show", "dev", ifname],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise DatapathError(f"interface {ifname!r} does not exist")
-    info = json.loads(out.stdout)[0]
-    xdp = info.get("xdp")
-    if not xdp:
-        return None
-    mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("mode"), "unknown")
-    prog = xdp.get("prog", {})
-    return int(prog.get("id", 0)), mode
+
+def attached_prog(ifname: str) -> tuple[int, str] | None:
+    """(prog_id, mode) of what is on ifname: an XDP program, else zfast's tc filter; or None."""
+    xdp = link_info(ifname).get("xdp")
+    if xdp:
+        mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("mode"), "unknown")
+        return int(xdp.get("prog", {}).get("id", 0)), mode
+    prog = tc_attached(ifname)
+    return (prog, "tc") if prog is not None else None

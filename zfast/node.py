@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from zfast import config
+from zfast import config, egress
 from zfast.api import Server
 from zfast.datapath import DatapathError, Loaded, ifindex
 from zfast import pins
@@ -33,6 +33,7 @@ from zfast.store import Revision, Store, StoreError, open_store
 log = logging.getLogger("zfast.node")
 
 TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
+EGRESS_RECHECK_S = 10.0   # egress ports' NAPI checked again (GRO may be turned off by hand)
 # Sections that are each node's own: the store shares everything else between nodes.
 # datapath too: its sizes are compiled into each node's program, and the two nodes of a
 # pair differ in them while the core service resizes one after the other.
@@ -133,6 +134,10 @@ class Node:
         # A program compiled ahead by a parked spare (zfast/core/spare.py): start takes it
         # instead of compiling (seconds of BCC) when its pinned maps are fresh and of our layout.
         self.preloaded = preloaded
+        self.egress: dict[str, egress.TargetCheck] = {}   # per port, while XDP redirects
+        self._egress_seen: tuple = ()
+        self._egress_next = 0.0
+        self._xmit_errors: dict[str, int] = {}
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
         self._sweeper = None         # the idle-flow sweep's process (zfast/flowage.py)
 
@@ -162,10 +167,13 @@ class Node:
             self._start_telemetry()
             try:
                 for itf in node.interfaces:
-                    self.dp.attach(itf.name, itf.mode or node.mode)
+                    att = self.dp.attach(itf.name, itf.mode or node.mode)
+                    self.events.log("attach", interface=att.ifname, hook=att.hook, mode=att.mode,
+                                    prog_id=att.prog_id, why=att.why)
             except DatapathError:
                 self.dp.detach_all()  # all interfaces or none
                 raise
+            self._check_egress()
             self._watch = self.store.watch(self.project.project, self._on_revision,
                                            after=latest.rev)
             self._start_pair()
@@ -338,6 +346,7 @@ class Node:
             # A failing chore (a map update refused for a moment, e.g. ENOMEM at the memory
             # limit) is an error event and is tried again next time: the node serves on.
             self._chore("interfaces", self._refresh_tx_ports)
+            self._chore("egress ports", self._check_egress)
             if self.pair:
                 self._chore("interface MACs", self.pair.holder.refresh_macs)
             idle_s = self.project.datapath.flow_idle_s
@@ -406,6 +415,37 @@ class Node:
 
     def _refresh_tx_ports(self) -> None:
         self.dp.set_tx_ports([idx for idx, _ in socket.if_nameindex()])
+
+    def _check_egress(self) -> None:
+        """While an XDP program redirects, every port must take its frames (zfast.egress):
+        checked when links change, when the kernel loses XDP frames at a port (the symptom
+        of a peer that lost its NAPI) and every EGRESS_RECHECK_S. The loss rising is an
+        event; so is what zfast did about a port (GRO turned on at the peer every time;
+        the kernel's forwarding when that starts)."""
+        rising = False
+        for name, drops in self.kernel_drops().items():
+            lost, before = egress.xdp_lost(drops), self._xmit_errors.get(name)
+            if before is not None and lost > before:
+                rising = True
+                self.events.log("kernel_drops", interface=name, xdp_lost=lost - before, **drops)
+            self._xmit_errors[name] = lost
+        ports = tuple(socket.if_nameindex())
+        xdp = any(a.hook == "xdp" for a in self.dp.attached.values())
+        if xdp and (rising or ports != self._egress_seen or time.monotonic() >= self._egress_next):
+            self._egress_seen, self._egress_next = ports, time.monotonic() + EGRESS_RECHECK_S
+            for idx, name in ports:
+                check = egress.check_xdp_target(name)
+                self.dp.set_tx_kernel(idx, not check.xdp_ok)
+                before = self.egress.get(name)
+                if check.action == "gro_on_peer" or (check.action and (
+                        before is None or before.action != check.action)):
+                    self.events.log("egress", interface=name, action=check.action,
+                                    detail=check.detail)
+                self.egress[name] = check
+
+    def kernel_drops(self) -> dict[str, dict[str, int]]:
+        """What the kernel dropped after the program, per interface of the node (zfast.egress)."""
+        return {itf.name: egress.kernel_drops(itf.name) for itf in self.project.node.interfaces}
 
     # ---- apply ----------------------------------------------------------------
 
@@ -599,7 +639,10 @@ class Node:
             "pid": os.getpid(),
             "revision": self.revision,
             "started": self.started,
-            "interfaces": [{"name": a.ifname, "mode": a.mode, "prog_id": a.prog_id}
+            "interfaces": [{"name": a.ifname, "hook": a.hook, "mode": a.mode, "prog_id": a.prog_id,
+                            "why": a.why,
+                            **({"egress": self.egress[a.ifname].detail} if a.ifname in self.egress
+                               and self.egress[a.ifname].action else {})}
                            for a in (self.dp.attached.values() if self.dp else [])],
             "adopted": self.adopted,
             "store": self.store.health() if self.store else None,
@@ -622,6 +665,8 @@ class Node:
             "services": self.table.counters(),
             "public_ports": self.fw.counters(),
             "drops": {name: p for name, (p, _) in counters.items() if name.startswith("drop_")},
+            # what the kernel dropped after us: forwarded by zfast, received by nobody
+            "kernel_drops": self.kernel_drops(),
             "verdicts": {name: {"packets": p, "bytes": b} for name, (p, b) in counters.items()},
         }
 

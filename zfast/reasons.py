@@ -41,3 +41,14 @@ def by_name(name: str) -> Reason:
         if reason.name == name:
             return reason
     raise KeyError(name)
+
+
+_DEFINE_RE = re.compile(r"^#define\s+(ZF_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", re.M)
+
+
+@lru_cache(maxsize=None)
+def defines() -> dict[str, int]:
+    """Every numeric ``#define ZF_NAME value`` of zfast_shared.h (its size defaults
+    included): constants the Python side needs are read from here, never copied."""
+    text = (bpf_dir() / "zfast_shared.h").read_text()
+    return {name: int(value, 0) for name, value in _DEFINE_RE.findall(text)}

@@ -15,6 +15,10 @@ Python per packet. Metrics (counters end in ``_total``):
     zfast_drops_total{reason}                     packets dropped, reason without "drop_"
     zfast_verdict_packets_total{reason}           every verdict reason of the data plane
     zfast_verdict_bytes_total{reason}
+    zfast_kernel_drops_total{interface,kind}      what the kernel dropped after the program
+                                                  forwarded: kind xdp_redirect_errors (counted
+                                                  where frames came in), xdp_xmit_errors (where
+                                                  they were to leave), tx_dropped (skbs)
     zfast_flows                                   entries in the flow table (when known)
     zfast_map_entries{map} / zfast_map_max_entries{map}
     zfast_instance_cpu_seconds_total{instance} / zfast_instance_memory_bytes{instance}
@@ -151,7 +155,13 @@ class ZfastCollector:
         for reason, v in st.get("verdicts", {}).items():
             vp.add_metric([reason], v["packets"])
             vb.add_metric([reason], v["bytes"])
-        yield from (drops, vp, vb)
+        # after us: what the kernel dropped (zfast.egress), never silent
+        kernel = CounterMetricFamily("zfast_kernel_drops", "Packets the kernel dropped after the "
+                                     "program forwarded them", labels=["interface", "kind"])
+        for ifname, counts in st.get("kernel_drops", {}).items():
+            for kind, n in counts.items():
+                kernel.add_metric([ifname, kind], n)
+        yield from (drops, vp, vb, kernel)
 
     @staticmethod
     def _resources(st: dict) -> Iterator[Metric]:
