@@ -72,6 +72,7 @@ class Lab:
     config_path: Path
     node_proc: object = None
     servers: list = field(default_factory=list)
+    mode: str = "auto"                        # the node's attach mode (auto: tc on these veths)
 
     @property
     def backend4(self) -> list[str]:
@@ -105,7 +106,7 @@ class Lab:
                                     {"name": "priv0", "role": "private"}]
                                    + [{"name": f"pub{n}", "role": "public"}
                                       for n in range(1, len(self.extra_clients) + 1)],
-                     "mode": "native"},
+                     "mode": self.mode},
             "datapath": {"flow_table": 65536, "max_services": 8, "max_backends": 64},
             "services": [service("app", VIP4, 0), service("app6", VIP6, 1)],
         }
@@ -146,10 +147,19 @@ def _remove_node_state(state_dir: Path) -> None:
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def _senders_offload_off(topo: Topology, senders: list[tuple[str, str]]) -> None:
+    """The old lab, kept for the one test about it: senders fill in full checksums (TX
+    offload off), and the balancer runs native XDP, which needs nothing else of the links
+    (zfast itself gives the veth peers it redirects to NAPI)."""
+    for ns, ifname in senders:
+        topo.offload_off(ns, ifname)
+
+
 def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
-          name: str = "lab", extra_clients: int = 0) -> Lab:
+          name: str = "lab", extra_clients: int = 0, offloads: bool = True) -> Lab:
     """extra_clients: more client namespaces, client n on 10.2.n.2/24 (fd02:n::2/64)
-    behind the balancer's port pubN."""
+    behind the balancer's port pubN. Links are as `ip link add` makes them (offloads on,
+    GRO off); offloads=False turns the senders' offloads off and attaches native XDP."""
     weights = weights or [1] * n_backends
     client = topo.add_ns("cli")
     lb = topo.add_ns("lb", router=True)
@@ -167,15 +177,9 @@ def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
         topo.attach_to_bridge(switch, f"bp{i + 1}", "br0")
         topo.route(ns, "default", "10.1.0.1")
         topo.route(ns, "default", "fd01::1")
-        # Senders fill in full checksums (an XDP NAT cannot fix a partial one);
-        # receivers of redirected frames need NAPI, which GRO turns on.
-        topo.offload_off(ns, "eth0")
-        topo.gro_on(ns, "eth0")
         backends.append(ns)
     topo.route(client, "default", "10.0.0.1")
     topo.route(client, "default", "fd00::1")
-    topo.offload_off(client, "eth0")
-    topo.gro_on(client, "eth0")
     extras = []
     for n in range(1, extra_clients + 1):
         ns = topo.add_ns(f"cli{n + 1}")
@@ -183,16 +187,15 @@ def build(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
                   [f"10.2.{n}.1/24", f"fd02:{n:x}::1/64"])
         topo.route(ns, "default", f"10.2.{n}.1")
         topo.route(ns, "default", f"fd02:{n:x}::1")
-        topo.offload_off(ns, "eth0")
-        topo.gro_on(ns, "eth0")
         extras.append(ns)
-    topo.gro_on(switch, "lbp")
+    if not offloads:
+        _senders_offload_off(topo, [(ns, "eth0") for ns in [client, *backends, *extras]])
     node_name = f"{name}-{client.split('-')[2] if client.count('-') >= 3 else 'x'}"
     state_dir = Path("/run/zfast") / node_name
     state_dir.mkdir(parents=True, exist_ok=True)
     topo.at_close(lambda: _remove_node_state(state_dir))
     return Lab(topo, client, lb, switch, backends, weights, extras, node_name, state_dir,
-               state_dir / "project.yaml")
+               state_dir / "project.yaml", mode="auto" if offloads else "native")
 
 
 # ---- the active/standby pair ------------------------------------------------------------
@@ -232,6 +235,7 @@ class PairLab:
     key_file: Path
     heartbeat_ms: int = 50
     servers: list = field(default_factory=list)
+    mode: str = "auto"
 
     def project(self, i: int, weights: list[int] | None = None, links: bool = True) -> dict:
         node = self.nodes[i]
@@ -246,7 +250,7 @@ class PairLab:
 
         return {
             "project": "pairlab",
-            "node": {"name": node.name, "state_dir": str(node.state_dir), "mode": "native",
+            "node": {"name": node.name, "state_dir": str(node.state_dir), "mode": self.mode,
                      "interfaces": [{"name": "pub0", "role": "public"},
                                     {"name": "priv0", "role": "private"}]},
             "ha": {"peer": node.peer4, "bind": node.sync4, "priority": node.priority,
@@ -307,7 +311,8 @@ class PairLab:
 
 
 def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = None,
-               heartbeat_ms: int = 50, name: str = "pair") -> PairLab:
+               heartbeat_ms: int = 50, name: str = "pair", offloads: bool = True) -> PairLab:
+    """Links as `ip link add` makes them; offloads=False as in build()."""
     weights = weights or [1] * n_backends
     client = topo.add_ns("cli")
     pubsw = topo.add_ns("pubsw")
@@ -316,8 +321,6 @@ def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = 
     topo.bridge(privsw, "br0")
     topo.veth(client, "eth0", pubsw, "cp", [f"{PAIR_CLIENT4}/24", f"{PAIR_CLIENT6}/64"], [])
     topo.attach_to_bridge(pubsw, "cp", "br0")
-    topo.offload_off(client, "eth0")
-    topo.gro_on(client, "eth0")
     backends = []
     for i in range(n_backends):
         ns = topo.add_ns(f"be{i + 1}")
@@ -326,19 +329,17 @@ def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = 
         topo.attach_to_bridge(privsw, f"bp{i + 1}", "br0")
         topo.route(ns, "default", GATEWAY4)
         topo.route(ns, "default", GATEWAY6)
-        topo.offload_off(ns, "eth0")
-        topo.gro_on(ns, "eth0")
         backends.append(ns)
+    if not offloads:
+        _senders_offload_off(topo, [(ns, "eth0") for ns in [client, *backends]])
     tag = client.split("-")[2] if client.count("-") >= 3 else "x"
     nodes = []
     for i, letter in enumerate("ab"):
         ns = topo.add_ns(f"lb{letter}", router=True)
         topo.veth(ns, "pub0", pubsw, f"p{letter}", [f"10.0.0.{11 + i}/24", f"fd00::{11 + i:x}/64"], [])
         topo.attach_to_bridge(pubsw, f"p{letter}", "br0")
-        topo.gro_on(pubsw, f"p{letter}")
         topo.veth(ns, "priv0", privsw, f"q{letter}", [f"10.1.0.{251 + i}/24", f"fd01::{251 + i:x}/64"], [])
         topo.attach_to_bridge(privsw, f"q{letter}", "br0")
-        topo.gro_on(privsw, f"q{letter}")
         node_name = f"{name}-{tag}-{letter}"
         state_dir = Path("/run/zfast") / node_name
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +352,8 @@ def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = 
     key_file = nodes[0].state_dir / "ha.key"
     from zfast.ha.heartbeat import write_key
     write_key(key_file)
-    pair = PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms)
+    pair = PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms,
+                   mode="auto" if offloads else "native")
     store = pair.store_path
     topo.at_close(lambda: [Path(str(store) + sfx).unlink(missing_ok=True) for sfx in ("", "-wal", "-shm")])
     return pair

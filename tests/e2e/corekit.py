@@ -107,13 +107,11 @@ def start_core(topo, host: str, cfg: Path, state: Path, err: Path, private_bridg
 
 def plug(topo, host: str, name: str, hostif: str, bridge: str, addresses: list[str],
          gateway: str | None = None) -> str:
-    """A namespace on one of the core's bridges (a backend, a client): its own stack sends
-    final checksums (a balancer rewrites them) and receives redirected frames (GRO)."""
+    """A namespace on one of the core's bridges (a backend, a client), its link as
+    `ip link add` makes it: TX checksum offload on, GRO off."""
     ns = topo.add_ns(name)
     topo.veth(ns, "eth0", host, hostif, addresses, [])
     topo.attach_to_bridge(host, hostif, bridge)
     if gateway:
         topo.route(ns, "default", gateway)
-    topo.offload_off(ns, "eth0")
-    topo.gro_on(ns, "eth0")
     return ns

@@ -72,12 +72,14 @@ class Env:
 
 
 @contextmanager
-def lab_env(prefix: str, weights=(1, 1, 2), start_node: bool = True) -> Iterator[Env]:
-    """The standard lab with echo servers (and a node), torn down whatever happens."""
+def lab_env(prefix: str, weights=(1, 1, 2), start_node: bool = True,
+            offloads: bool = True) -> Iterator[Env]:
+    """The standard lab with echo servers (and a node), torn down whatever happens.
+    Links as Linux makes them; offloads=False: see zfast.lab.build."""
     # Fail, never skip: a run without root must not look like a green one.
     assert os.geteuid() == 0, NEED_ROOT
     with Topology(prefix=prefix) as topo:
-        lab_ = lab.build(topo, len(weights), list(weights))
+        lab_ = lab.build(topo, len(weights), list(weights), offloads=offloads)
         try:
             lab_.start_servers()
             wait_servers(lab_)
@@ -245,8 +247,8 @@ def service_stats(stats: dict, name: str) -> dict:
 
 # ---------------------------------------------------------------- kernel state
 
-def xdp_on(ns: str) -> dict[str, int]:
-    """{interface: prog id} of every XDP program attached in namespace ns."""
+def programs_on(ns: str) -> dict[str, int]:
+    """{interface: prog id} of every XDP program and tc ingress BPF filter in namespace ns."""
     out = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show"], capture_output=True,
                          text=True, check=True).stdout
     found = {}
@@ -254,7 +256,32 @@ def xdp_on(ns: str) -> dict[str, int]:
         xdp = link.get("xdp")
         if xdp:
             found[link["ifname"]] = int(xdp.get("prog", {}).get("id", 0))
+        tc = subprocess.run(["ip", "netns", "exec", ns, "tc", "-j", "filter", "show", "dev",
+                             link["ifname"], "ingress"], capture_output=True, text=True).stdout
+        for f in json.loads(tc or "[]"):
+            if "prog" in f.get("options", {}):
+                found[link["ifname"]] = int(f["options"]["prog"]["id"])
     return found
+
+
+def hooks_on(ns: str) -> dict[str, str]:
+    """{interface: "xdp" | "tc"} of what programs_on finds."""
+    out = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    xdp = {link["ifname"] for link in json.loads(out) if link.get("xdp")}
+    return {name: "xdp" if name in xdp else "tc" for name in programs_on(ns)}
+
+
+def detach_program(ns: str, ifname: str, how: str = "filter") -> None:
+    """Take zfast's program off an interface behind its back, as an operator's mistake
+    would: how = xdp | xdpdrv (`ip link set ... off`), filter (tc filter del), clsact."""
+    if how in ("xdp", "xdpdrv"):
+        argv = ["ip", "-n", ns, "link", "set", "dev", ifname, how, "off"]
+    elif how == "filter":
+        argv = ["ip", "netns", "exec", ns, "tc", "filter", "del", "dev", ifname, "ingress"]
+    else:
+        argv = ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", ifname, "clsact"]
+    subprocess.run(argv, check=True)
 
 
 def pids_in(ns: str) -> list[int]:

@@ -42,7 +42,7 @@ def idle(env):
         env.api = None
         assert code == 0, f"zfast up exited {code} on SIGTERM (0 expected)"
     lb = env.lab.lb
-    assert lbkit.xdp_on(lb) == {}, "XDP still attached after the node stopped"
+    assert lbkit.programs_on(lb) == {}, "XDP still attached after the node stopped"
     assert lbkit.pids_in(lb) == []
     return env
 
@@ -118,7 +118,7 @@ def test_up_refuses_bad_file(idle, tmp_path, kind):
     p = lbkit.zfast("up", "-c", str(path), ns=env.lab.lb, timeout=60)
     line = _one_line_error(p, fragments)
     print(f"\nup {kind}: {line}")
-    assert lbkit.xdp_on(env.lab.lb) == {}, "zfast up left an XDP program attached"
+    assert lbkit.programs_on(env.lab.lb) == {}, "zfast up left an XDP program attached"
     assert lbkit.pids_in(env.lab.lb) == [], "zfast up left a process behind"
     assert not (env.state_dir / "api.sock").exists()
     assert not pin_dir(env.lab.node_name).exists(), "zfast up left pinned maps behind"
@@ -134,7 +134,7 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
     path.write_text(text)
     status = _steady(env.api.get("/status"))
     served = _services(lbkit.stats_json(env.state_dir))
-    attached = lbkit.xdp_on(env.lab.lb)
+    attached = lbkit.programs_on(env.lab.lb)
     assert len(attached) == 2
 
     p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
@@ -153,7 +153,7 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
     status_cli = lbkit.zfast("status", "--json", "--state-dir", str(env.state_dir))
     assert status_cli.returncode == 0 and _steady(json.loads(status_cli.stdout)) == status
     assert _services(lbkit.stats_json(env.state_dir)) == served
-    assert lbkit.xdp_on(env.lab.lb) == attached
+    assert lbkit.programs_on(env.lab.lb) == attached
     # ... and new connections go exactly where the running table sends them.
     for vip, client, backends in ((lab.VIP4, lab.CLIENT4, env.lab.backend4),
                                   (lab.VIP6, lab.CLIENT6, env.lab.backend6)):
@@ -180,7 +180,7 @@ def test_attach_detach_unknown_interface(env, command):
     p = lbkit.zfast(command, "nosuch0", ns=env.lab.client)
     line = _one_line_error(p, ["nosuch0"])
     print(f"\n{command}: {line}")
-    assert lbkit.xdp_on(env.lab.client) == {}
+    assert lbkit.programs_on(env.lab.client) == {}
 
 
 def test_attach_generic_then_detach(env):
@@ -194,7 +194,7 @@ def test_attach_generic_then_detach(env):
     assert m, p.stdout
     prog = int(m.group(1))
     assert prog > 0
-    assert lbkit.xdp_on(ns) == {"vx0": prog}
+    assert lbkit.programs_on(ns) == {"vx0": prog}
     link = json.loads(subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "vx0"],
                                      capture_output=True, text=True, check=True).stdout)[0]
     assert link["xdp"]["mode"] == 2, link["xdp"]          # XDP_ATTACHED_SKB: generic
@@ -206,7 +206,7 @@ def test_attach_generic_then_detach(env):
     p = lbkit.zfast("detach", "vx0", ns=ns)
     assert p.returncode == 0, p.stderr
     assert str(prog) in p.stdout, p.stdout
-    assert lbkit.xdp_on(ns) == {}
+    assert lbkit.programs_on(ns) == {}
     p = lbkit.zfast("detach", "vx0", ns=ns)       # again: nothing to do, not an error
     assert p.returncode == 0 and "no XDP program" in p.stdout, (p.stdout, p.stderr)
 

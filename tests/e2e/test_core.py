@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lbkit
 from corekit import Core, plug, start_core
 from zfast.api import ApiError
 from zfast.core.service import STABLE_S
@@ -153,8 +154,9 @@ def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(cor
     streams = _streams(core)
     active = core.by_role("active")
     netns = active["netns"]
+    assert lbkit.hooks_on(netns) == {"pub0": "tc", "priv0": "tc"}, "default veths: tc"
     for ifname in ("pub0", "priv0"):
-        subprocess.run(["ip", "-n", netns, "link", "set", "dev", ifname, "xdp", "off"], check=True)
+        lbkit.detach_program(netns, ifname)
     took, inst = _replaced(core, active["name"], active["restarts"], timeout=20)
     others = [i for i in core.instances().values() if i["name"] != active["name"]]
     assert others[0]["role"] == "active"

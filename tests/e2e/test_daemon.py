@@ -201,7 +201,7 @@ def _node_state(env) -> tuple:
     st = env.api.get("/status")
     hist = env.api.get("/history")
     return (st["revision"], [h["rev"] for h in hist], lbkit.maps_state(env.lab.node_name),
-            lbkit.xdp_on(env.lab.lb))
+            lbkit.programs_on(env.lab.lb))
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -432,7 +432,7 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
     try:
         assert not streams_alive(streams)
         st0 = env.api.get("/status")
-        attached = lbkit.xdp_on(env.lab.lb)
+        attached = lbkit.programs_on(env.lab.lb)
         assert len(attached) == 2
         time.sleep(0.3)
         stats0 = lbkit.stats_json(env.state_dir)
@@ -449,7 +449,7 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
                 env.api.get("/status")
 
             # no daemon: the programs stay, streams echo, new connections are balanced
-            assert lbkit.xdp_on(env.lab.lb) == attached
+            assert lbkit.programs_on(env.lab.lb) == attached
             c_dead0 = lbkit.reason_counters(node)
             pinger.wait_rounds(3)
             assert not broken(streams), broken(streams)[:5]
@@ -468,7 +468,7 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
             assert st1["adopted"] is True, st1
             assert st1["revision"] == st0["revision"], (st0["revision"], st1["revision"])
             assert st1["pin_dir"] == st0["pin_dir"]
-            assert set(lbkit.xdp_on(env.lab.lb)) == set(attached)
+            assert set(lbkit.programs_on(env.lab.lb)) == set(attached)
             pinger.wait_rounds(2)
             assert not broken(streams), broken(streams)[:5]
             rounds_total = pinger.rounds

@@ -31,6 +31,7 @@ import time
 import pytest
 import yaml
 
+import lbkit
 import pairkit
 from pairkit import (BackendTap, HeartbeatTap, Pinger, RoleWatch, UdpFlow, arp_answers,
                      forward_flows, mac_of, neighbour, open_streams, send_udp, summary)
@@ -186,10 +187,10 @@ def test_killed_node_returns_as_standby_gets_the_flows_and_failback_works(env):
             s.close()
 
 
-# ---------------------------------------------------------------- 2a. XDP detached
+# ---------------------------------------------------------------- 2a. program detached
 
-@pytest.mark.parametrize("how", ["xdp", "xdpdrv"])   # `ip link set dev pub0 <how> off`
-def test_xdp_detached_on_the_active_the_standby_takes_over(env, how):
+@pytest.mark.parametrize("how", ["filter", "clsact"])  # tc filter del / tc qdisc del clsact
+def test_program_detached_on_the_active_the_standby_takes_over(env, how):
     a = settle(env)
     b = 1 - a
     streams = open_streams(env, STREAMS)
@@ -199,8 +200,7 @@ def test_xdp_detached_on_the_active_the_standby_takes_over(env, how):
                 UdpFlow(env.lab.client, lab.VIP6) as u6, RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             t_off = time.monotonic()
-            subprocess.run(["ip", "-n", env.lab.nodes[a].ns, "link", "set", "dev", "pub0", how,
-                            "off"], check=True)
+            lbkit.detach_program(env.lab.nodes[a].ns, "pub0", how)
             env.lab.wait_role(b, "active")
             env.lab.wait_role(a, "standby")
             pinger.wait_rounds(10)
@@ -355,6 +355,7 @@ def test_missing_or_short_key_file_stops_zfast_up_with_one_line(env, tmp_path):
     attached = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "dev", "pub0"],
                               capture_output=True, text=True, check=True).stdout
     assert "xdp" not in json.loads(attached)[0], "a failed start left XDP attached"
+    assert lbkit.programs_on(ns) == {}, "a failed start left a program attached"
 
 
 def test_mismatched_keys_show_auth_failed_and_an_error_event(env, tmp_path):

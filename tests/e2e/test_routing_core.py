@@ -110,7 +110,6 @@ def env():
         for i, (name, ip) in enumerate(BACKENDS.items(), 1):
             ns = plug(topo, host, f"be{i}", f"rbh{i}", "zrpriv0", [f"{ip}/24"], "10.239.0.254")
             topo.popen(ns, [sys.executable, "-c", BACKEND_SERVER, name, ip, "8080"])
-        topo.offload_off(host, "zrpub0")
         with Pebble(STATE.parent / "test-routing-pebble", addr=ADDR, netns=host) as pebble:
             cfg = STATE.parent / "test-routing-core.yaml"
             cfg.write_text(yaml.safe_dump(project_file(pebble)))

@@ -145,13 +145,7 @@ class NetnsRuntime(Runtime):
                 _ip("link", "add", host, "type", "veth", "peer", "name", link.ifname, "netns", ns)
                 _ip("link", "set", host, "master", link.bridge)
                 _ip("link", "set", host, "up")
-                # The bridge port receives the instance's XDP redirects: it needs NAPI (GRO).
-                subprocess.run(["ethtool", "-K", host, "gro", "on"], capture_output=True)
                 _ip("-n", ns, "link", "set", link.ifname, "up")
-                # What the instance's own stack sends (a router's answers, heartbeats) must
-                # carry final checksums: a partial one is broken by the balancer's NAT.
-                subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", link.ifname,
-                                "tx", "off"], capture_output=True)
             self._add_addresses(ns, spec.links)
             for dst, via in spec.routes:
                 _ip("-n", ns, "route", "replace", dst, "via", via)

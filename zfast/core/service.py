@@ -202,7 +202,7 @@ class CoreService:
             raw = self.shared_raw()
             state_dir = self.state_dir / name
             raw["node"] = {"name": f"{self.project.project}-{name}", "state_dir": str(state_dir),
-                           "mode": "native",
+                           "mode": "auto",
                            "interfaces": [{"name": "pub0", "role": "public"},
                                           {"name": "priv0", "role": "private"}]}
             raw["ha"] = {"peer": str(priv4[j]), "bind": str(priv4[i]), "priority": 200 - 100 * i,
