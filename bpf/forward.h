@@ -57,7 +57,7 @@ static __always_inline int zf_forward(void *ctx, struct zf_pkt *p, int reason,
 		goto out;
 	}
 
-	fib.ifindex = zf_ctx_get(ctx, hook, ingress_ifindex);
+	fib.ifindex = zf_ctx_ifindex(ctx, hook);
 	fib.l4_protocol = p->proto;
 	if (p->family == ZF_AF_INET) {
 		struct iphdr *iph = zf_l3(p, struct iphdr);

@@ -70,7 +70,7 @@ static __always_inline int zf_holds_vip(struct zf_addr *addr, __u8 family)
 
 static __always_inline __u8 *zf_my_mac(void *ctx, const int hook)
 {
-	__u32 idx = zf_ctx_get(ctx, hook, ingress_ifindex);
+	__u32 idx = zf_ctx_ifindex(ctx, hook);
 	struct if_mac *m = if_macs.lookup(&idx);
 
 	if (!m || !(m->mac[0] | m->mac[1] | m->mac[2] | m->mac[3] | m->mac[4] | m->mac[5]))
@@ -105,7 +105,7 @@ static __always_inline int zf_arp(void *ctx, struct zf_pkt *p, const int hook)
 	__builtin_memcpy(arp->spa, &target.w[0], 4);
 	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
-	bpf_redirect(zf_ctx_get(ctx, hook, ingress_ifindex), 0);
+	bpf_redirect(zf_ctx_ifindex(ctx, hook), 0);
 	return ZF_TX_ARP;
 }
 
@@ -193,7 +193,7 @@ static __always_inline int zf_nd(void *ctx, struct zf_pkt *p, const int hook)
 	sum = zf_sum16(nd, sizeof(struct zf_nd) / 2, sum);
 	nd->check = ~zf_csum_fold(sum);
 	p->len = want;
-	bpf_redirect(zf_ctx_get(ctx, hook, ingress_ifindex), 0);
+	bpf_redirect(zf_ctx_ifindex(ctx, hook), 0);
 	return ZF_TX_ND;
 }
 

@@ -21,9 +21,13 @@
 #define ZF_HOOK_XDP 0
 #define ZF_HOOK_TC 1
 
-/* A field both contexts have (data, data_end, ingress_ifindex). */
+/* A field both contexts have (data, data_end). */
 #define zf_ctx_get(ctx, hook, field) \
 	((hook) == ZF_HOOK_TC ? ((struct __sk_buff *)(ctx))->field : ((struct xdp_md *)(ctx))->field)
+
+/* The port the packet came in on: at tc ingress the skb's device is that port. */
+#define zf_ctx_ifindex(ctx, hook) \
+	((hook) == ZF_HOOK_TC ? ((struct __sk_buff *)(ctx))->ifindex : ((struct xdp_md *)(ctx))->ingress_ifindex)
 
 /* Enough linear bytes for every header we parse, an ICMP error's quote included. */
 #define ZF_TC_PULL_LEN 256

@@ -1,6 +1,6 @@
-"""BPF_PROG_RUN for XDP programs, through libbpf's bpf_prog_test_run_opts.
+"""BPF_PROG_RUN for XDP and tc programs, through libbpf's bpf_prog_test_run_opts.
 
-Two uses: packet tests (one packet in, the packet and verdict out) and the
+Two uses: packet tests (one packet in, the packet and verdict out, for either hook) and the
 traffic generator (BPF_F_TEST_XDP_LIVE_FRAMES: the kernel really transmits
 the frames the program redirects).  BCC has no wrapper for it, so we call
 libbpf, which BCC itself links, through ctypes.
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 
 XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+# tc's TC_ACT_* by the XDP action of the same meaning (bpf/hook.h maps them so)
+TC_AS_XDP = {0: 2, 2: 1, 7: 4}     # OK -> pass, SHOT -> drop, REDIRECT -> redirect
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -49,6 +51,13 @@ class XdpMd(ctypes.Structure):
         ("rx_queue_index", ctypes.c_uint32),
         ("egress_ifindex", ctypes.c_uint32),
     ]
+
+
+class SkBuff(ctypes.Structure):
+    # the head of struct __sk_buff, as far as BPF_PROG_RUN lets a caller set it
+    _fields_ = [(name, ctypes.c_uint32) for name in (
+        "len", "pkt_type", "mark", "queue_mapping", "protocol", "vlan_present", "vlan_tci",
+        "vlan_proto", "priority", "ingress_ifindex", "ifindex")]
 
 
 _libbpf = None
@@ -100,3 +109,29 @@ def run_xdp(prog_fd: int, packet: bytes, ingress_ifindex: int = 0, repeat: int =
         err = ctypes.get_errno() or -rc
         raise OSError(err, f"BPF_PROG_RUN failed: {os.strerror(err)}")
     return RunResult(opts.retval, buf_out.raw[:opts.data_size_out], opts.duration)
+
+
+def run_tc(prog_fd: int, packet: bytes, ingress_ifindex: int = 0, repeat: int = 1) -> RunResult:
+    """Run a tc (sched_cls) program on one packet as if it came in on ingress_ifindex;
+    retval is given as the XDP action of the same meaning, so one table of cases serves
+    both hooks. Raises OSError on failure."""
+    buf_in = ctypes.create_string_buffer(packet, len(packet))
+    out_size = len(packet) + 512
+    buf_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(buf_in, ctypes.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ctypes.cast(buf_out, ctypes.c_void_p)
+    opts.data_size_out = out_size
+    ctx = SkBuff(ifindex=ingress_ifindex)   # the kernel takes the ingress port from it
+    if ingress_ifindex:
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+    opts.repeat = repeat
+    rc = libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if rc != 0:
+        err = ctypes.get_errno() or -rc
+        raise OSError(err, f"BPF_PROG_RUN failed: {os.strerror(err)}")
+    return RunResult(TC_AS_XDP.get(opts.retval, 1000 + opts.retval),
+                     buf_out.raw[:opts.data_size_out], opts.duration)

@@ -25,7 +25,7 @@ from tests.fixtures import packets as fx  # noqa: E402
 from zfast import config  # noqa: E402
 from zfast.datapath import Loaded  # noqa: E402
 from zfast.netns import Topology, in_ns  # noqa: E402
-from zfast.progrun import RunResult, run_xdp  # noqa: E402
+from zfast.progrun import RunResult, run_tc, run_xdp  # noqa: E402
 from zfast.services import ServiceTable  # noqa: E402
 
 
@@ -37,9 +37,12 @@ class Balancer:
     ns: str                      # full name of the "lb" namespace
     ifindex: dict[str, int]      # fx.PUB / fx.PRIV -> ifindex of pub0 / priv0
 
-    def run(self, packet, ingress: str) -> RunResult:
-        """One packet (bytes or scapy) through the program, as if it came in on `ingress`."""
+    def run(self, packet, ingress: str, hook: str = "xdp") -> RunResult:
+        """One packet (bytes or scapy) through the program of `hook` (xdp: xdp_zfast, tc:
+        tc_zfast, the same pipeline), as if it came in on `ingress`."""
         with in_ns(self.ns):
+            if hook == "tc":
+                return run_tc(self.dp.fn_tc.fd, bytes(packet), self.ifindex[ingress])
             return run_xdp(self.dp.prog_fd, bytes(packet), self.ifindex[ingress])
 
     def run_all(self, packets, ingress: str) -> list[RunResult]:

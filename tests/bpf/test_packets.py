@@ -1,4 +1,4 @@
-"""The XDP program, packet by packet, through BPF_PROG_RUN (needs root).
+"""The data plane, packet by packet, through BPF_PROG_RUN (needs root): XDP and tc.
 
 The case table (tests/fixtures/packets.py) gives, for each case, the packet in, the verdict,
 the exact packet out and the reason counters that must move. Then: flows spread over
@@ -139,15 +139,29 @@ def test_cases_name_known_reasons():
         assert {by_name(n).action for n in c.reasons} == {c.verdict}, c.description
 
 
+def _no_skb_from(raw: bytes) -> bool:
+    """A frame whose IP header is cut short: the kernel builds no skb of it (BPF_PROG_RUN
+    of a tc program refuses it with EINVAL, as a real receive path drops it before tc)."""
+    return (raw[12:14] == b"\x08\x00" and len(raw) < 14 + 20) or \
+        (raw[12:14] == b"\x86\xdd" and len(raw) < 14 + 40)
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
 @pytest.mark.parametrize("case", fx.CASES, ids=str)
-def test_packet(lb, case):
+def test_packet(lb, case, hook):
+    """Every case through both hooks: one pipeline, the same bytes out, the same counters."""
     for packet, ingress in case.before:
-        assert lb.run(packet, ingress).action == "redirect", f"set-up packet {packet!r}"
+        assert lb.run(packet, ingress, hook).action == "redirect", f"set-up packet {packet!r}"
     raw = bytes(case.packet)
     want = raw if case.out is None else bytes(case.out)
     before = lb.reasons()
 
-    result = lb.run(raw, case.ingress)
+    if hook == "tc" and _no_skb_from(raw):
+        with pytest.raises(OSError) as err:
+            lb.run(raw, case.ingress, hook)
+        assert err.value.errno == 22 and lb.reasons() == before
+        return
+    result = lb.run(raw, case.ingress, hook)
 
     deltas = counter_deltas(before, lb.reasons())
     assert result.action == case.verdict, f"reasons counted: {deltas}"
@@ -365,3 +379,31 @@ def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
     assert len(list(flows.keys())) == 2
     assert sweep(flows)["deleted"] == 2
     assert list(flows.keys()) == []
+
+
+# ---- an egress XDP frames cannot reach ------------------------------------------------------
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_an_egress_marked_tx_kernel_is_left_to_the_kernel_by_xdp(lb, hook):
+    """ZF_TX_KERNEL on priv0 (a veth whose peer has no NAPI, zfast/egress.py): the XDP
+    program rewrites the packet for its backend and passes it for the kernel to forward,
+    TTL and MACs untouched (the kernel does both); tc redirects skbs, which need no NAPI."""
+    idx = lb.ifindex[fx.PRIV]
+    lb.dp.set_tx_kernel(idx, True)
+    try:
+        before = lb.reasons()
+        result = lb.run(fx.UDP4, fx.PUB, hook)
+        deltas = counter_deltas(before, lb.reasons())
+        if hook == "tc":
+            assert result.action == "redirect" and set(deltas) == {"fwd_new"}
+            return
+        assert result.action == "pass" and deltas == {"pass_egress": (1, len(bytes(fx.UDP4)))}
+        got = Ether(result.data)
+        sent = Ether(bytes(fx.UDP4))
+        assert got[IP].dst == fx.BACKEND4 and got[UDP].dport == 5353
+        assert got[IP].ttl == sent[IP].ttl and got.dst == sent.dst and got.src == sent.src
+        assert checksum_problems(result.data) == []
+    finally:
+        lb.dp.set_tx_kernel(idx, False)
+    assert lb.dp.table("tx_flags")[lb.dp.table("tx_flags").Key(idx)].value == 0
