@@ -214,9 +214,13 @@ def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
     cannot see and no rewrite in XDP can patch; and a veth peer needs no NAPI for an
     skb), XDP in the driver on a NIC, falling back to generic XDP. A mode the project
     file names is used as it is."""
-    if mode != "auto":
-        return [mode], f"mode {mode} set in the project file"
     kind = link_kind(ifname)
+    if mode != "auto":
+        why = f"mode {mode} set in the project file"
+        if mode != "tc" and kind in VIRTUAL_KINDS:
+            why += (f"; {kind}: a virtual link, whose senders must turn TX checksum offload "
+                    "off (partial checksums reach XDP unmarked)")
+        return [mode], why
     if kind in VIRTUAL_KINDS:
         return ["tc"], (f"{kind}: a virtual link; local senders hand over partial checksums "
                         "(TX offload), which only tc's skb carries")

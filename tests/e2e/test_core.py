@@ -36,7 +36,7 @@ PROJECT = "coretest"
 STATE = Path("/run/zfast/test-core")
 PUBLIC_VIP, PUBLIC_PORT = "10.232.0.10", 2222
 BACKENDS = ("10.233.0.2", "10.233.0.3")
-STREAMS = 16
+STREAMS = 30          # long-lived TCP streams through the VIP; one that moved would break
 
 
 def _config() -> dict:

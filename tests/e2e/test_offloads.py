@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,22 +34,20 @@ PROM = "127.0.0.1:9464"
 FAMILIES = {"v4": (lab.VIP4, "app", 0), "v6": (lab.VIP6, "app6", 1)}
 
 
+@contextmanager
 def _env(prefix: str, offloads: bool):
-    ctx = lbkit.lab_env(prefix, WEIGHTS, start_node=False, offloads=offloads)
-    env = ctx.__enter__()
-    project = env.lab.project()
-    project["telemetry"] = {"prometheus": PROM}
-    env.api = lbkit.start_node(env.lab, project)
-    return ctx, env
+    """The lab with a node that serves /metrics too."""
+    with lbkit.lab_env(prefix, WEIGHTS, start_node=False, offloads=offloads) as env:
+        project = env.lab.project()
+        project["telemetry"] = {"prometheus": PROM}
+        env.api = lbkit.start_node(env.lab, project)
+        yield env
 
 
 @pytest.fixture(scope="module")
 def default_env():
-    ctx, env = _env("zfoff", offloads=True)
-    try:
+    with _env("zfoff", offloads=True) as env:
         yield env
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def _features(ns: str, ifname: str) -> str:
@@ -174,11 +173,8 @@ def test_kernel_drops_are_shown_per_interface(default_env):
 
 @pytest.fixture(scope="module")
 def xdp_env():
-    ctx, env = _env("zfxdp", offloads=False)
-    try:
+    with _env("zfxdp", offloads=False) as env:
         yield env
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def _events(env, kind: str) -> list[dict]:
