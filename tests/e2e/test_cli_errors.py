@@ -3,7 +3,8 @@
 `zfast up` with a bad file or a missing interface leaves no XDP program and no process in
 the balancer's namespace; `zfast apply` of the same files to a running node changes
 nothing (status, services, attached programs, where new connections go). Also `stats`
-without a node, `attach`/`detach` of a missing interface, and attach/detach that works.
+without a node, `attach`/`detach` of a missing interface, attach/detach that works, and
+`zfast core up` under `ip netns exec` (no cgroup hierarchy there: one line, nothing made).
 
 One lab for the module; a node runs in it only for the tests that need one. Needs root:
 without it every test fails, none skips.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -209,6 +211,52 @@ def test_attach_generic_then_detach(env):
     assert lbkit.programs_on(ns) == {}
     p = lbkit.zfast("detach", "vx0", ns=ns)       # again: nothing to do, not an error
     assert p.returncode == 0 and "no XDP program" in p.stdout, (p.stdout, p.stderr)
+
+
+# ---------------------------------------------------------------- core up without cgroups
+
+CORE_PROJECT = "zfclicore"
+
+
+def _core_project() -> dict:
+    return {
+        "project": CORE_PROJECT,
+        "services": [{"name": "app", "vip": "10.237.0.10",
+                      "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
+                      "backends": [{"address": "10.237.0.2"}]}],
+        "core": {"public": {"bridge": "zclipub0", "subnet": "10.236.0.0/24"},
+                 "private": {"bridge": "zclipriv0", "subnet": "10.237.0.0/24",
+                             "gateway": "10.237.0.254"},
+                 "balancer": {"cpu": 0.5, "memory": "256Mi"}},
+    }
+
+
+def test_core_up_under_ip_netns_exec_says_there_is_no_cgroup_hierarchy(env, tmp_path):
+    """`ip netns exec` mounts a fresh sysfs, whose /sys/fs/cgroup is empty: `zfast core up`
+    there says so in one line, and what to do, before it makes anything (no state dir, no
+    key, no bridge, no instance namespace, no cgroup)."""
+    ns = env.lab.topo.add_ns("coreup")
+    cfg = tmp_path / "core.yaml"
+    cfg.write_text(yaml.safe_dump(_core_project(), sort_keys=False))
+    state = tmp_path / "state"
+    prefix = f"zfc-{CORE_PROJECT}"[:20]
+    cgroups = [Path("/sys/fs/cgroup") / c / "zfast" / prefix for c in ("", "cpu", "cpuacct", "memory")]
+    assert not any(p.exists() for p in cgroups), "a cgroup of an earlier run is in the way"
+
+    p = lbkit.zfast("core", "up", "-c", str(cfg), "--state-dir", str(state), ns=ns, timeout=60)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    line = _one_line_error(p, ["no cgroup hierarchy at /sys/fs/cgroup", "ip netns exec",
+                               f"nsenter --net=/var/run/netns/{ns}"])
+    print(f"\ncore up: {line}")
+    assert not state.exists(), f"core up left {sorted(state.rglob('*'))}"
+    links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True,
+                                      text=True, check=True).stdout)
+    assert [l["ifname"] for l in links] == ["lo"], f"core up left links: {links}"
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                          check=True).stdout
+    assert prefix not in left, f"core up left instances: {left}"
+    assert not [str(p) for p in cgroups if p.exists()], "core up left a cgroup"
+    assert lbkit.pids_in(ns) == [], "core up left a process behind"
 
 
 def _steady(status: dict) -> dict:

@@ -25,6 +25,45 @@ def parse_size(text: str | int) -> int:
     return int(text)
 
 
+V1_CONTROLLERS = ("cpu", "cpuacct", "memory")
+V2_CONTROLLERS = ("cpu", "memory")
+NETNS_DIR = Path("/var/run/netns")
+
+
+def hierarchy_problem(root: Path = ROOT) -> str | None:
+    """Why instances cannot have their cgroups under root (None: they can). Asked before
+    anything is made: `ip netns exec` mounts a fresh sysfs, whose /sys/fs/cgroup is an
+    empty directory (neither cgroup.controllers nor cpu/, cpuacct/, memory/)."""
+    if (root / "cgroup.controllers").exists():
+        offered = (root / "cgroup.controllers").read_text().split()
+        missing = [c for c in V2_CONTROLLERS if c not in offered]
+        if missing:
+            return f"cgroup v2 at {root} offers no {' and no '.join(missing)} controller"
+        return None
+    missing = [c for c in V1_CONTROLLERS if not (root / c / "cgroup.procs").exists()]
+    if len(missing) == len(V1_CONTROLLERS):
+        return (f"no cgroup hierarchy at {root} (is /sys a fresh sysfs, as under "
+                f"`ip netns exec`? run zfast core up in the host's mount namespace, or enter "
+                f"only the network namespace: nsenter --net={NETNS_DIR}/{_netns_name()})")
+    if missing:
+        return f"no {', '.join(missing)} cgroup controller at {root} (cgroup v1 mounts it there)"
+    return None
+
+
+def _netns_name(netns_dir: Path = NETNS_DIR) -> str:
+    """The name this process's network namespace has under netns_dir (`ip netns identify`),
+    else NAME."""
+    try:
+        me = os.stat("/proc/self/ns/net")
+        for entry in sorted(netns_dir.iterdir()):
+            st = entry.stat()
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return entry.name
+    except OSError:
+        pass
+    return "NAME"
+
+
 class Cgroup:
     """One instance's cgroup (created on demand, removed by destroy()).
 

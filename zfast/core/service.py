@@ -28,7 +28,7 @@ import yaml
 from zfast import config
 from zfast.api import ApiError, Client, Server
 from zfast.core import scaling
-from zfast.core.cgroups import Cgroup, parse_size
+from zfast.core.cgroups import Cgroup, hierarchy_problem, parse_size
 from zfast.core.runtime import Instance, InstanceSpec, Link, NetnsRuntime, Runtime, write_atomically
 from zfast.core.spare import PARKED
 from zfast.controllers.logger import LoggerController
@@ -124,6 +124,9 @@ class CoreService:
     def __init__(self, project: config.Project, state_dir: Path, runtime: Runtime | None = None):
         self.project = project
         self.core = parse_core(project)
+        problem = hierarchy_problem()   # before anything is made: nothing to undo then
+        if problem:
+            raise CoreError(problem)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = f"zfc-{project.project}"[:20]
