@@ -219,7 +219,20 @@ def test_program_detached_on_the_active_the_standby_takes_over(env, how):
         assert [(e["old"], e["new"]) for e in role_events(env, a)][-1] == ("active", "standby")
         assert watch.changes(b, t_off - 0.1) == ["standby", "active"], watch.transitions(b)
         assert watch.changes(a, t_off - 0.1) == ["active", "standby"], watch.transitions(a)
-        check_udp(r6, "UDP over VIP6, XDP detached")
+        # UDP order is not kept across this takeover, and cannot be: with its program gone,
+        # the old active's kernel still gets the VIP's datagrams (the client's neighbour
+        # entry points at it until the new active's unsolicited NA) and forwards them
+        # (forwarding is on: zfast hands some egress to it), holding them until the VIP
+        # resolves to the new active. They then race the first datagrams the client sends
+        # straight there (nstat: 9-16 forwarded by the old active per takeover, none lost).
+        # What holds: nothing lost but inside the gap, nothing duplicated, one backend, and
+        # a datagram that reached the backend late was sent between the detach and the
+        # takeover (that path only exists then).
+        req = tap.requests.get(u6.local_port, [])
+        late = {y: round(u6.sent[y] - t_off, 3) for x, y in zip(req, req[1:]) if y < x}
+        assert all(-HB <= at <= took + 2 * HB for at in late.values()), \
+            f"UDP over VIP6, XDP detached: reordered outside the takeover ({took:.3f} s): {late} {r6}"
+        check_udp(r6 | {"to_backend_swaps": 0}, "UDP over VIP6, XDP detached")
         assert gaps["median_ms"] < GAP_MEDIAN_MAX * 1000, f"median gap {gaps}"
     finally:
         for s in streams:
