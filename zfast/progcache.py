@@ -233,14 +233,21 @@ def map_references(insns: bytes) -> dict[int, int]:
 # ---- the cache dir ---------------------------------------------------------------------------
 
 
+OFF = "off"
+
+
 def cache_dir() -> Path:
+    """$ZFAST_CACHE_DIR, else /var/cache/zfast. ZFAST_CACHE_DIR=off: no cache (compile
+    every time)."""
     return Path(os.environ.get("ZFAST_CACHE_DIR") or DEFAULT_DIR)
 
 
 def usable_dir(directory: Path | None = None, create: bool = True) -> Path | None:
-    """The cache dir, made if missing (0700), or None when it cannot be trusted: programs
-    from a dir someone else can write to would be loaded into the kernel as root."""
+    """The cache dir, made if missing (0700), or None when it is off or cannot be trusted:
+    programs from a dir someone else can write to would be loaded into the kernel as root."""
     d = Path(directory) if directory is not None else cache_dir()
+    if str(d) == OFF:
+        return None
     try:
         if create:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
