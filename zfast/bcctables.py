@@ -38,7 +38,7 @@ class MapDef:
     kernel_flags: int      # as the kernel reports them (it adds some: a devmap's RDONLY_PROG)
     key_desc: str          # BCC's JSON type descriptions (bpf_table_key_desc)
     leaf_desc: str
-    pin: str | None = None  # bpffs path, when the map is pinned
+    pin: str | None = None  # its name in the pin dir, when the map is pinned
 
 
 class ModuleInfo:

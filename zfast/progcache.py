@@ -9,13 +9,15 @@ loader library (libbcc_bpf.so.0, zfast.bpflib: bcc_create_map, bcc_prog_load), w
 importing bcc and so without LLVM:
 
 - key: sha256 of the inlined source as zfast.datapath.inline_source makes it, the
-  compile-time cflags (sizes and the pin dir are -D flags), the kernel (release and build
-  version string, as BCC compiles against that kernel's headers), BCC's version, the
-  program functions and their types, and FORMAT;
+  compile-time cflags (the sizes are -D flags), the kernel (release and build version
+  string, as BCC compiles against that kernel's headers), BCC's version, the program
+  functions and their types, and FORMAT. The pin dir, a -D flag too, is replaced by a
+  placeholder: it only says where the maps live (BPF_TABLE_PINNED in bpf/maps.h), not
+  what the instructions are, so every node of the same sizes shares one entry;
 - an entry: one file <key>.zfc in the cache dir (/var/cache/zfast, or $ZFAST_CACHE_DIR):
   MAGIC, FORMAT, a sha256 over the body, the body's length, then the body (JSON: the key
   again, what it was made from, the license, per program its instructions and which
-  instruction references which map, per map its definition, pin path and BCC's key and
+  instruction references which map, per map its definition, pin name and BCC's key and
   leaf type descriptions, from which the ctypes Key/Leaf classes are rebuilt);
 - written atomically (a temporary file in the same dir, fsync, rename); the dir is
   bounded (MAX_BYTES, least recently used entries go first);
@@ -25,9 +27,8 @@ importing bcc and so without LLVM:
   compiled, and the entry written again. A hit that the kernel refuses (a kernel rebuilt
   under the same version strings) is a miss too.
 
-On a hit, maps are opened from their pins when the node pins them (the program is
-compiled with ZF_PIN_DIR, bpf/maps.h: the same key then includes the pin dir), else
-created; the fds are patched into the ld_imm64 instructions, and each program loaded.
+On a hit, maps are opened from their pins in the caller's pin dir when the program pins
+them (compiled with ZF_PIN_DIR), made and pinned there when missing, else created; the fds are patched into the ld_imm64 instructions, and each program loaded.
 The tables are BCC's own classes (zfast.bcctables) over those fds, behind a small
 stand-in for bcc.BPF (`CachedBPF`: ``bpf[b"flows"]``, ring buffers, cleanup).
 """
@@ -105,16 +106,20 @@ class Entry:
 # ---- the key -------------------------------------------------------------------------------
 
 
+PIN_PLACEHOLDER = "<pin dir>"
+
+
 def key_material(source: str, cflags: Iterable[str], programs: Iterable[tuple[str, int]],
-                 *, release: str | None = None, kernel_version: str | None = None,
-                 bcc: str | None = None) -> dict:
-    """Everything a compiled program depends on (the arguments override the running
-    kernel's and BCC's, for tests)."""
+                 *, pin: Path | None = None, release: str | None = None,
+                 kernel_version: str | None = None, bcc: str | None = None) -> dict:
+    """Everything a compiled program depends on; the pin dir, where cflags name it, as a
+    placeholder (the other arguments override the running kernel's and BCC's, for tests)."""
     uname = os.uname()
     return {
         "format": FORMAT,
         "source": hashlib.sha256(source.encode()).hexdigest(),
-        "cflags": [str(f) for f in cflags],
+        "cflags": [str(f).replace(str(pin), PIN_PLACEHOLDER) if pin is not None else str(f)
+                   for f in cflags],
         "release": uname.release if release is None else release,
         "kernel_version": uname.version if kernel_version is None else kernel_version,
         "bcc": bcc_version() if bcc is None else bcc,
@@ -190,6 +195,9 @@ def _check_layout(entry: Entry) -> None:
     names = [m.name for m in entry.maps]
     if len(set(names)) != len(names):
         raise Invalid("a map name twice")
+    for m in entry.maps:
+        if m.pin is not None and (not m.pin or "/" in m.pin or m.pin in (".", "..")):
+            raise Invalid(f"map {m.name}: pin {m.pin!r} is not a name in the pin dir")
     if [[p.name, p.type] for p in entry.programs] != entry.material["programs"]:
         raise Invalid("its programs are not the ones its key names")
     for p in entry.programs:
@@ -444,7 +452,7 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
 
 
 def _pinned_at(pin: Path, name: str, map_id: int) -> str | None:
-    """pin/name when that pin is this very map (BPF_TABLE_PINNED, bpf/maps.h), else None."""
+    """name when pin/name is this very map (BPF_TABLE_PINNED, bpf/maps.h), else None."""
     from zfast import bpflib
 
     path = Path(pin) / name
@@ -454,7 +462,7 @@ def _pinned_at(pin: Path, name: str, map_id: int) -> str | None:
     if fd < 0:
         return None
     try:
-        return str(path) if bpflib.map_info(fd).id == map_id else None
+        return name if bpflib.map_info(fd).id == map_id else None
     except OSError:
         return None
     finally:
@@ -600,12 +608,16 @@ def _same(m: MapDef, info) -> bool:
         (m.type, m.key_size, m.value_size, m.max_entries, m.kernel_flags)
 
 
-def _open_map(m: MapDef) -> int:
+def _open_map(m: MapDef, pin: Path | None) -> int:
     from zfast import bpflib
 
     lib = bpflib.lib
+    path = None
     if m.pin:
-        fd = lib.bpf_obj_get(m.pin.encode())
+        if pin is None:
+            raise HitError(f"map {m.name} is pinned, and no pin dir was given")
+        path = Path(pin) / m.pin
+        fd = lib.bpf_obj_get(str(path).encode())
         if fd >= 0:
             try:
                 info = bpflib.map_info(fd)
@@ -614,7 +626,7 @@ def _open_map(m: MapDef) -> int:
                 raise
             if not _same(m, info):
                 os.close(fd)
-                raise HitError(f"the map pinned at {m.pin} is not the one the program was built "
+                raise HitError(f"the map pinned at {path} is not the one the program was built "
                                f"for (type {info.type}, key {info.key_size}, value {info.value_size}, "
                                f"{info.max_entries} entries, flags {info.map_flags})")
             return fd
@@ -623,18 +635,18 @@ def _open_map(m: MapDef) -> int:
     if fd < 0:
         err = ct.get_errno()
         raise HitError(f"cannot create map {m.name}: {os.strerror(err)}")
-    if m.pin:
-        Path(m.pin).parent.mkdir(parents=True, exist_ok=True)
-        if lib.bpf_obj_pin(fd, m.pin.encode()) != 0:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lib.bpf_obj_pin(fd, str(path).encode()) != 0:
             err = ct.get_errno()
             os.close(fd)
-            raise HitError(f"cannot pin map {m.name} at {m.pin}: {os.strerror(err)}")
+            raise HitError(f"cannot pin map {m.name} at {path}: {os.strerror(err)}")
     return fd
 
 
-def instantiate(entry: Entry) -> CachedBPF:
+def instantiate(entry: Entry, pin: Path | None = None) -> CachedBPF:
     """Maps and loaded programs of a verified entry: a map the compile pinned is adopted
-    from its pin (made and pinned if the pin is gone), the others are made. Raises
+    from its pin in pin (made and pinned if it is not there), the others are made. Raises
     HitError; whatever it opened is closed again (pins it made stay, as BCC's would)."""
     from zfast import bpflib
 
@@ -642,7 +654,7 @@ def instantiate(entry: Entry) -> CachedBPF:
     bpf = CachedBPF(entry, fds)
     try:
         for m in entry.maps:
-            fds[m.name] = _open_map(m)
+            fds[m.name] = _open_map(m, pin)
         for p in entry.programs:
             insns = _patched(p, fds)
             buf = ct.create_string_buffer(insns, len(insns))
@@ -681,7 +693,7 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
     when compiling without a cache."""
     start = time.monotonic()
     programs = [(str(n), int(t)) for n, t in programs]
-    material = key_material(source, cflags, programs)
+    material = key_material(source, cflags, programs, pin=pin)
     key = cache_key(material)
     d = usable_dir(directory)
     note = ""
@@ -689,7 +701,7 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
         entry = read_entry(d, key)
         if entry is not None:
             try:
-                bpf = instantiate(entry)
+                bpf = instantiate(entry, pin)
             except (HitError, OSError) as err:
                 note = str(err)
                 log.warning("program cache: %s: %s; compiling", key[:16], err)

@@ -192,6 +192,35 @@ def test_a_hit_adopts_the_pinned_maps(tmp_path, monkeypatch, pin_dir):
     third.bpf.cleanup()
 
 
+def test_another_pin_dir_is_the_same_entry_with_maps_of_its_own(tmp_path, monkeypatch, pin_dir):
+    """The pin dir is no part of the key (it names where maps live, not what the program
+    is): a spare and the node it becomes, or two nodes of one size, share an entry."""
+    monkeypatch.setenv("ZFAST_CACHE_DIR", str(tmp_path / "cache"))
+    first = Loaded(pin=pin_dir)
+    assert first.cache == "miss"
+    first.update_config(fw_gen=42)
+    other = pin_dir.with_name(pin_dir.name + "-other")
+    other.mkdir()
+    try:
+        second = Loaded(pin=other)
+        assert second.cache == "hit"
+        assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in pin_dir.iterdir())
+        assert second.config().fw_gen == 0          # its own maps, not the first's
+        ids = _ids(second)
+        assert ids["flows"] == _pinned_id(other / "flows") != _pinned_id(pin_dir / "flows")
+        # and BCC, compiling for the other dir, makes the same instructions
+        monkeypatch.setenv("ZFAST_CACHE_DIR", "off")
+        shutil.rmtree(other)
+        other.mkdir()
+        compiled = Loaded(pin=other)
+        assert same_instructions(compiled, second)
+        compiled.bpf.cleanup()
+        second.bpf.cleanup()
+    finally:
+        first.bpf.cleanup()
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_a_pinned_map_of_another_shape_is_not_adopted(tmp_path, monkeypatch, pin_dir):
     monkeypatch.setenv("ZFAST_CACHE_DIR", str(tmp_path / "cache"))
     Loaded(pin=pin_dir).bpf.cleanup()
@@ -204,8 +233,20 @@ def test_a_pinned_map_of_another_shape_is_not_adopted(tmp_path, monkeypatch, pin
     os.close(fd)
     before = bpf_fds()
     with pytest.raises(progcache.HitError, match="vips"):
-        progcache.instantiate(entry)
+        progcache.instantiate(entry, pin_dir)
     assert bpf_fds() == before           # nothing the refused attempt opened stays open
+
+
+def same_instructions(compiled: Loaded, cached: Loaded) -> bool:
+    """BCC's instructions and the cache's, the map fds in them aside."""
+    for p in cached.bpf.entry.programs:
+        a = bytearray(compiled.bpf.dump_func(p.name.encode()))
+        b = bytearray(cached.bpf.dump_func(p.name.encode()))
+        for index, _ in p.refs:
+            a[index * 8 + 4:index * 8 + 8] = b[index * 8 + 4:index * 8 + 8] = bytes(4)
+        if a != b:
+            return False
+    return True
 
 
 def _layout(t) -> object:
@@ -234,12 +275,7 @@ def test_the_tables_of_a_hit_are_bccs_tables(tmp_path, monkeypatch):
             ia, ib = bpflib.map_info(a.map_fd), bpflib.map_info(b.map_fd)
             assert (ia.type, ia.key_size, ia.value_size, ia.max_entries, ia.map_flags) == \
                 (ib.type, ib.key_size, ib.value_size, ib.max_entries, ib.map_flags), m.name
-        # the same instructions, up to the map fds
-        a = bytearray(compiled.bpf.dump_func(b"xdp_zfast"))
-        b = bytearray(cached.bpf.dump_func(b"xdp_zfast"))
-        for index, _ in cached.bpf.entry.programs[0].refs:
-            a[index * 8 + 4:index * 8 + 8] = b[index * 8 + 4:index * 8 + 8] = b"\0\0\0\0"
-        assert a == b
+        assert same_instructions(compiled, cached)
     finally:
         compiled.bpf.cleanup()
         cached.bpf.cleanup()

@@ -63,7 +63,7 @@ def test_the_key_follows_everything_a_compile_depends_on():
         pc.key_material(SOURCE + "\n", CFLAGS, PROGRAMS, **KERNEL),
         pc.key_material(SOURCE, CFLAGS[:1] + ["-DZF_MAX_SERVICES=128"], PROGRAMS, **KERNEL),
         pc.key_material(SOURCE, CFLAGS + ['-DZF_PIN_DIR="/run/zfast/bpffs/lb-a"'], PROGRAMS,
-                        **KERNEL),
+                        pin=Path("/run/zfast/bpffs/lb-a"), **KERNEL),
         pc.key_material(SOURCE, CFLAGS, PROGRAMS, **{**KERNEL, "release": "6.18.1-test"}),
         pc.key_material(SOURCE, CFLAGS, PROGRAMS, **{**KERNEL, "kernel_version": "#2 SMP"}),
         pc.key_material(SOURCE, CFLAGS, PROGRAMS, **{**KERNEL, "bcc": "0.29.1"}),
@@ -72,6 +72,16 @@ def test_the_key_follows_everything_a_compile_depends_on():
     ]
     keys = {pc.cache_key(m) for m in changed}
     assert base not in keys and len(keys) == len(changed)
+
+
+def test_nodes_that_pin_their_maps_in_different_dirs_share_a_key():
+    def key(pin):
+        return pc.cache_key(pc.key_material(SOURCE, CFLAGS + [f'-DZF_PIN_DIR="{pin}"'], PROGRAMS,
+                                            pin=Path(pin), **KERNEL))
+
+    assert key("/run/zfast/bpffs/lb-a") == key("/run/zfast/bpffs/spare2")
+    assert key("/run/zfast/bpffs/lb-a") != pc.cache_key(pc.key_material(SOURCE, CFLAGS, PROGRAMS,
+                                                                        **KERNEL))
 
 
 def test_the_key_includes_the_format(monkeypatch):
@@ -157,6 +167,14 @@ def test_a_reference_to_an_unknown_map_is_refused():
     e = make_entry()
     e.programs[1].refs = [(0, "nope")]
     with pytest.raises(pc.Invalid, match="unknown map"):
+        pc.decode(pc.encode(e))
+
+
+@pytest.mark.parametrize("pin", ["", "../flows", "/run/zfast/bpffs/x/flows", ".."])
+def test_a_pin_outside_the_pin_dir_is_refused(pin):
+    e = make_entry()
+    e.maps[0].pin = pin
+    with pytest.raises(pc.Invalid, match="pin"):
         pc.decode(pc.encode(e))
 
 
@@ -295,7 +313,7 @@ def fake_kernel(monkeypatch):
         e.programs = [pc.Program(n, t, p.insns, p.refs) for (n, t), p in zip(programs, e.programs)]
         return e
 
-    def instantiate(entry):
+    def instantiate(entry, pin=None):
         if getattr(instantiate, "refuse", False):
             raise pc.HitError("the kernel refused the cached xdp_zfast: Invalid argument")
         bpf = pc.CachedBPF(entry, {})
