@@ -40,9 +40,15 @@ dp.update_config(sync=0, fw_gen=7)
 out["config"] = dp.config().fw_gen
 flows = dp.table("flows")
 k, v = flows.Key(), flows.Leaf()
-k.sport, v.port = 1234, 80
+from zfast.flowage import FORWARD
+k.sport, v.port, v.dir = 1234, 80, FORWARD
 flows[k] = v
 out["flows"] = [(key.sport, flows[key].port) for key in flows.keys()]
+from zfast.controllers.statistics import count_entries   # batch reads (zfast.mapbatch)
+from zfast.flowage import sweep                          # batch updates and deletes
+out["count"] = count_entries(flows.map_fd)
+out["sweep"] = [sweep(flows)["aged"], sweep(flows)["deleted"], len(list(flows.keys()))]
+flows[k] = v
 del flows[k]
 out["flows_after_delete"] = len(list(flows.keys()))
 dp.write_ring(0, [3] * dp.sizes.maglev_size)
@@ -105,6 +111,7 @@ def test_a_miss_then_a_hit_in_a_fresh_process_without_llvm(tmp_path, netns):
     for result in (miss, hit):
         assert result["config"] == 7
         assert result["flows"] == [[1234, 80]] and result["flows_after_delete"] == 0
+        assert result["count"] == [1, 65536] and result["sweep"] == [1, 1, 0]
         assert result["ring"] == 3 and result["percpu"] == [0, 0] and result["devmap"] == 1
         assert result["attached"] == ["generic", result["prog_id"], [result["prog_id"], "generic"]]
         assert result["detached"] is None
