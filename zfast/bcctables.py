@@ -94,8 +94,12 @@ def bcc_dir() -> Path:
 
 
 def bcc_version() -> str:
-    """BCC's version (bcc/version.py), without importing bcc."""
-    text = (bcc_dir() / "version.py").read_text()
+    """BCC's version (bcc/version.py), without importing bcc; "none" without BCC (a miss
+    then fails, in its import, with the message that says what to install)."""
+    try:
+        text = (bcc_dir() / "version.py").read_text()
+    except (ImportError, OSError):
+        return "none"
     m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
     return m.group(1) if m else "unknown"
 

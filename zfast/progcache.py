@@ -177,17 +177,38 @@ def decode(data: bytes, key: str | None = None) -> Entry:
             raise Invalid(f"entry of key {str(doc['key'])[:16]}, not {key[:16]}")
         if cache_key(doc["material"]) != doc["key"]:
             raise Invalid("its key is not the hash of what it says it was made from")
-        maps = [MapDef(**m) for m in doc["maps"]]
-        programs = [Program(p["name"], int(p["type"]), base64.b64decode(p["insns"], validate=True),
-                            [(int(i), str(m)) for i, m in p["refs"]]) for p in doc["programs"]]
-        entry = Entry(doc["key"], doc["material"], str(doc["license"]), int(doc["kern_version"]),
-                      programs, maps, float(doc["created"]))
+        maps = [_map_def(m) for m in doc["maps"]]
+        programs = [Program(_typed(p["name"], str), _typed(p["type"], int),
+                            base64.b64decode(_typed(p["insns"], str), validate=True),
+                            [(_typed(i, int), _typed(m, str)) for i, m in p["refs"]])
+                    for p in doc["programs"]]
+        entry = Entry(doc["key"], doc["material"], _typed(doc["license"], str),
+                      _typed(doc["kern_version"], int), programs, maps, float(doc["created"]))
+        _check_layout(entry)
     except Invalid:
         raise
-    except (ValueError, KeyError, TypeError) as err:
-        raise Invalid(f"malformed body: {err}") from None
-    _check_layout(entry)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, Uncacheable) as err:
+        raise Invalid(f"malformed body: {err!r}") from None
     return entry
+
+
+def _typed(value, kind):
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not {kind.__name__}")
+    return value
+
+
+def _map_def(doc: dict) -> MapDef:
+    m = MapDef(**doc)
+    for name in ("name", "key_desc", "leaf_desc"):
+        _typed(getattr(m, name), str)
+    for name in ("type", "key_size", "value_size", "max_entries", "flags", "kernel_flags"):
+        _typed(getattr(m, name), int)
+    if m.pin is not None:
+        _typed(m.pin, str)
+    json.loads(m.key_desc)
+    json.loads(m.leaf_desc)
+    return m
 
 
 def _check_layout(entry: Entry) -> None:
@@ -650,6 +671,12 @@ def instantiate(entry: Entry, pin: Path | None = None) -> CachedBPF:
     HitError; whatever it opened is closed again (pins it made stay, as BCC's would)."""
     from zfast import bpflib
 
+    from zfast.bcctables import table_module
+
+    try:
+        table_module()          # the tables will need it: find out now, while a compile can help
+    except Exception as err:
+        raise HitError(f"BCC's table classes cannot be used without libbcc.so: {err!r}") from None
     fds: dict[str, int] = {}
     bpf = CachedBPF(entry, fds)
     try:
@@ -702,9 +729,10 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
         if entry is not None:
             try:
                 bpf = instantiate(entry, pin)
-            except (HitError, OSError) as err:
+            except Exception as err:    # HitError, OSError; anything else is a bug: compile
                 note = str(err)
-                log.warning("program cache: %s: %s; compiling", key[:16], err)
+                log.warning("program cache: %s: %s; compiling", key[:16], err,
+                            exc_info=not isinstance(err, (HitError, OSError)))
             else:
                 try:
                     os.utime(entry_path(d, key))    # recently used: evicted last

@@ -417,3 +417,26 @@ def test_cache_list_and_clear(cache):
     assert cleared.exit_code == 0 and json.loads(cleared.output) == {"dir": str(cache), "removed": 2}
     assert not list(cache.iterdir())
     assert "0 entries" in CliRunner().invoke(cli.main, ["cache", "list"]).output
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d["maps"][0].update(name=7),
+    lambda d: d["maps"][0].update(max_entries="65536"),
+    lambda d: d["maps"][0].update(key_desc="{not json"),
+    lambda d: d["maps"][0].update(extra=1),
+    lambda d: d["programs"][0].update(insns="not base64!"),
+    lambda d: d["programs"][0]["refs"].append(["x", "flows"]),
+    lambda d: d["programs"][0].update(insns=""),
+    lambda d: d.update(license=None),
+])
+def test_a_consistent_but_malformed_body_is_refused(change):
+    """What only a writer of its own could make (the checksum matches): refused all the same."""
+    import hashlib
+
+    data = pc.encode(make_entry())
+    doc = json.loads(data[pc.HEADER.size:])
+    change(doc)
+    body = json.dumps(doc).encode()
+    forged = pc.HEADER.pack(pc.MAGIC, pc.FORMAT, hashlib.sha256(body).digest(), len(body)) + body
+    with pytest.raises(pc.Invalid):
+        pc.decode(forged)
