@@ -286,3 +286,58 @@ def test_the_tables_of_a_hit_are_bccs_tables(tmp_path, monkeypatch):
     finally:
         compiled.bpf.cleanup()
         cached.bpf.cleanup()
+
+
+TWO_PROGRAMS = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+BPF_ARRAY(hits, u64, 2);
+BPF_HASH(seen, u32, u32, 16);
+int xdp_two(struct xdp_md *ctx) {
+    int k = 0;
+    u64 *v = hits.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1);
+    return XDP_PASS;
+}
+int tc_two(struct __sk_buff *skb) {
+    int k = 1;
+    u64 *v = hits.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1);
+    u32 key = skb->len, one = 1;
+    seen.update(&key, &one);
+    return TC_ACT_OK;
+}
+"""
+
+
+def test_programs_of_two_types_from_one_source(tmp_path):
+    """The list of (function, type) a source is loaded as: an XDP and a sched_cls program
+    (what bpf/hook.h makes of zfast.c), sharing their maps, from a miss and from a hit."""
+    from zfast.progrun import run_xdp
+
+    programs = [("xdp_two", progcache.XDP), ("tc_two", progcache.SCHED_CLS)]
+    results = []
+    for want in ("miss", "hit"):
+        got = progcache.load(TWO_PROGRAMS, ["-Wno-unused-function"], programs,
+                             directory=tmp_path / "cache")
+        assert got.status == want
+        try:
+            types = {name: json.loads(subprocess.run(
+                ["bpftool", "-j", "prog", "show", "id", fd_prog_id(fn.fd)],
+                capture_output=True, text=True, check=True).stdout)["type"]
+                for name, fn in got.funcs.items()}
+            assert types == {"xdp_two": "xdp", "tc_two": "sched_cls"}
+            tc_maps = prog_map_ids(int(fd_prog_id(got.funcs["tc_two"].fd)))
+            xdp_maps = prog_map_ids(int(fd_prog_id(got.funcs["xdp_two"].fd)))
+            assert xdp_maps < tc_maps          # hits is shared, seen is tc's only
+            assert run_xdp(got.funcs["xdp_two"].fd, bytes(64)).action == "pass"
+            hits = got.bpf[b"hits"]
+            results.append((hits[hits.Key(0)].value, type(hits).__name__))
+        finally:
+            got.bpf.cleanup()
+    assert results == [(1, "Array"), (1, "Array")]
+
+
+def fd_prog_id(fd: int) -> str:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(line.split()[1] for line in f if line.startswith("prog_id"))
