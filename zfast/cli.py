@@ -688,7 +688,7 @@ def cache_list(as_json):
         if not e["valid"]:
             click.echo(f"  {e['key'][:16]}  invalid: {e['reason']}")
             continue
-        sizes = " ".join(f[4:] for f in e["cflags"] if f.startswith("-DZF_"))
+        sizes = " ".join(f[5:] for f in e["cflags"] if f.startswith("-DZF_"))
         click.echo(f"  {e['key'][:16]}  used {used}  {e['bytes'] / 1024:.0f} KiB  "
                    f"kernel {e['release']}  bcc {e['bcc']}  {','.join(e['programs'])} "
                    f"({e['instructions']} insns, {e['maps']} maps)  {sizes}")
