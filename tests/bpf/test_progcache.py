@@ -63,6 +63,10 @@ att = dp.attach("zfc0", "generic")
 out["attached"] = [att.mode, att.prog_id, list(attached_prog("zfc0"))]
 detach_interface("zfc0")
 out["detached"] = attached_prog("zfc0")
+att = dp.attach("zfc0", "tc")
+out["tc"] = [att.mode, att.prog_id == dp.tc_prog_id, list(attached_prog("zfc0"))]
+detach_interface("zfc0")
+out["tc_detached"] = attached_prog("zfc0")
 maps = open("/proc/self/maps").read()
 out["llvm_mapped"] = [lib for lib in ("libLLVM", "libclang", "libbcc.so") if lib in maps]
 out["bcc_imported"] = sorted(m for m in sys.modules if m == "bcc" or m.startswith("bcc."))
@@ -115,6 +119,7 @@ def test_a_miss_then_a_hit_in_a_fresh_process_without_llvm(tmp_path, netns):
         assert result["ring"] == 3 and result["percpu"] == [0, 0] and result["devmap"] == 1
         assert result["attached"] == ["generic", result["prog_id"], [result["prog_id"], "generic"]]
         assert result["detached"] is None
+        assert result["tc"] == ["tc", True, [result["tc"][2][0], "tc"]] and result["tc_detached"] is None
     assert hit["prog_id"] != miss["prog_id"]
     assert hit["load_s"] < miss["load_s"]
 
