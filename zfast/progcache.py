@@ -20,7 +20,8 @@ importing bcc and so without LLVM:
   instruction references which map, per map its definition, pin name and BCC's key and
   leaf type descriptions, from which the ctypes Key/Leaf classes are rebuilt);
 - written atomically (a temporary file in the same dir, fsync, rename); the dir is
-  bounded (MAX_BYTES, least recently used entries go first);
+  bounded (MAX_BYTES, least recently used entries go first); a miss compiles under the
+  dir's compile lock, so daemons starting together on a cold cache compile once;
 - verified before use: magic, format, length, checksum, the key inside, the instruction
   layout (every map reference is an ld_imm64 the entry names a map for, and no other
   instruction carries an fd). Anything that does not verify is a miss: the program is
@@ -36,6 +37,7 @@ stand-in for bcc.BPF (`CachedBPF`: ``bpf[b"flows"]``, ring buffers, cleanup).
 from __future__ import annotations
 
 import ctypes as ct
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,6 +45,7 @@ import os
 import struct
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -710,11 +713,65 @@ class Result:
     note: str = ""                  # why a miss was a miss, when it was not just absent
 
 
+LOCK = ".compile.lock"
+LOCK_WAIT_S = 120.0
+
+
+@contextmanager
+def compile_lock(directory: Path, wait_s: float = LOCK_WAIT_S):
+    """The dir's compile lock (flock): daemons that start together on a cold cache (a core's
+    pair and spare) compile one after the other, and all but the first find the entry the
+    first wrote. Yields whether it is held; after wait_s it gives up (and compiles anyway)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        log.info("program cache: no compile lock: %s", err)
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        held = False
+        while not held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("program cache: another compile holds %s for %.0f s; "
+                                "compiling anyway", directory / LOCK, wait_s)
+                    break
+                time.sleep(0.05)
+        yield held
+    finally:
+        os.close(fd)            # and the lock with it
+
+
+def _hit(d: Path, key: str, pin: Path | None, start: float) -> tuple[Result | None, str, bool]:
+    """(the loaded entry or None, why a found entry was not used, whether one was found)."""
+    entry = read_entry(d, key)
+    if entry is None:
+        return None, "", False
+    try:
+        bpf = instantiate(entry, pin)
+    except Exception as err:    # HitError, OSError; anything else is a bug: compile
+        log.warning("program cache: %s: %s; compiling", key[:16], err,
+                    exc_info=not isinstance(err, (HitError, OSError)))
+        return None, str(err), True
+    try:
+        os.utime(entry_path(d, key))    # recently used: evicted last
+    except OSError:
+        pass
+    funcs = {name.decode(): fn for name, fn in bpf.funcs.items()}
+    return Result(bpf, funcs, "hit", key, time.monotonic() - start), "", True
+
+
 def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
          pin: Path | None = None, bcc: Callable | None = None,
-         directory: Path | None = None, max_bytes: int = MAX_BYTES) -> Result:
+         directory: Path | None = None, max_bytes: int = MAX_BYTES,
+         lock_wait_s: float = LOCK_WAIT_S) -> Result:
     """The programs of source, each loaded with its type: from the cache on a hit, else
     compiled by BCC (``bcc()`` returns the bcc module; it is called only then) and cached.
+    A miss compiles under the dir's compile lock, and looks again once it has it.
 
     Errors of the compile or of the kernel's verifier on a miss are BCC's exceptions, as
     when compiling without a cache."""
@@ -723,31 +780,19 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
     material = key_material(source, cflags, programs, pin=pin)
     key = cache_key(material)
     d = usable_dir(directory)
-    note = ""
-    if d is not None:
-        entry = read_entry(d, key)
-        if entry is not None:
-            try:
-                bpf = instantiate(entry, pin)
-            except Exception as err:    # HitError, OSError; anything else is a bug: compile
-                note = str(err)
-                log.warning("program cache: %s: %s; compiling", key[:16], err,
-                            exc_info=not isinstance(err, (HitError, OSError)))
-            else:
-                try:
-                    os.utime(entry_path(d, key))    # recently used: evicted last
-                except OSError:
-                    pass
-                funcs = {name.decode(): fn for name, fn in bpf.funcs.items()}
-                return Result(bpf, funcs, "hit", key, time.monotonic() - start)
-    if bcc is None:
-        import bcc as bcc_module
-    else:
-        bcc_module = bcc()
-    compiled = bcc_module.BPF(text=source.encode(), cflags=list(cflags))
-    funcs = {name: compiled.load_func(name.encode(), ptype) for name, ptype in programs}
-    status = "off"
-    if d is not None:
+    if d is None:
+        compiled, funcs = _compile(bcc, source, cflags, programs)
+        return Result(compiled, funcs, "off", key, time.monotonic() - start)
+    got, note, found = _hit(d, key, pin, start)
+    if got is not None:
+        return got
+    with compile_lock(d, lock_wait_s):
+        if not found:           # another daemon may have compiled it while we waited
+            got, note, _ = _hit(d, key, pin, start)
+            if got is not None:
+                return got
+        compiled, funcs = _compile(bcc, source, cflags, programs)
+        status = "off"
         try:
             write_entry(d, extract(compiled, programs, material, pin), max_bytes)
             status = "miss"
@@ -757,3 +802,13 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
         except OSError as err:
             log.warning("program cache: cannot write %s: %s", d, err)
     return Result(compiled, funcs, status, key, time.monotonic() - start, note)
+
+
+def _compile(bcc: Callable | None, source: str, cflags: list[str],
+             programs: list[tuple[str, int]]):
+    if bcc is None:
+        import bcc as bcc_module
+    else:
+        bcc_module = bcc()
+    compiled = bcc_module.BPF(text=source.encode(), cflags=list(cflags))
+    return compiled, {name: compiled.load_func(name.encode(), ptype) for name, ptype in programs}

@@ -346,3 +346,15 @@ def test_programs_of_two_types_from_one_source(tmp_path):
 def fd_prog_id(fd: int) -> str:
     with open(f"/proc/self/fdinfo/{fd}") as f:
         return next(line.split()[1] for line in f if line.startswith("prog_id"))
+
+
+def test_two_daemons_starting_together_compile_once(tmp_path):
+    """A core starts its pair and spare at once: on a cold cache one compiles, the other
+    waits for the dir's compile lock and loads the entry."""
+    env = {**os.environ, "ZFAST_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    code = "from zfast.datapath import Loaded; print(Loaded().cache)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert sorted(out.split()[-1] for out, _ in outs) == ["hit", "miss"]

@@ -440,3 +440,40 @@ def test_a_consistent_but_malformed_body_is_refused(change):
     forged = pc.HEADER.pack(pc.MAGIC, pc.FORMAT, hashlib.sha256(body).digest(), len(body)) + body
     with pytest.raises(pc.Invalid):
         pc.decode(forged)
+
+
+def test_a_miss_waits_for_a_compile_in_progress_and_uses_its_entry(cache, fake_kernel):
+    """Daemons started together on a cold cache: one compiles, the others wait for the
+    dir's compile lock, then load what it wrote."""
+    import fcntl
+    import threading
+
+    cache.mkdir(mode=0o700)
+    lock = os.open(cache / pc.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)          # the first daemon, compiling
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(
+        r=pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and FakeBPF.compiles == 0
+    material = pc.key_material(SOURCE, CFLAGS, PROGRAMS)
+    write(cache, pc.extract(None, PROGRAMS, material))     # what the first one writes
+    os.close(lock)                            # ... before it lets go
+    waiter.join(5)
+    assert got["r"].status == "hit" and FakeBPF.compiles == 0
+
+
+def test_a_compile_lock_held_too_long_is_not_waited_for(cache, fake_kernel):
+    import fcntl
+
+    cache.mkdir(mode=0o700)
+    lock = os.open(cache / pc.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        got = pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc, lock_wait_s=0.2)
+    finally:
+        os.close(lock)
+    assert got.status == "miss" and FakeBPF.compiles == 1
+    assert [p.name for p in cache.glob("*.zfc")] == [got.key + ".zfc"]
+    assert pc.clear(cache) == 1 and (cache / pc.LOCK).exists()
