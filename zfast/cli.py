@@ -662,5 +662,51 @@ def demo(duration, connections):
         _fail(str(err))
 
 
+@main.group()
+def cache():
+    """The compiled-program cache: one entry per kernel, source and sizes (a balancer
+    then starts without compiling). The dir is $ZFAST_CACHE_DIR or /var/cache/zfast."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def cache_list(as_json):
+    """The entries, most recently used first, each verified."""
+    from zfast import progcache
+
+    d = progcache.cache_dir()
+    entries = progcache.list_entries(d)
+    total = sum(e["bytes"] for e in entries)
+    if as_json:
+        click.echo(json.dumps({"dir": str(d), "bytes": total, "max_bytes": progcache.MAX_BYTES,
+                               "entries": entries}))
+        return
+    click.echo(f"{len(entries)} entries, {total / 1024:.0f} KiB of "
+               f"{progcache.MAX_BYTES >> 20} MiB, in {d}")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["used"]))
+        if not e["valid"]:
+            click.echo(f"  {e['key'][:16]}  invalid: {e['reason']}")
+            continue
+        sizes = " ".join(f[5:] for f in e["cflags"] if f.startswith("-DZF_"))
+        click.echo(f"  {e['key'][:16]}  used {used}  {e['bytes'] / 1024:.0f} KiB  "
+                   f"kernel {e['release']}  bcc {e['bcc']}  {','.join(e['programs'])} "
+                   f"({e['instructions']} insns, {e['maps']} maps)  {sizes}")
+
+
+@cache.command("clear")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def cache_clear(as_json):
+    """Remove every entry: the next start of a balancer compiles."""
+    from zfast import progcache
+
+    d = progcache.cache_dir()
+    removed = progcache.clear(d)
+    if as_json:
+        click.echo(json.dumps({"dir": str(d), "removed": removed}))
+    else:
+        click.echo(f"removed {removed} entries from {d}")
+
+
 if __name__ == "__main__":
     main()

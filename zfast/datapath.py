@@ -27,6 +27,7 @@ import numpy as np
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from zfast import bpflib, progcache
 from zfast.config import Datapath as Sizes
 from zfast.paths import bpf_dir
 from zfast.reasons import defines, reasons
@@ -36,6 +37,9 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
+
+# The program functions of bpf/zfast.c and their BPF program types.
+PROGRAMS = [("xdp_zfast", progcache.XDP), ("tc_zfast", progcache.SCHED_CLS)]
 
 # tc: clsact's ingress hook, and where our filter sits in it
 TC_INGRESS = 0xFFFFFFF2
@@ -232,7 +236,6 @@ class Loaded:
     """One compiled and loaded zfast program with its maps."""
 
     def __init__(self, sizes: Sizes = Sizes(), pin: Path | None = None):
-        bcc = _bcc()
         self.sizes = sizes
         self.pin = pin
         if pin is not None:
@@ -242,11 +245,13 @@ class Loaded:
         src = inline_source(bpf_dir() / "zfast.c")
         with _captured_stderr() as log:
             try:
-                # bytes, not str: BCC warns about str on every call
-                self.bpf = bcc.BPF(text=src.encode(), cflags=cflags_for(sizes, pin))
-                self.fn = self.bpf.load_func(b"xdp_zfast", bcc.BPF.XDP)
-                self.fn_tc = self.bpf.load_func(b"tc_zfast", bcc.BPF.SCHED_CLS)
+                # compiled by BCC, or loaded from the program cache without LLVM
+                got = progcache.load(src, cflags_for(sizes, pin), PROGRAMS, pin=pin, bcc=_bcc)
+                self.bpf, self.cache = got.bpf, got.status
+                self.fn, self.fn_tc = got.funcs["xdp_zfast"], got.funcs["tc_zfast"]
                 err = None
+            except DatapathError:
+                raise
             except Exception as e:  # BCC raises bare Exception with the reason in text
                 err = e
         if err is not None:
@@ -366,7 +371,6 @@ class Loaded:
     def attach(self, ifname: str, mode: str = "auto") -> Attachment:
         """Attach to one interface: tc or XDP by choose_hook (auto: tc on a virtual link,
         else native XDP, then generic); replaces what is there (a restarted daemon's own)."""
-        bcc = _bcc()
         ifindex(ifname)  # a clear error for a missing interface
         tries, why = choose_hook(ifname, mode)
         last = None
@@ -376,7 +380,7 @@ class Loaded:
                     tc_attach(ifname, self.fn_tc.fd, self.tc_prog_id)
                     xdp_detach(ifname)      # one hook at a time: a mode change moves it
                 else:
-                    bcc.BPF.attach_xdp(ifname, self.fn, MODE_FLAGS[m])
+                    bpflib.attach_xdp(ifname, self.fn.fd, MODE_FLAGS[m])
                     tc_detach(ifname)
             except Exception as err:
                 last = err
@@ -454,10 +458,9 @@ def tc_detach(ifname: str) -> None:
 
 
 def xdp_detach(ifname: str, mode: str | None = None) -> None:
-    bcc = _bcc()
     for m in [mode] if mode else ["native", "generic"]:
         try:
-            bcc.BPF.remove_xdp(ifname, MODE_FLAGS[m])
+            bpflib.remove_xdp(ifname, MODE_FLAGS[m])
         except Exception as err:
             if "No such device" in str(err):
                 raise DatapathError(f"interface {ifname!r} does not exist") from None

@@ -72,7 +72,7 @@ def sweep(table) -> dict:
 
 def sweep_fd(fd: int, layout: dict) -> dict:
     """One sweep of the flows map behind fd."""
-    from bcc.libbcc import lib
+    from zfast.bpflib import lib
     Key, Leaf = _Fields(layout["key"]), _Fields(layout["value"])
     ks, vs = layout["key_size"], layout["value_size"]
     keys, vals = _read_all(fd, ks, vs)
@@ -143,7 +143,7 @@ def main() -> None:
     The daemon runs the sweep here, not in its own process: a quarter of a million entries
     take ~0.5 s of numpy work, and in the daemon's process that would hold the GIL
     (heartbeats, the API) that long. One sweep per line read ("sweep"), one JSON line back."""
-    from bcc.libbcc import lib
+    from zfast.bpflib import lib
     layout, path = json.loads(sys.argv[1]), sys.argv[2]
     for line in sys.stdin:
         fd = lib.bpf_obj_get(path.encode())

@@ -31,7 +31,7 @@ from zfast.services import ServiceTable  # noqa: E402
 
 @dataclass
 class Balancer:
-    dp: Loaded
+    dp: Loaded                   # compiled by BCC, or loaded from the program cache
     services: ServiceTable
     topology: Topology
     ns: str                      # full name of the "lb" namespace
@@ -63,8 +63,29 @@ def _require_root() -> None:
                                "namespaces); run ./run.sh test as root")
 
 
-@pytest.fixture(scope="module")
-def balancer():
+@pytest.fixture(scope="session")
+def program_cache(tmp_path_factory) -> Path:
+    """A program cache of the test session's own (zfast.progcache)."""
+    return tmp_path_factory.mktemp("progcache")
+
+
+def load(sizes: config.Datapath, how: str, cache: Path) -> Loaded:
+    """The program compiled by BCC with no cache ("compiled"), or loaded from a cache
+    entry without LLVM ("cached"; the first load of a session compiles and writes it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZFAST_CACHE_DIR", "off" if how == "compiled" else str(cache))
+        dp = Loaded(sizes)
+        if how == "cached" and dp.cache == "miss":
+            dp.bpf.cleanup()
+            dp = Loaded(sizes)
+    assert dp.cache == {"compiled": "off", "cached": "hit"}[how]
+    return dp
+
+
+@pytest.fixture(scope="module", params=["compiled", "cached"])
+def balancer(request, program_cache):
+    """Every packet test runs against both: the program as BCC loads it after compiling,
+    and as zfast.progcache loads it from an entry (its own maps and table classes)."""
     _require_root()
     project = config.parse(fx.PROJECT)
     with Topology(prefix="zfpkt") as t:
@@ -81,7 +102,7 @@ def balancer():
                        "dev", fx.LB_IFNAMES[side], "nud", "permanent"], check=True)
         ifindex = {side: t.ifindex(lb, name) for side, name in fx.LB_IFNAMES.items()}
 
-        dp = Loaded(project.datapath)
+        dp = load(project.datapath, request.param, program_cache)
         try:
             services = ServiceTable(dp)
             services.apply(project.services)

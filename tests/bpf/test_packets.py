@@ -8,6 +8,7 @@ send, and no truncated, garbled or random packet makes the program abort or go u
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import ipaddress
 import random
@@ -407,3 +408,34 @@ def test_an_egress_marked_tx_kernel_is_left_to_the_kernel_by_xdp(lb, hook):
     finally:
         lb.dp.set_tx_kernel(idx, False)
     assert lb.dp.table("tx_flags")[lb.dp.table("tx_flags").Key(idx)].value == 0
+
+
+# ---- the flow sync's ring buffer --------------------------------------------------------------
+
+
+def test_new_flows_are_reported_on_the_ring_buffer_while_sync_is_on(lb):
+    """What the pair's flow sync reads (zfast.ha.sync): one event per new forward entry,
+    its key and value as the flows map has them."""
+    flows = lb.dp.table("flows")
+    size = ctypes.sizeof(flows.Key) + ctypes.sizeof(flows.Leaf)
+    events: list[bytes] = []
+    lb.dp.bpf[b"flow_events"].open_ring_buffer(
+        lambda ctx, data, n: events.append(ctypes.string_at(data, n)))
+    lb.dp.bpf.ring_buffer_consume()
+    events.clear()
+    lb.dp.update_config(sync=1)
+    try:
+        for sport in (fx.CPORT, fx.CPORT + 1):
+            assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.syn(sport=sport)),
+                          fx.PUB).action == "redirect"
+        lb.dp.bpf.ring_buffer_poll(100)
+    finally:
+        lb.dp.update_config(sync=0)
+    assert len(events) >= 2 and {len(e) for e in events} == {size}
+    entries = {bytes(k): bytes(v) for k, v in flows.items()}
+    sports = set()
+    for e in events:
+        key, value = e[:ctypes.sizeof(flows.Key)], e[ctypes.sizeof(flows.Key):]
+        assert entries.get(key) == value
+        sports.add(flows.Key.from_buffer_copy(key).sport)
+    assert {socket.htons(fx.CPORT), socket.htons(fx.CPORT + 1)} <= sports

@@ -124,7 +124,7 @@ def count_entries(map_fd: int, chunk: int = 4096) -> tuple[int, int]:
     """(entries, max_entries) of a BPF hash map by BPF_MAP_LOOKUP_BATCH: a few syscalls
     for the whole map (get_next_key would be one a key). For the flow table:
     ``count_entries(node.dp.table("flows").map_fd)``; a pinned map:
-    ``count_entries(bcc.libbcc.lib.bpf_obj_get(path.encode()))``."""
+    ``count_entries(zfast.bpflib.lib.bpf_obj_get(path.encode()))``."""
     from zfast.mapbatch import lookup_batches
 
     info = {}

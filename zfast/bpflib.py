@@ -1,0 +1,115 @@
+"""BCC's BPF syscall library without its compiler: Debian's libbcc_bpf.so.0, through ctypes.
+
+``import bcc`` loads libbcc.so.0, which links libLLVM and libclang (~200 MiB resident
+once mapped and touched). Everything a running balancer needs after the program is
+compiled — map lookups and batches, program load, XDP attach, ring buffers, bpffs pins
+— is in libbcc_bpf.so.0 (BCC's libbpf.c) and the libbpf.so.1 it links, under the same
+names and with the same signatures as BCC's Python module declares them
+(bcc/libbcc.py), so code written against ``bcc.libbcc.lib`` works with ``lib`` here.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+
+_c = ct.c_int
+_p = ct.c_void_p
+_u32p = ct.POINTER(ct.c_uint32)
+
+# callback of bpf_new_ringbuf: (ctx, data, size) -> int, as bcc/libbcc.py declares it
+RINGBUF_CB_TYPE = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_int)
+
+_SIGNATURES = {
+    # name: (restype, argtypes); bcc/libbcc.py's declarations, plus what it leaves out
+    "bpf_get_next_key": (_c, [_c, _p, _p]),
+    "bpf_get_first_key": (_c, [_c, _p, ct.c_uint]),
+    "bpf_lookup_elem": (_c, [_c, _p, _p]),
+    "bpf_update_elem": (_c, [_c, _p, _p, ct.c_ulonglong]),
+    "bpf_delete_elem": (_c, [_c, _p]),
+    "bpf_lookup_and_delete": (_c, [_c, _p, _p]),
+    "bpf_delete_batch": (_c, [_c, _p, _p]),
+    "bpf_update_batch": (_c, [_c, _p, _p, _u32p]),
+    "bpf_lookup_batch": (_c, [_c, _u32p, _u32p, _p, _p, _p]),
+    "bpf_lookup_and_delete_batch": (_c, [_c, _u32p, _u32p, _p, _p, _p]),
+    "bcc_create_map": (_c, [_c, ct.c_char_p, _c, _c, _c, _c]),
+    "bcc_prog_load": (_c, [_c, ct.c_char_p, _p, _c, ct.c_char_p, ct.c_uint, _c, ct.c_char_p,
+                           ct.c_uint]),
+    "bpf_attach_xdp": (_c, [ct.c_char_p, _c, ct.c_uint32]),
+    "bpf_new_ringbuf": (_p, [_c, RINGBUF_CB_TYPE, _p]),
+    "bpf_add_ringbuf": (_c, [_p, _c, RINGBUF_CB_TYPE, _p]),
+    "bpf_poll_ringbuf": (_c, [_p, _c]),
+    "bpf_consume_ringbuf": (_c, [_p]),
+    "bpf_free_ringbuf": (None, [_p]),
+    # libbpf.so.1's, found through libbcc_bpf's own dependencies
+    "bpf_obj_get": (_c, [ct.c_char_p]),
+    "bpf_obj_pin": (_c, [_c, ct.c_char_p]),
+    "bpf_obj_get_info_by_fd": (_c, [_c, _p, _u32p]),
+}
+
+LIBRARY = "libbcc_bpf.so.0"
+
+
+def _open() -> ct.CDLL:
+    handle = ct.CDLL(LIBRARY, use_errno=True)
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(handle, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return handle
+
+
+class _Lazy:
+    """The library, opened at its first use: importing zfast needs no BCC."""
+
+    _handle = None
+
+    def __getattr__(self, name):
+        if _Lazy._handle is None:
+            _Lazy._handle = _open()
+        return getattr(_Lazy._handle, name)
+
+
+lib = _Lazy()
+
+
+class bpf_map_info(ct.Structure):
+    # the head of struct bpf_map_info (linux/bpf.h); the kernel fills what fits
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    ]
+
+
+def map_info(fd: int) -> bpf_map_info:
+    info = bpf_map_info()
+    size = ct.c_uint32(ct.sizeof(info))
+    if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    return info
+
+
+class BpfError(OSError):
+    """A failed BPF call: errno, and the message alone as its text (no "[Errno N]")."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def attach_xdp(dev: str, prog_fd: int, flags: int = 0) -> None:
+    """Attach an XDP program to dev (prog_fd -1: remove it), as bcc.BPF.attach_xdp does."""
+    if lib.bpf_attach_xdp(dev.encode(), prog_fd, flags) < 0:
+        err = ct.get_errno()
+        what = "attach BPF to" if prog_fd >= 0 else "detach BPF from"
+        # bcc.BPF.attach_xdp's words, which callers match ("No such device")
+        raise BpfError(err, f"Failed to {what} device {dev}: {os.strerror(err)}")
+
+
+def remove_xdp(dev: str, flags: int = 0) -> None:
+    attach_xdp(dev, -1, flags)
