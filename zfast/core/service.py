@@ -770,7 +770,7 @@ class CoreService:
         try:
             if inst.spec.kind != "balancer":
                 raise FileNotFoundError(path)   # routers have no flow table
-            from bcc.libbcc import lib
+            from zfast.bpflib import lib   # not bcc: the core daemon never loads LLVM
             fd = lib.bpf_obj_get(str(path).encode())
             if fd >= 0:
                 try:
