@@ -39,6 +39,8 @@ class MapDef:
     key_desc: str          # BCC's JSON type descriptions (bpf_table_key_desc)
     leaf_desc: str
     pin: str | None = None  # its name in the pin dir, when the map is pinned
+    btf_key: int = 0       # BTF type ids of key and value in the entry's BTF (0: none)
+    btf_value: int = 0
 
 
 class ModuleInfo:

@@ -45,6 +45,9 @@ _SIGNATURES = {
     "bpf_obj_get": (_c, [ct.c_char_p]),
     "bpf_obj_pin": (_c, [_c, ct.c_char_p]),
     "bpf_obj_get_info_by_fd": (_c, [_c, _p, _u32p]),
+    "bpf_btf_load": (_c, [_p, ct.c_size_t, _p]),
+    "bpf_btf_get_fd_by_id": (_c, [ct.c_uint32]),
+    "bpf_map_create": (_c, [_c, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, _p]),
 }
 
 LIBRARY = "libbcc_bpf.so.0"
@@ -74,7 +77,7 @@ lib = _Lazy()
 
 
 class bpf_map_info(ct.Structure):
-    # the head of struct bpf_map_info (linux/bpf.h); the kernel fills what fits
+    # struct bpf_map_info (linux/bpf.h) up to the BTF ids; the kernel fills what fits
     _fields_ = [
         ("type", ct.c_uint32),
         ("id", ct.c_uint32),
@@ -83,16 +86,97 @@ class bpf_map_info(ct.Structure):
         ("max_entries", ct.c_uint32),
         ("map_flags", ct.c_uint32),
         ("name", ct.c_char * 16),
+        ("ifindex", ct.c_uint32),
+        ("btf_vmlinux_value_type_id", ct.c_uint32),
+        ("netns_dev", ct.c_uint64),
+        ("netns_ino", ct.c_uint64),
+        ("btf_id", ct.c_uint32),
+        ("btf_key_type_id", ct.c_uint32),
+        ("btf_value_type_id", ct.c_uint32),
     ]
 
 
-def map_info(fd: int) -> bpf_map_info:
-    info = bpf_map_info()
+class bpf_btf_info(ct.Structure):
+    # struct bpf_btf_info (linux/bpf.h)
+    _fields_ = [
+        ("btf", ct.c_uint64),
+        ("btf_size", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("name", ct.c_uint64),
+        ("name_len", ct.c_uint32),
+        ("kernel_btf", ct.c_uint32),
+    ]
+
+
+class bpf_map_create_opts(ct.Structure):
+    # libbpf's struct bpf_map_create_opts (bpf.h) up to map_ifindex; sz says how far
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("btf_fd", ct.c_uint32),
+        ("btf_key_type_id", ct.c_uint32),
+        ("btf_value_type_id", ct.c_uint32),
+        ("btf_vmlinux_value_type_id", ct.c_uint32),
+        ("inner_map_fd", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("map_extra", ct.c_uint64),
+        ("numa_node", ct.c_uint32),
+        ("map_ifindex", ct.c_uint32),
+    ]
+
+
+def _info(fd: int, info: ct.Structure) -> None:
     size = ct.c_uint32(ct.sizeof(info))
     if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
         err = ct.get_errno()
         raise BpfError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+
+
+def map_info(fd: int) -> bpf_map_info:
+    info = bpf_map_info()
+    _info(fd, info)
     return info
+
+
+def btf_data(btf_id: int) -> bytes:
+    """The raw BTF the kernel holds under btf_id (what a loader gave it, as it took it)."""
+    fd = lib.bpf_btf_get_fd_by_id(btf_id)
+    if fd < 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"BTF id {btf_id}: {os.strerror(err)}")
+    try:
+        info = bpf_btf_info()
+        _info(fd, info)                 # first the size
+        buf = ct.create_string_buffer(info.btf_size)
+        info = bpf_btf_info(btf=ct.addressof(buf), btf_size=len(buf))
+        _info(fd, info)
+        return buf.raw[:info.btf_size]
+    finally:
+        os.close(fd)
+
+
+def load_btf(data: bytes) -> int:
+    """An fd of this raw BTF loaded into the kernel (BPF_BTF_LOAD)."""
+    buf = ct.create_string_buffer(data, len(data))
+    fd = lib.bpf_btf_load(buf, len(data), None)
+    if fd < 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"BPF_BTF_LOAD: {os.strerror(err)}")
+    return fd
+
+
+def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, btf_fd: int = 0, btf_key: int = 0, btf_value: int = 0) -> int:
+    """A new map's fd (BPF_MAP_CREATE), its key and value described by BTF when given:
+    bpftool then prints its entries by field, as for a map BCC made."""
+    opts = bpf_map_create_opts(sz=ct.sizeof(bpf_map_create_opts), map_flags=flags)
+    if btf_fd and (btf_key or btf_value):
+        opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf_fd, btf_key, btf_value
+    fd = lib.bpf_map_create(map_type, name[:15].encode(), key_size, value_size, max_entries,
+                            ct.byref(opts))
+    if fd < 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"cannot create map {name}: {os.strerror(err)}")
+    return fd
 
 
 class BpfError(OSError):

@@ -22,6 +22,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from pyroute2 import IPRoute
@@ -40,6 +41,7 @@ MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 
 # The program functions of bpf/zfast.c and their BPF program types.
 PROGRAMS = [("xdp_zfast", progcache.XDP), ("tc_zfast", progcache.SCHED_CLS)]
+HOOKS = {"xdp": "xdp_zfast", "tc": "tc_zfast"}     # hook -> its program function
 
 # tc: clsact's ingress hook, and where our filter sits in it
 TC_INGRESS = 0xFFFFFFF2
@@ -97,20 +99,49 @@ def inline_source(path: Path, seen: set[Path] | None = None) -> str:
 
 
 def cflags_for(sizes: Sizes, pin: Path | None = None) -> list[str]:
+    """The -D flags that change the program's instructions: the Maglev table size (a
+    modulo in bpf/flows.h) and the pin dir. The other sizes only size maps (size_flags)."""
     flags = [
-        f"-DZF_FLOW_TABLE={sizes.flow_table}",
-        f"-DZF_MAX_SERVICES={sizes.max_services}",
-        f"-DZF_MAX_BACKENDS={sizes.max_backends}",
         f"-DZF_RING_SIZE={sizes.maglev_size}",
-        f"-DZF_MAX_IFINDEX={sizes.max_ifindex}",
-        f"-DZF_MAX_PUBLIC_PORTS={sizes.max_public_ports}",
-        f"-DZF_MAX_RULES={sizes.max_rules}",
         "-Wno-unused-function",
         "-Wno-compare-distinct-pointer-types",
     ]
     if pin is not None:
         flags.append(f'-DZF_PIN_DIR="{pin}"')
     return flags
+
+
+def size_flags(sizes: Sizes) -> list[str]:
+    """The -D flags that size maps and nothing else in bpf/ (map_sizes says which)."""
+    return [
+        f"-DZF_FLOW_TABLE={sizes.flow_table}",
+        f"-DZF_MAX_SERVICES={sizes.max_services}",
+        f"-DZF_MAX_BACKENDS={sizes.max_backends}",
+        f"-DZF_MAX_IFINDEX={sizes.max_ifindex}",
+        f"-DZF_MAX_PUBLIC_PORTS={sizes.max_public_ports}",
+        f"-DZF_MAX_RULES={sizes.max_rules}",
+    ]
+
+
+def map_sizes(sizes: Sizes) -> dict[str, int]:
+    """max_entries of every map size_flags sizes, as bpf/maps.h declares it. The program
+    cache makes the maps at these sizes, so a new size reuses the compiled program; a
+    compile checks this table against the maps BCC made (progcache._check_sizes)."""
+    return {
+        "flows": sizes.flow_table,
+        "service_stats": sizes.max_services,
+        "rings": 2 * sizes.max_services * sizes.maglev_size,   # ZF_MAX_RINGS: two a service
+        "backends": sizes.max_backends,
+        "backend_stats": sizes.max_backends,
+        "if_macs": sizes.max_ifindex,
+        "tx_flags": sizes.max_ifindex,
+        "tx_ports": sizes.max_ifindex,
+        "fw_ports": sizes.max_public_ports,
+        "port_stats": sizes.max_public_ports * defines()["ZF_PORT_VERDICTS"],
+        "fw_rules0": sizes.max_rules,
+        "fw_rules1": sizes.max_rules,
+        "rule_stats": sizes.max_rules,
+    }
 
 
 def addr_words(address: IPAddress) -> bytes:
@@ -175,6 +206,15 @@ def _last_reason(log: str) -> str | None:
     return errors[0] if errors else None
 
 
+def _refused(log: str, err: Exception) -> DatapathError:
+    """The one-line error for a compile or load the kernel or BCC refused; the whole
+    compiler/verifier log goes to a file it names."""
+    saved = Path(f"/tmp/zfast-verifier-{os.getpid()}.log")
+    saved.write_text(log)
+    return DatapathError(f"the kernel refused the zfast program: {_last_reason(log) or err}"
+                         f" (compiler/verifier log: {saved})")
+
+
 def _release_compiler_heap() -> None:
     """Give back to the kernel what clang/LLVM freed after the compile: glibc keeps it in
     its arenas otherwise, and a daemon would carry ~80 MiB it no longer uses against its
@@ -232,10 +272,26 @@ def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
                                    if kind is None else f"{kind}: XDP")
 
 
+def hooks_for(interfaces: Iterable[tuple[str, str]]) -> list[str]:
+    """The hooks (interface name, mode) pairs will be attached at: the programs a start
+    loads (the others load only if an attach needs them later)."""
+    hooks = set()
+    for ifname, mode in interfaces:
+        try:
+            tries, _ = choose_hook(ifname, mode)
+        except (OSError, DatapathError):
+            continue            # the attach says what is wrong with it
+        hooks.add("tc" if tries == ["tc"] else "xdp")
+    return sorted(hooks)
+
+
 class Loaded:
     """One compiled and loaded zfast program with its maps."""
 
-    def __init__(self, sizes: Sizes = Sizes(), pin: Path | None = None):
+    def __init__(self, sizes: Sizes = Sizes(), pin: Path | None = None,
+                 hooks: Iterable[str] = HOOKS):
+        """hooks: the hooks whose programs are loaded now (the kernel verifies each one,
+        ~0.3 s of CPU); another one is loaded when an attach needs it."""
         self.sizes = sizes
         self.pin = pin
         if pin is not None:
@@ -246,25 +302,55 @@ class Loaded:
         with _captured_stderr() as log:
             try:
                 # compiled by BCC, or loaded from the program cache without LLVM
-                got = progcache.load(src, cflags_for(sizes, pin), PROGRAMS, pin=pin, bcc=_bcc)
+                got = progcache.load(src, cflags_for(sizes, pin), PROGRAMS, pin=pin, bcc=_bcc,
+                                     size_flags=size_flags(sizes), map_sizes=map_sizes(sizes),
+                                     load=[HOOKS[h] for h in hooks])
                 self.bpf, self.cache = got.bpf, got.status
-                self.fn, self.fn_tc = got.funcs["xdp_zfast"], got.funcs["tc_zfast"]
                 err = None
             except DatapathError:
                 raise
             except Exception as e:  # BCC raises bare Exception with the reason in text
                 err = e
         if err is not None:
-            saved = Path(f"/tmp/zfast-verifier-{os.getpid()}.log")
-            saved.write_text(log.text)
-            raise DatapathError(f"the kernel refused the zfast program: {_last_reason(log.text) or err}"
-                                f" (compiler/verifier log: {saved})") from None
+            raise _refused(log.text, err)
+        self.cache_s = got.seconds
+        self._programs: dict[str, object] = {}
+        self._prog_ids: dict[str, int] = {}
+        for hook in hooks:
+            self._programs[hook] = got.funcs[HOOKS[hook]]
         _release_compiler_heap()
-        self.prog_fd = self.fn.fd
-        self.prog_id = int(fd_info(self.prog_fd).get("prog_id", 0))
-        self.tc_prog_id = int(fd_info(self.fn_tc.fd).get("prog_id", 0))
         self.attached: dict[str, Attachment] = {}
         self._config_lock = threading.Lock()
+
+    def program(self, hook: str):
+        """The loaded program of a hook ("xdp" or "tc"), loaded now if it is not yet."""
+        if hook not in self._programs:
+            name = HOOKS[hook]
+            with _captured_stderr() as log:
+                try:
+                    self._programs[hook] = self.bpf.load_func(name.encode(), dict(PROGRAMS)[name])
+                    err = None
+                except Exception as e:
+                    err = e
+            if err is not None:
+                raise _refused(log.text, err)
+        return self._programs[hook]
+
+    def program_id(self, hook: str) -> int:
+        if hook not in self._prog_ids:
+            self._prog_ids[hook] = int(fd_info(self.program(hook).fd).get("prog_id", 0))
+        return self._prog_ids[hook]
+
+    @property
+    def loaded_hooks(self) -> list[str]:
+        return sorted(self._programs)
+
+    # the XDP program, as tools and tests use it
+    fn = property(lambda self: self.program("xdp"))
+    fn_tc = property(lambda self: self.program("tc"))
+    prog_fd = property(lambda self: self.program("xdp").fd)
+    prog_id = property(lambda self: self.program_id("xdp"))
+    tc_prog_id = property(lambda self: self.program_id("tc"))
 
     # ---- maps -------------------------------------------------------------
 
@@ -366,7 +452,7 @@ class Loaded:
     # ---- attach -------------------------------------------------------------
 
     def prog_id_of(self, mode: str) -> int:
-        return self.tc_prog_id if mode == "tc" else self.prog_id
+        return self.program_id("tc" if mode == "tc" else "xdp")
 
     def attach(self, ifname: str, mode: str = "auto") -> Attachment:
         """Attach to one interface: tc or XDP by choose_hook (auto: tc on a virtual link,
@@ -377,10 +463,10 @@ class Loaded:
         for m in tries:
             try:
                 if m == "tc":
-                    tc_attach(ifname, self.fn_tc.fd, self.tc_prog_id)
+                    tc_attach(ifname, self.program("tc").fd, self.program_id("tc"))
                     xdp_detach(ifname)      # one hook at a time: a mode change moves it
                 else:
-                    bpflib.attach_xdp(ifname, self.fn.fd, MODE_FLAGS[m])
+                    bpflib.attach_xdp(ifname, self.program("xdp").fd, MODE_FLAGS[m])
                     tc_detach(ifname)
             except Exception as err:
                 last = err

@@ -22,7 +22,7 @@ import yaml
 
 from zfast import config, egress
 from zfast.api import Server
-from zfast.datapath import DatapathError, Loaded, ifindex
+from zfast.datapath import DatapathError, Loaded, hooks_for, ifindex
 from zfast import pins
 from zfast.firewall import FirewallTable, explain, listener
 from zfast.paths import BPFFS, pin_dir
@@ -281,7 +281,9 @@ class Node:
                 self.adopted = True
             else:
                 old = pins.set_aside(self.pin)
-        self.dp = pre or Loaded(self.project.datapath, pin=self.pin)
+        node = self.project.node
+        self.dp = pre or Loaded(self.project.datapath, pin=self.pin, hooks=hooks_for(
+            (itf.name, itf.mode or node.mode) for itf in node.interfaces))
         self.table = ServiceTable(self.dp)
         self.fw = FirewallTable(self.dp)
         if old is not None:
@@ -645,6 +647,10 @@ class Node:
                                and self.egress[a.ifname].action else {})}
                            for a in (self.dp.attached.values() if self.dp else [])],
             "adopted": self.adopted,
+            # how this start got its program: "hit" (the program cache, no compile), "miss"
+            # (compiled, then cached), "off" (compiled, no cache)
+            "program": ({"cache": self.dp.cache, "seconds": round(self.dp.cache_s, 3),
+                         "hooks_loaded": self.dp.loaded_hooks} if self.dp else None),
             "store": self.store.health() if self.store else None,
             "pin_dir": str(self.pin),
             "peer": self.pair.status() if self.pair else None,

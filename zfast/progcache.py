@@ -46,7 +46,7 @@ import struct
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,7 +54,7 @@ from zfast.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2                      # 2: the maps' BTF is in the entry
 MAGIC = b"ZFPROG\r\n"
 HEADER = struct.Struct("<8sI32sQ")      # magic, format, sha256(body), len(body)
 SUFFIX = ".zfc"
@@ -104,6 +104,7 @@ class Entry:
     programs: list[Program]
     maps: list[MapDef]
     created: float = field(default_factory=time.time)
+    btf: bytes = b""                # the BTF the maps' key and value type ids are in
 
 
 # ---- the key -------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ def encode(entry: Entry) -> bytes:
                       "insns": base64.b64encode(p.insns).decode(),
                       "refs": [[i, m] for i, m in p.refs]} for p in entry.programs],
         "maps": [asdict(m) for m in entry.maps],
+        "btf": base64.b64encode(entry.btf).decode(),
     }, sort_keys=True).encode()
     return HEADER.pack(MAGIC, FORMAT, hashlib.sha256(body).digest(), len(body)) + body
 
@@ -186,7 +188,8 @@ def decode(data: bytes, key: str | None = None) -> Entry:
                             [(_typed(i, int), _typed(m, str)) for i, m in p["refs"]])
                     for p in doc["programs"]]
         entry = Entry(doc["key"], doc["material"], _typed(doc["license"], str),
-                      _typed(doc["kern_version"], int), programs, maps, float(doc["created"]))
+                      _typed(doc["kern_version"], int), programs, maps, float(doc["created"]),
+                      base64.b64decode(_typed(doc["btf"], str), validate=True))
         _check_layout(entry)
     except Invalid:
         raise
@@ -205,7 +208,8 @@ def _map_def(doc: dict) -> MapDef:
     m = MapDef(**doc)
     for name in ("name", "key_desc", "leaf_desc"):
         _typed(getattr(m, name), str)
-    for name in ("type", "key_size", "value_size", "max_entries", "flags", "kernel_flags"):
+    for name in ("type", "key_size", "value_size", "max_entries", "flags", "kernel_flags",
+                 "btf_key", "btf_value"):
         _typed(getattr(m, name), int)
     if m.pin is not None:
         _typed(m.pin, str)
@@ -448,7 +452,7 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
     from zfast import bpflib
 
     lib = _bcc_lib()
-    maps, by_fd = [], {}
+    maps, by_fd, btf_ids = [], {}, set()
     for i in range(lib.bpf_num_tables(bpf.module)):
         name = lib.bpf_table_name(bpf.module, i).decode()
         fd = lib.bpf_table_fd_id(bpf.module, i)
@@ -459,7 +463,11 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
         maps.append(MapDef(name, info.type, info.key_size, info.value_size, info.max_entries,
                            lib.bpf_table_flags_id(bpf.module, i), info.map_flags,
                            (lib.bpf_table_key_desc_id(bpf.module, i) or b"").decode(),
-                           (lib.bpf_table_leaf_desc_id(bpf.module, i) or b"").decode(), pinned))
+                           (lib.bpf_table_leaf_desc_id(bpf.module, i) or b"").decode(), pinned,
+                           info.btf_key_type_id if info.btf_id else 0,
+                           info.btf_value_type_id if info.btf_id else 0))
+        if info.btf_id:
+            btf_ids.add(info.btf_id)
         by_fd[fd] = name
     progs = []
     for name, ptype in programs:
@@ -470,9 +478,12 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
                 raise Uncacheable(f"{name}: instruction {index} loads fd {fd}, not a map of the module")
             refs.append((index, by_fd[fd]))
         progs.append(Program(name, int(ptype), insns, refs))
+    if len(btf_ids) > 1:
+        raise Uncacheable(f"the maps' types are in {len(btf_ids)} BTF objects, not one")
+    btf = bpflib.btf_data(btf_ids.pop()) if btf_ids else b""
     license = (lib.bpf_module_license(bpf.module) or b"").decode()
     return Entry(cache_key(material), material, license, int(lib.bpf_module_kern_version(bpf.module)),
-                 progs, maps)
+                 progs, maps, btf=btf)
 
 
 def _pinned_at(pin: Path, name: str, map_id: int) -> str | None:
@@ -550,10 +561,17 @@ class CachedBPF:
         return len(self.tables)
 
     def load_func(self, func_name, prog_type=None, *args, **kwargs) -> Function:
-        """The loaded program of that name (all are loaded at once, with the entry)."""
+        """The program of that name, loaded now if it is not yet (as bcc.BPF's: a start
+        loads the programs of the hooks it uses; another one when a link needs it)."""
         name = func_name.encode() if isinstance(func_name, str) else func_name
         if name not in self.funcs:
-            raise Exception(f"Unknown program {name.decode()}")
+            for p in self.entry.programs:
+                if p.name.encode() == name:
+                    fd = _load_program(p, self.map_fds, self.entry.license, self.entry.kern_version)
+                    self.funcs[name] = Function(self, name, fd)
+                    break
+            else:
+                raise Exception(f"Unknown program {name.decode()}")
         return self.funcs[name]
 
     def dump_func(self, func_name) -> bytes:
@@ -632,7 +650,7 @@ def _same(m: MapDef, info) -> bool:
         (m.type, m.key_size, m.value_size, m.max_entries, m.kernel_flags)
 
 
-def _open_map(m: MapDef, pin: Path | None) -> int:
+def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0) -> int:
     from zfast import bpflib
 
     lib = bpflib.lib
@@ -654,11 +672,11 @@ def _open_map(m: MapDef, pin: Path | None) -> int:
                                f"for (type {info.type}, key {info.key_size}, value {info.value_size}, "
                                f"{info.max_entries} entries, flags {info.map_flags})")
             return fd
-    fd = lib.bcc_create_map(m.type, m.name[:15].encode(), m.key_size, m.value_size,
-                            m.max_entries, m.flags)
-    if fd < 0:
-        err = ct.get_errno()
-        raise HitError(f"cannot create map {m.name}: {os.strerror(err)}")
+    try:
+        fd = bpflib.create_map(m.type, m.name, m.key_size, m.value_size, m.max_entries,
+                               m.flags, btf_fd, m.btf_key, m.btf_value)
+    except OSError as err:
+        raise HitError(str(err)) from None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if lib.bpf_obj_pin(fd, str(path).encode()) != 0:
@@ -668,36 +686,70 @@ def _open_map(m: MapDef, pin: Path | None) -> int:
     return fd
 
 
-def instantiate(entry: Entry, pin: Path | None = None) -> CachedBPF:
-    """Maps and loaded programs of a verified entry: a map the compile pinned is adopted
-    from its pin in pin (made and pinned if it is not there), the others are made. Raises
-    HitError; whatever it opened is closed again (pins it made stay, as BCC's would)."""
-    from zfast import bpflib
+def sized(entry: Entry, map_sizes: dict[str, int] | None) -> Entry:
+    """The entry with the maps map_sizes names made that size (sizes that are map sizes
+    and nothing else in the program: the instructions stay the same)."""
+    if not map_sizes:
+        return entry
+    names = {m.name for m in entry.maps}
+    unknown = sorted(set(map_sizes) - names)
+    if unknown:
+        raise HitError(f"no map {', '.join(unknown)} in the entry")
+    return replace(entry, maps=[replace(m, max_entries=int(map_sizes[m.name]))
+                                if m.name in map_sizes else m for m in entry.maps])
 
+
+def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | None = None,
+                map_sizes: dict[str, int] | None = None) -> CachedBPF:
+    """Maps and loaded programs of a verified entry: a map the compile pinned is adopted
+    from its pin in pin (made and pinned if it is not there), the others are made, at the
+    sizes map_sizes gives. The programs named in load are loaded now (all by default), the
+    others on bpf.load_func. Raises HitError; whatever it opened is closed again (pins it
+    made stay, as BCC's would)."""
+    from zfast import bpflib
     from zfast.bcctables import table_module
 
     try:
         table_module()          # the tables will need it: find out now, while a compile can help
     except Exception as err:
         raise HitError(f"BCC's table classes cannot be used without libbcc.so: {err!r}") from None
+    entry = sized(entry, map_sizes)
     fds: dict[str, int] = {}
     bpf = CachedBPF(entry, fds)
+    btf_fd = 0
     try:
+        if entry.btf:
+            try:
+                btf_fd = bpflib.load_btf(entry.btf)
+            except OSError as err:
+                raise HitError(f"the kernel refused the maps' BTF: {err}") from None
         for m in entry.maps:
-            fds[m.name] = _open_map(m, pin)
+            fds[m.name] = _open_map(m, pin, btf_fd)
+        wanted = None if load is None else set(load)
         for p in entry.programs:
-            insns = _patched(p, fds)
-            buf = ct.create_string_buffer(insns, len(insns))
-            fd = bpflib.lib.bcc_prog_load(p.type, p.name[:15].encode(), buf, len(insns),
-                                          entry.license.encode(), entry.kern_version, 0, None, 0)
-            if fd < 0:
-                err = ct.get_errno()
-                raise HitError(f"the kernel refused the cached {p.name}: {os.strerror(err)}")
-            bpf.funcs[p.name.encode()] = Function(bpf, p.name.encode(), fd)
+            if wanted is None or p.name in wanted:
+                bpf.load_func(p.name)
     except BaseException:
         bpf.close()
         raise
+    finally:
+        if btf_fd:
+            os.close(btf_fd)        # the maps hold it
     return bpf
+
+
+def _load_program(p: Program, map_fds: dict[str, int], license: str, kern_version: int) -> int:
+    """The fd of program p loaded with these maps' fds patched in. Raises HitError."""
+    from zfast import bpflib
+
+    insns = _patched(p, map_fds)
+    buf = ct.create_string_buffer(insns, len(insns))
+    fd = bpflib.lib.bcc_prog_load(p.type, p.name[:15].encode(), buf, len(insns),
+                                  license.encode(), kern_version, 0, None, 0)
+    if fd < 0:
+        err = ct.get_errno()
+        raise HitError(f"the kernel refused the cached {p.name}: {os.strerror(err)}")
+    return fd
 
 
 # ---- the entry point ------------------------------------------------------------------------
@@ -746,13 +798,14 @@ def compile_lock(directory: Path, wait_s: float = LOCK_WAIT_S):
         os.close(fd)            # and the lock with it
 
 
-def _hit(d: Path, key: str, pin: Path | None, start: float) -> tuple[Result | None, str, bool]:
+def _hit(d: Path, key: str, pin: Path | None, start: float, load: Iterable[str] | None,
+         map_sizes: dict[str, int] | None) -> tuple[Result | None, str, bool]:
     """(the loaded entry or None, why a found entry was not used, whether one was found)."""
     entry = read_entry(d, key)
     if entry is None:
         return None, "", False
     try:
-        bpf = instantiate(entry, pin)
+        bpf = instantiate(entry, pin, load, map_sizes)
     except Exception as err:    # HitError, OSError; anything else is a bug: compile
         log.warning("program cache: %s: %s; compiling", key[:16], err,
                     exc_info=not isinstance(err, (HitError, OSError)))
@@ -768,33 +821,45 @@ def _hit(d: Path, key: str, pin: Path | None, start: float) -> tuple[Result | No
 def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
          pin: Path | None = None, bcc: Callable | None = None,
          directory: Path | None = None, max_bytes: int = MAX_BYTES,
-         lock_wait_s: float = LOCK_WAIT_S) -> Result:
-    """The programs of source, each loaded with its type: from the cache on a hit, else
-    compiled by BCC (``bcc()`` returns the bcc module; it is called only then) and cached.
-    A miss compiles under the dir's compile lock, and looks again once it has it.
+         lock_wait_s: float = LOCK_WAIT_S, size_flags: Iterable[str] = (),
+         map_sizes: dict[str, int] | None = None, load: Iterable[str] | None = None) -> Result:
+    """The programs of source, each with its type: from the cache on a hit, else compiled
+    by BCC (``bcc()`` returns the bcc module; it is called only then) and cached. A miss
+    compiles under the dir's compile lock, and looks again once it has it.
+
+    size_flags are -D flags that size maps and nothing else; map_sizes says which map
+    each one sizes and to what. They are not in the key: a new size (a flow table the
+    scaling controller grew) loads the same entry, its maps made at the new sizes. A
+    miss compiles them in, and checks map_sizes against the maps BCC made (a mismatch
+    is not cached). load names the programs to load now (all by default); the others
+    load on ``result.bpf.load_func``.
 
     Errors of the compile or of the kernel's verifier on a miss are BCC's exceptions, as
     when compiling without a cache."""
     start = time.monotonic()
     programs = [(str(n), int(t)) for n, t in programs]
+    now = [n for n, _ in programs] if load is None else list(load)
     material = key_material(source, cflags, programs, pin=pin)
     key = cache_key(material)
+    compile_flags = [*cflags, *size_flags]
     d = usable_dir(directory)
     if d is None:
-        compiled, funcs = _compile(bcc, source, cflags, programs)
+        compiled, funcs = _compile(bcc, source, compile_flags, programs, now)
         return Result(compiled, funcs, "off", key, time.monotonic() - start)
-    got, note, found = _hit(d, key, pin, start)
+    got, note, found = _hit(d, key, pin, start, now, map_sizes)
     if got is not None:
         return got
     with compile_lock(d, lock_wait_s):
         if not found:           # another daemon may have compiled it while we waited
-            got, note, _ = _hit(d, key, pin, start)
+            got, note, _ = _hit(d, key, pin, start, now, map_sizes)
             if got is not None:
                 return got
-        compiled, funcs = _compile(bcc, source, cflags, programs)
+        compiled, funcs = _compile(bcc, source, compile_flags, programs, now)
         status = "off"
         try:
-            write_entry(d, extract(compiled, programs, material, pin), max_bytes)
+            entry = extract(compiled, programs, material, pin)
+            _check_sizes(entry, map_sizes)
+            write_entry(d, entry, max_bytes)
             status = "miss"
         except Uncacheable as err:
             log.warning("program cache: not cached: %s", err)
@@ -804,11 +869,23 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
     return Result(compiled, funcs, status, key, time.monotonic() - start, note)
 
 
+def _check_sizes(entry: Entry, map_sizes: dict[str, int] | None) -> None:
+    """Raise Uncacheable unless every map map_sizes names was compiled at that size: the
+    caller's sizes would otherwise make other maps than the source says."""
+    have = {m.name: m.max_entries for m in entry.maps}
+    for name, want in (map_sizes or {}).items():
+        if have.get(name) != want:
+            raise Uncacheable(f"map {name}: compiled with {have.get(name)} entries, the "
+                              f"caller sizes it {want}: map_sizes does not match the source")
+
+
 def _compile(bcc: Callable | None, source: str, cflags: list[str],
-             programs: list[tuple[str, int]]):
+             programs: list[tuple[str, int]], load: Iterable[str]):
     if bcc is None:
         import bcc as bcc_module
     else:
         bcc_module = bcc()
     compiled = bcc_module.BPF(text=source.encode(), cflags=list(cflags))
-    return compiled, {name: compiled.load_func(name.encode(), ptype) for name, ptype in programs}
+    wanted = set(load)
+    return compiled, {name: compiled.load_func(name.encode(), ptype)
+                      for name, ptype in programs if name in wanted}

@@ -358,3 +358,50 @@ def test_two_daemons_starting_together_compile_once(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert sorted(out.split()[-1] for out, _ in outs) == ["hit", "miss"]
+
+
+def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, monkeypatch):
+    """Sizes that only size maps (a flow table the scaling controller grew, more rules) are
+    no recompile: the same entry, its maps made at the new sizes. The Maglev table size is
+    in the instructions (a modulo), so a new one compiles. A start loads the programs of
+    the hooks it uses; another loads when it is first needed."""
+    from zfast.datapath import Sizes, map_sizes
+    from zfast.progrun import run_xdp
+
+    monkeypatch.setenv("ZFAST_CACHE_DIR", str(tmp_path / "cache"))
+    first = Loaded(Sizes(), hooks=["xdp"])
+    assert (first.cache, first.loaded_hooks) == ("miss", ["xdp"])
+    first.bpf.cleanup()
+    grown = Sizes(flow_table=262144, max_services=16, max_backends=256, max_ifindex=1024,
+                  max_public_ports=64, max_rules=4096)
+    dp = Loaded(grown, hooks=["tc"])
+    try:
+        assert (dp.cache, dp.loaded_hooks) == ("hit", ["tc"])
+        made = {name: bpflib.map_info(dp.table(name).map_fd).max_entries
+                for name in map_sizes(grown)}
+        assert made == map_sizes(grown)
+        assert made["flows"] == 262144 and made["rule_stats"] == 4096
+        # the maps carry the compile's BTF: bpftool prints their entries by field
+        flows = dp.table("flows")
+        k, v = flows.Key(), flows.Leaf()
+        k.sport, v.port = 1234, 80
+        flows[k] = v
+        info = bpflib.map_info(flows.map_fd)
+        assert info.btf_id and info.btf_key_type_id and info.btf_value_type_id
+        dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(info.id)],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert dump[0]["formatted"]["key"]["sport"] == 1234
+        # the XDP program, first asked for here, loads against the same maps
+        assert run_xdp(dp.prog_fd, bytes(64)).action in ("pass", "drop")
+        assert dp.loaded_hooks == ["tc", "xdp"]
+        flows_id = bpflib.map_info(dp.table("flows").map_fd).id
+        assert flows_id in prog_map_ids(dp.prog_id) & prog_map_ids(dp.tc_prog_id)
+        assert len(progcache.list_entries(tmp_path / "cache")) == 1
+    finally:
+        dp.bpf.cleanup()
+    other = Loaded(Sizes(maglev_size=251), hooks=["xdp"])
+    try:
+        assert other.cache == "miss"
+        assert len(progcache.list_entries(tmp_path / "cache")) == 2
+    finally:
+        other.bpf.cleanup()

@@ -313,19 +313,23 @@ def fake_kernel(monkeypatch):
         e.programs = [pc.Program(n, t, p.insns, p.refs) for (n, t), p in zip(programs, e.programs)]
         return e
 
-    def instantiate(entry, pin=None):
+    def instantiate(entry, pin=None, load=None, map_sizes=None):
         if getattr(instantiate, "refuse", False):
             raise pc.HitError("the kernel refused the cached xdp_zfast: Invalid argument")
+        entry = pc.sized(entry, map_sizes)
         bpf = pc.CachedBPF(entry, {})
         for p in entry.programs:
-            bpf.funcs[p.name.encode()] = pc.Function(bpf, p.name.encode(), 200)
+            if load is None or p.name in load:
+                bpf.funcs[p.name.encode()] = pc.Function(bpf, p.name.encode(), 200)
         loaded.append(entry.key)
+        instantiate.entries.append(entry)
         return bpf
 
     monkeypatch.setattr(pc, "extract", extract)
     monkeypatch.setattr(pc, "instantiate", instantiate)
     monkeypatch.setattr(pc, "bcc_version", lambda: "0.26.0")
     instantiate.loaded = loaded
+    instantiate.entries = []
     return instantiate
 
 
@@ -477,3 +481,51 @@ def test_a_compile_lock_held_too_long_is_not_waited_for(cache, fake_kernel):
     assert got.status == "miss" and FakeBPF.compiles == 1
     assert [p.name for p in cache.glob("*.zfc")] == [got.key + ".zfc"]
     assert pc.clear(cache) == 1 and (cache / pc.LOCK).exists()
+
+
+# ---- sizes at run time, programs on demand -------------------------------------------------
+
+
+def test_a_new_map_size_is_the_same_entry_with_maps_of_that_size(cache, fake_kernel):
+    """A flow table the scaling controller grew: no compile, the maps made at the new size."""
+    first = pc.load(SOURCE, [], PROGRAMS, bcc=lambda: FakeBcc, size_flags=["-DZF_FLOW_TABLE=65536"],
+                    map_sizes={"flows": 65536})
+    grown = pc.load(SOURCE, [], PROGRAMS, bcc=lambda: FakeBcc, size_flags=["-DZF_FLOW_TABLE=262144"],
+                    map_sizes={"flows": 262144})
+    assert (first.status, grown.status, grown.key, FakeBPF.compiles) == ("miss", "hit", first.key, 1)
+    sizes = {m.name: m.max_entries for m in fake_kernel.entries[-1].maps}
+    assert sizes == {"flows": 262144, "tx_ports": 4096}
+
+
+def test_a_miss_compiles_the_size_flags_in(cache, fake_kernel, monkeypatch):
+    seen = []
+    monkeypatch.setattr(FakeBPF, "__init__", lambda self, text, cflags: seen.append(cflags))
+    pc.load(SOURCE, ["-DZF_RING_SIZE=13"], PROGRAMS, bcc=lambda: FakeBcc,
+            size_flags=["-DZF_FLOW_TABLE=1024"], map_sizes={"flows": 65536})
+    assert seen == [["-DZF_RING_SIZE=13", "-DZF_FLOW_TABLE=1024"]]
+
+
+def test_sizes_that_do_not_match_the_compiled_maps_are_not_cached(cache, fake_kernel):
+    """make_entry's flows has 65536 entries: a caller's table that says 1024 is wrong about
+    the source, and an entry from it would make maps of other sizes than asked."""
+    got = pc.load(SOURCE, [], PROGRAMS, bcc=lambda: FakeBcc, size_flags=["-DZF_FLOW_TABLE=1024"],
+                  map_sizes={"flows": 1024})
+    assert got.status == "off" and "map flows: compiled with 65536 entries" in got.note
+    assert pc.read_entry(cache, got.key) is None
+
+
+def test_sized_changes_only_the_maps_named():
+    e = make_entry()
+    s = pc.sized(e, {"tx_ports": 64})
+    assert [(m.name, m.max_entries) for m in s.maps] == [("flows", 65536), ("tx_ports", 64)]
+    assert [(m.name, m.max_entries) for m in e.maps] == [("flows", 65536), ("tx_ports", 4096)]
+    with pytest.raises(pc.HitError, match="no map rings"):
+        pc.sized(e, {"rings": 10})
+
+
+def test_only_the_programs_asked_for_load_now(cache, fake_kernel):
+    pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc)
+    got = pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc, load=["tc_zfast"])
+    assert (got.status, set(got.funcs)) == ("hit", {"tc_zfast"})
+    miss = pc.load(SOURCE + " ", CFLAGS, PROGRAMS, bcc=lambda: FakeBcc, load=["xdp_zfast"])
+    assert (miss.status, set(miss.funcs)) == ("miss", {"xdp_zfast"})

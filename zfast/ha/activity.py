@@ -71,7 +71,9 @@ class Activity:
     def _attached(self, ipr: IPRoute, name: str, link) -> bool:
         """Is this data plane's own program on the interface, on the hook it was put on?"""
         att = self.dp.attached.get(name)
-        if att is not None and att.hook == "tc":
-            return f"{TC_NAME}-{self.dp.tc_prog_id}" in tc_filters(ipr, link["index"])
+        if att is None:
+            return False
+        if att.hook == "tc":
+            return f"{TC_NAME}-{att.prog_id}" in tc_filters(ipr, link["index"])
         xdp = link.get_attr("IFLA_XDP")
-        return (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp else None) == self.dp.prog_id
+        return (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp else None) == att.prog_id
