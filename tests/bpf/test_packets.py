@@ -382,6 +382,21 @@ def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
     assert list(flows.keys()) == []
 
 
+def test_a_flow_that_goes_takes_its_reply_entry_even_when_replies_still_come(lb):
+    """The forward entry decides: a client silent for a period goes, and its reply entry
+    with it, not written back aged by the same sweep (it used to be, and lived one more)."""
+    from zfast.flowage import sweep
+    flows = lb.dp.table("flows")
+    sport = fx.CPORT + 7
+    assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.syn(sport=sport)),
+                  fx.PUB).action == "redirect"
+    assert sweep(flows) == {"entries": 2, "aged": 2, "deleted": 0}
+    assert lb.run(fx.from_backend(fx.ip4(fx.BACKEND4, fx.CLIENT4) / fx.syn_ack(dport=sport)),
+                  fx.PRIV).action == "redirect"        # only the backend speaks
+    assert sweep(flows) == {"entries": 2, "aged": 0, "deleted": 2}
+    assert list(flows.keys()) == []
+
+
 # ---- an egress XDP frames cannot reach ------------------------------------------------------
 
 
