@@ -132,24 +132,40 @@ def up(config_file, verbose, template):
     import logging
 
     from zfast.datapath import DatapathError
-    from zfast.node import Node, NodeError
 
     _raise_priority()
     # Quiet until the node runs: a refusal is one line (the error below), nothing else.
     logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
                         format="%(asctime)s %(name)s %(message)s")
-    preloaded = None
+    preloaded = early = None
     if template:
         from zfast.core.spare import park
         preloaded, project = park(Path(template), Path(config_file))
         if project is None:
             return                      # stopped while parked
     project = _load(config_file)
+    if preloaded is None and project.node is not None:
+        # the lock, and the kernel's work on the data plane while the rest is imported
+        from zfast.prestart import AlreadyRunning, Prestart
+        try:
+            early = Prestart(project)
+        except AlreadyRunning as err:
+            _fail(str(err))
+    from zfast.node import Node, NodeError
+    # what the start's first steps import (Maglev tables, netlink), imported now, while the
+    # kernel makes the maps and verifies the programs
+    import numpy  # noqa: F401
+    import pyroute2  # noqa: F401
     try:
-        node = Node(project, source=f"zfast up -c {config_file}", preloaded=preloaded)
+        node = Node(project, source=f"zfast up -c {config_file}", preloaded=preloaded,
+                    prestart=early)
         changes = node.start()
-    except (NodeError, DatapathError) as err:
-        _fail(str(err))
+    except BaseException as err:
+        if early is not None:
+            early.discard()
+        if isinstance(err, (NodeError, DatapathError)):
+            _fail(str(err))
+        raise
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)  # role changes and the like, from now on
     atts = ", ".join(f"{a.ifname} ({a.hook} {a.mode}, prog {a.prog_id})" if a.hook == "xdp"

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:         # numpy and pyroute2 at first use: `zfast up` starts the kernel's
+    import numpy as np    # work on the data plane before it imports them (zfast/prestart.py)
+    from pyroute2 import IPRoute
 
 from zfast import bpflib, progcache
 from zfast.config import Datapath as Sizes
@@ -272,6 +274,28 @@ def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
                                    if kind is None else f"{kind}: XDP")
 
 
+class _Verify:
+    """One program loaded in a thread of its own: the kernel's verifier runs there, outside
+    the GIL (a ctypes call), while the caller goes on."""
+
+    def __init__(self, bpf, name: str, prog_type: int):
+        self._out: tuple = (None, None)
+        self._thread = threading.Thread(target=self._run, args=(bpf, name, prog_type),
+                                        name=f"verify {name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, bpf, name: str, prog_type: int) -> None:
+        try:
+            self._out = (bpf.load_func(name.encode(), prog_type), None)
+        except Exception as err:    # BCC's and the cache's, with the kernel's reason
+            self._out = (None, err)
+
+    def result(self) -> tuple:
+        """(the loaded function, None) or (None, the error)."""
+        self._thread.join()
+        return self._out
+
+
 def hooks_for(interfaces: Iterable[tuple[str, str]]) -> list[str]:
     """The hooks (interface name, mode) pairs will be attached at: the programs a start
     loads (the others load only if an attach needs them later)."""
@@ -289,22 +313,25 @@ class Loaded:
     """One compiled and loaded zfast program with its maps."""
 
     def __init__(self, sizes: Sizes = Sizes(), pin: Path | None = None,
-                 hooks: Iterable[str] = HOOKS):
+                 hooks: Iterable[str] = HOOKS, background: bool = False):
         """hooks: the hooks whose programs are loaded now (the kernel verifies each one,
-        ~0.3 s of CPU); another one is loaded when an attach needs it."""
+        0.3-0.4 s of CPU); another one is loaded when an attach needs it. background: the
+        kernel verifies them in threads of their own while the caller fills the maps
+        (a start's services, rings and rules), and program() waits for them."""
         self.sizes = sizes
         self.pin = pin
         if pin is not None:
             from zfast.paths import ensure_bpffs
             ensure_bpffs()
             pin.mkdir(parents=True, exist_ok=True)
+        hooks = list(hooks)
         src = inline_source(bpf_dir() / "zfast.c")
         with _captured_stderr() as log:
             try:
                 # compiled by BCC, or loaded from the program cache without LLVM
                 got = progcache.load(src, cflags_for(sizes, pin), PROGRAMS, pin=pin, bcc=_bcc,
                                      size_flags=size_flags(sizes), map_sizes=map_sizes(sizes),
-                                     load=[HOOKS[h] for h in hooks])
+                                     load=[] if background else [HOOKS[h] for h in hooks])
                 self.bpf, self.cache = got.bpf, got.status
                 err = None
             except DatapathError:
@@ -313,17 +340,30 @@ class Loaded:
                 err = e
         if err is not None:
             raise _refused(log.text, err)
-        self.cache_s = got.seconds
+        self.cache_s, self._cache_key = got.seconds, got.key
         self._programs: dict[str, object] = {}
         self._prog_ids: dict[str, int] = {}
+        self._verifying: dict[str, _Verify] = {}
         for hook in hooks:
-            self._programs[hook] = got.funcs[HOOKS[hook]]
+            if background:
+                self._verifying[hook] = _Verify(self.bpf, HOOKS[hook], dict(PROGRAMS)[HOOKS[hook]])
+            else:
+                self._programs[hook] = got.funcs[HOOKS[hook]]
         _release_compiler_heap()
         self.attached: dict[str, Attachment] = {}
         self._config_lock = threading.Lock()
 
     def program(self, hook: str):
         """The loaded program of a hook ("xdp" or "tc"), loaded now if it is not yet."""
+        if hook in self._verifying:
+            fn, err = self._verifying.pop(hook).result()
+            if err is not None:
+                if self.cache == "hit":
+                    progcache.forget(self._cache_key)
+                    raise DatapathError(f"the kernel refused the cached zfast program ({err}); "
+                                        "its cache entry is removed, the next start compiles")
+                raise DatapathError(f"the kernel refused the zfast program: {err}")
+            self._programs[hook] = fn
         if hook not in self._programs:
             name = HOOKS[hook]
             with _captured_stderr() as log:
@@ -365,6 +405,8 @@ class Loaded:
 
     def percpu_all(self, name: str, count: int) -> np.ndarray:
         """Counters of slots 0..count-1 as an array of shape (count, 2): packets, bytes."""
+        import numpy as np
+
         table = self.table(name)
         out = np.zeros((count, 2), dtype=np.uint64)
         for i in range(count):
@@ -425,6 +467,8 @@ class Loaded:
         size = self.sizes.maglev_size
         if len(backend_ids) != size:
             raise ValueError(f"a ring has {size} slots, got {len(backend_ids)}")
+        import numpy as np
+
         keys = np.arange(ring * size, (ring + 1) * size, dtype=np.uint32)
         self.update_batch("rings", keys, np.array(backend_ids, dtype=np.uint32))
 
@@ -493,6 +537,8 @@ class Loaded:
 def tc_attach(ifname: str, prog_fd: int, prog_id: int) -> None:
     """Our direct-action filter at tc ingress (clsact made if missing), replacing ours.
     Its name carries the program id, so a check can tell our program from a stale one."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)[0]
         try:
@@ -506,6 +552,7 @@ def tc_attach(ifname: str, prog_fd: int, prog_id: int) -> None:
 
 def tc_filters(ipr: IPRoute, idx: int) -> list[str]:
     """Names of the BPF filters at tc ingress of interface idx."""
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
         msgs = ipr.get_filters(index=idx, parent=TC_INGRESS)
     except NetlinkError:
@@ -520,6 +567,7 @@ def tc_filters(ipr: IPRoute, idx: int) -> list[str]:
 
 def tc_attached(ifname: str) -> int | None:
     """The id of the zfast program at tc ingress of ifname, or None."""
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
@@ -532,6 +580,8 @@ def tc_attached(ifname: str) -> int | None:
 
 def tc_detach(ifname: str) -> None:
     """Remove our filter from tc ingress; other filters and the qdisc stay."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_SIZE = 65537
 
@@ -66,6 +68,7 @@ def build_table(backends: Sequence[tuple[str, int]], size: int = DEFAULT_SIZE) -
     integer in 0..2**32-1, no backend has a positive weight, or there are more backends with
     a positive weight than slots.
     """
+    import numpy as np   # not at import: the project file's checks need only is_prime
     if not isinstance(size, int) or isinstance(size, bool) or not is_prime(size):
         raise ValueError(f"table size {size!r} is not a prime number")
     for key, weight in backends:
@@ -94,6 +97,7 @@ def build_table(backends: Sequence[tuple[str, int]], size: int = DEFAULT_SIZE) -
 
 def table_shares(table: np.ndarray, n: int) -> np.ndarray:
     """The fraction of ``table`` owned by each of backends 0..n-1."""
+    import numpy as np
     return np.bincount(table, minlength=n)[:n] / len(table)
 
 
@@ -107,6 +111,7 @@ def _permutation(key: str, size: int) -> tuple[int, int]:
 
 def _turn_order(weights: np.ndarray, size: int) -> np.ndarray:
     """Which backend takes each of the ``size`` turns, in weighted fair order."""
+    import numpy as np
     n = len(weights)
     total = int(weights.sum())
     # Everyone's turns up to virtual time (size + n) / total: that is at least `size` turns
@@ -124,6 +129,7 @@ def _turn_order(weights: np.ndarray, size: int) -> np.ndarray:
 
 def _fill(turns: np.ndarray, offsets: list[int], skips: list[int], size: int) -> np.ndarray:
     """Play the turns: each backend claims the next free slot in its preference order."""
+    import numpy as np
     owners = [-1] * size
     next_slot = list(offsets)  # per backend: every slot before this one in its order is taken
 

@@ -26,6 +26,7 @@ from zfast.datapath import DatapathError, Loaded, hooks_for, ifindex
 from zfast import pins
 from zfast.firewall import FirewallTable, explain, listener
 from zfast.paths import BPFFS, pin_dir
+from zfast.prestart import AlreadyRunning, take_node_lock
 from zfast.reasons import reasons
 from zfast.services import ServiceTable
 from zfast.store import Revision, Store, StoreError, open_store
@@ -101,7 +102,7 @@ def check_interfaces(node: config.Node) -> None:
 
 class Node:
     def __init__(self, project: config.Project, source: str = "zfast up",
-                 preloaded: Loaded | None = None):
+                 preloaded: Loaded | None = None, prestart=None):
         if project.node is None:
             raise NodeError("the project file has no node section (name, interfaces)")
         self.project = project
@@ -134,6 +135,8 @@ class Node:
         # A program compiled ahead by a parked spare (zfast/core/spare.py): start takes it
         # instead of compiling (seconds of BCC) when its pinned maps are fresh and of our layout.
         self.preloaded = preloaded
+        # zfast/prestart.py: the lock taken, and a fresh start's data plane loading, by `zfast up`
+        self.prestart = prestart
         self.egress: dict[str, egress.TargetCheck] = {}   # per port, while XDP redirects
         self._egress_seen: tuple = ()
         self._egress_next = 0.0
@@ -164,7 +167,6 @@ class Node:
             from zfast.nexthops import NextHopWatch
             self.nexthops = NextHopWatch(self.dp)
             self.nexthops.start()
-            self._start_telemetry()
             try:
                 for itf in node.interfaces:
                     att = self.dp.attach(itf.name, itf.mode or node.mode)
@@ -173,6 +175,7 @@ class Node:
             except DatapathError:
                 self.dp.detach_all()  # all interfaces or none
                 raise
+            self._start_telemetry()     # after the attach: the counters are cumulative
             self._check_egress()
             self._watch = self.store.watch(self.project.project, self._on_revision,
                                            after=latest.rev)
@@ -272,6 +275,8 @@ class Node:
         have = pins.read_json(self.state_dir / pins.LAYOUT)
         old = None
         pre, self.preloaded = self.preloaded, None
+        if pre is None and self.prestart is not None:
+            pre = self.prestart.take()      # None unless it began a fresh start's load
         if pre is not None and not (pre.pin == self.pin and pins.layout(pre.sizes) == want):
             pre.detach_all()
             pre = None
@@ -282,8 +287,9 @@ class Node:
             else:
                 old = pins.set_aside(self.pin)
         node = self.project.node
+        # the kernel verifies the programs while the maps are filled (they need no program)
         self.dp = pre or Loaded(self.project.datapath, pin=self.pin, hooks=hooks_for(
-            (itf.name, itf.mode or node.mode) for itf in node.interfaces))
+            (itf.name, itf.mode or node.mode) for itf in node.interfaces), background=True)
         self.table = ServiceTable(self.dp)
         self.fw = FirewallTable(self.dp)
         if old is not None:
@@ -401,14 +407,13 @@ class Node:
         self.events.close()
 
     def _take_lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.state_dir / "node.lock", "w")
+        if self.prestart is not None:
+            self._lock_file = self.prestart.lock_file
+            return
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NodeError(f"node {self.name} is already running (state dir {self.state_dir})") from None
-        self._lock_file.write(f"{os.getpid()}\n")
-        self._lock_file.flush()
+            self._lock_file = take_node_lock(self.state_dir, self.name)
+        except AlreadyRunning as err:
+            raise NodeError(str(err)) from None
 
     def _release_lock(self) -> None:
         if self._lock_file:

@@ -529,3 +529,12 @@ def test_only_the_programs_asked_for_load_now(cache, fake_kernel):
     assert (got.status, set(got.funcs)) == ("hit", {"tc_zfast"})
     miss = pc.load(SOURCE + " ", CFLAGS, PROGRAMS, bcc=lambda: FakeBcc, load=["xdp_zfast"])
     assert (miss.status, set(miss.funcs)) == ("miss", {"xdp_zfast"})
+
+
+def test_forget_removes_one_entry(cache, fake_kernel):
+    a = pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc)
+    b = pc.load(SOURCE + " ", CFLAGS, PROGRAMS, bcc=lambda: FakeBcc)
+    pc.forget(a.key)
+    pc.forget(a.key)                    # gone already: nothing to do
+    assert pc.read_entry(cache, a.key) is None and pc.read_entry(cache, b.key) is not None
+    assert pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc).status == "miss"

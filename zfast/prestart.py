@@ -1,0 +1,92 @@
+"""The first step of `zfast up`, taken before the control plane is imported.
+
+A start spends ~0.5 s in the kernel (making the maps, verifying the programs) and ~0.3 s
+importing the control plane (netlink, numpy, the controllers); one after the other they
+are most of the time to the first datagram forwarded. So `zfast up` takes the node's lock
+and, on a fresh start, begins loading the data plane in a thread of its own as soon as the
+project file is read; Node.start takes the result (zfast/node.py) and fills the maps
+while the kernel verifies the programs (datapath.Loaded, background).
+
+Only a fresh start is begun early: with pinned maps of a previous daemon there (a restart
+that adopts the flows, or maps to be set aside), the node decides what to do with them,
+after its store is open, as before.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+from zfast import config, pins
+from zfast.paths import pin_dir
+
+
+class AlreadyRunning(Exception):
+    """Another daemon holds the node's lock."""
+
+
+def take_node_lock(state_dir: Path, name: str):
+    """The node's lock file, held (flock) and naming this process; raises AlreadyRunning."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / "node.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise AlreadyRunning(f"node {name} is already running (state dir {state_dir})") from None
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+class Prestart:
+    """The node's lock, and the data plane of a fresh start loading in a thread."""
+
+    def __init__(self, project: config.Project):
+        node = project.node
+        self.lock_file = take_node_lock(Path(node.state_dir), node.name)
+        self.pin = pin_dir(node.name)
+        self._loaded = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = None
+        if pins.has_pins(self.pin):
+            return                      # the node adopts or sets aside what is there
+        from zfast import datapath
+        try:
+            for itf in node.interfaces:
+                datapath.ifindex(itf.name)
+        except datapath.DatapathError:
+            return                      # the node says which interface is missing
+        hooks = datapath.hooks_for((itf.name, itf.mode or node.mode) for itf in node.interfaces)
+        self._thread = threading.Thread(target=self._load, name="prestart",
+                                        args=(project.datapath, hooks), daemon=True)
+        self._thread.start()
+
+    def _load(self, sizes, hooks) -> None:
+        from zfast.datapath import Loaded
+        try:
+            self._loaded = Loaded(sizes, pin=self.pin, hooks=hooks, background=True)
+        except BaseException as err:
+            self._error = err
+
+    def take(self):
+        """The loaded data plane (None if none was begun); raises what its load raised.
+        The caller owns it from here (and its pins)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._taken = True
+        if self._error is not None:
+            raise self._error
+        return self._loaded
+
+    def discard(self) -> None:
+        """After a start that failed: maps it made and the node did not take go again."""
+        if self._thread is not None and not self._taken:
+            self._thread.join()
+            if self._loaded is not None:
+                pins.remove_pins(self.pin)
+        self.lock_file.close()
