@@ -22,23 +22,14 @@ import json
 import os
 import sys
 
+from zfast.mapbatch import read_all
+
 SEEN, AGED = 1, 2          # bpf/zfast_shared.h ZF_FLOW_SEEN / ZF_FLOW_AGED
 FORWARD, REPLY = 1, 2      # ZF_DIR_*
 CHUNK = 8192
 
 # a sweep's new flags: SEEN (and AGED) cleared on an entry a packet saw, AGED set on the others
 AGE_STEP = bytes((f & (0xFF ^ (SEEN | AGED))) if f & SEEN else (f | AGED) for f in range(256))
-
-
-def _read_all(fd: int, key_size: int, value_size: int) -> tuple[bytes, bytes, int]:
-    """Every (key, value) of a hash map: keys and values packed, and how many."""
-    from zfast.mapbatch import lookup_batches
-    keys, values, count = [], [], 0
-    for k, v, n in lookup_batches(fd, key_size, value_size, CHUNK):
-        keys.append(k)
-        values.append(v)
-        count += n
-    return b"".join(keys), b"".join(values), count
 
 
 def _batched(fn, fd: int, sizes: tuple[int, ...], *packed: bytes) -> None:
@@ -101,7 +92,7 @@ def sweep_fd(fd: int, layout: dict) -> dict:
     """One sweep of the flows map behind fd."""
     from zfast.bpflib import lib
     ks, vs = layout["key_size"], layout["value_size"]
-    keys, vals, n = _read_all(fd, ks, vs)
+    keys, vals, n = read_all(fd, ks, vs, CHUNK)
     if not n:
         return {"entries": 0, "aged": 0, "deleted": 0}
     flags = vals[layout["value"]["flags"]::vs]

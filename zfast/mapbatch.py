@@ -30,3 +30,13 @@ def lookup_batches(fd: int, key_size: int, value_size: int,
             raise OSError(err or -res, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err or -res)}")
         first = False
         in_batch.value = out_batch.value
+
+
+def read_all(fd: int, key_size: int, value_size: int, chunk: int = 8192) -> tuple[bytes, bytes, int]:
+    """Every (key, value) of a hash map: keys and values packed, and how many."""
+    keys, values, count = [], [], 0
+    for k, v, n in lookup_batches(fd, key_size, value_size, chunk):
+        keys.append(k)
+        values.append(v)
+        count += n
+    return b"".join(keys), b"".join(values), count

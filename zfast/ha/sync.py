@@ -119,17 +119,14 @@ class FlowSender:
             self.dp.bpf.ring_buffer_poll(50)
 
     def _full_table(self) -> list[bytes]:
-        """Every forward entry of the flow table, as flow events (batch reads + numpy: a
-        quarter million entries in well under a second, not one syscall an entry)."""
-        import numpy as np
-
-        from zfast.flowage import _read_all
+        """Every forward entry of the flow table, as flow events (batch reads: a quarter
+        million entries in well under a second, not one syscall an entry)."""
+        from zfast.mapbatch import read_all
         flows = self.dp.table("flows")
         ks, vs = ctypes.sizeof(flows.Key), ctypes.sizeof(flows.Leaf)
-        keys, vals = _read_all(flows.map_fd, ks, vs)
-        forward = vals[:, flows.Leaf.dir.offset] == DIR_FORWARD
-        rows = np.concatenate([keys[forward], vals[forward]], axis=1)
-        return [r.tobytes() for r in rows]
+        keys, vals, n = read_all(flows.map_fd, ks, vs)
+        return [keys[i * ks:(i + 1) * ks] + vals[i * vs:(i + 1) * vs]
+                for i, d in enumerate(vals[flows.Leaf.dir.offset::vs]) if d == DIR_FORWARD]
 
     def _run(self) -> None:
         backoff = 0.05
