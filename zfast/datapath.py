@@ -31,6 +31,7 @@ if TYPE_CHECKING:         # numpy and pyroute2 at first use: `zfast up` starts t
     from pyroute2 import IPRoute
 
 from zfast import bpflib, progcache
+from zfast.background import Background
 from zfast.config import Datapath as Sizes
 from zfast.paths import bpf_dir
 from zfast.reasons import defines, reasons
@@ -274,26 +275,12 @@ def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
                                    if kind is None else f"{kind}: XDP")
 
 
-class _Verify:
-    """One program loaded in a thread of its own: the kernel's verifier runs there, outside
-    the GIL (a ctypes call), while the caller goes on."""
-
-    def __init__(self, bpf, name: str, prog_type: int):
-        self._out: tuple = (None, None)
-        self._thread = threading.Thread(target=self._run, args=(bpf, name, prog_type),
-                                        name=f"verify {name}", daemon=True)
-        self._thread.start()
-
-    def _run(self, bpf, name: str, prog_type: int) -> None:
-        try:
-            self._out = (bpf.load_func(name.encode(), prog_type), None)
-        except Exception as err:    # BCC's and the cache's, with the kernel's reason
-            self._out = (None, err)
-
-    def result(self) -> tuple:
-        """(the loaded function, None) or (None, the error)."""
-        self._thread.join()
-        return self._out
+def is_cached(sizes: Sizes, pin: Path) -> bool:
+    """Whether a start at these sizes, pinning in pin, finds its program in the program
+    cache (no compile: it answers in a second or two, not in ten)."""
+    src = inline_source(bpf_dir() / "zfast.c")
+    material = progcache.key_material(src, cflags_for(sizes, pin), PROGRAMS, pin=pin)
+    return progcache.has_entry(progcache.cache_key(material))
 
 
 def hooks_for(interfaces: Iterable[tuple[str, str]]) -> list[str]:
@@ -343,10 +330,12 @@ class Loaded:
         self.cache_s, self._cache_key = got.seconds, got.key
         self._programs: dict[str, object] = {}
         self._prog_ids: dict[str, int] = {}
-        self._verifying: dict[str, _Verify] = {}
+        self._verifying: dict[str, Background] = {}   # hook -> its program, loading
         for hook in hooks:
             if background:
-                self._verifying[hook] = _Verify(self.bpf, HOOKS[hook], dict(PROGRAMS)[HOOKS[hook]])
+                name = HOOKS[hook]
+                self._verifying[hook] = Background(self.bpf.load_func, name.encode(),
+                                                   dict(PROGRAMS)[name], name=f"verify {name}")
             else:
                 self._programs[hook] = got.funcs[HOOKS[hook]]
         _release_compiler_heap()
@@ -356,7 +345,7 @@ class Loaded:
     def program(self, hook: str):
         """The loaded program of a hook ("xdp" or "tc"), loaded now if it is not yet."""
         if hook in self._verifying:
-            fn, err = self._verifying.pop(hook).result()
+            fn, err = self._verifying.pop(hook).wait()
             if err is not None:
                 if self.cache == "hit":
                     progcache.forget(self._cache_key)

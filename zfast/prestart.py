@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
 from pathlib import Path
 
 from zfast import config, pins
+from zfast.background import Background
 from zfast.paths import pin_dir
 
 
@@ -48,10 +48,8 @@ class Prestart:
         node = project.node
         self.lock_file = take_node_lock(Path(node.state_dir), node.name)
         self.pin = pin_dir(node.name)
-        self._loaded = None
-        self._error: BaseException | None = None
         self._taken = False
-        self._thread = None
+        self._load = None
         if pins.has_pins(self.pin):
             return                      # the node adopts or sets aside what is there
         from zfast import datapath
@@ -61,32 +59,25 @@ class Prestart:
         except datapath.DatapathError:
             return                      # the node says which interface is missing
         hooks = datapath.hooks_for((itf.name, itf.mode or node.mode) for itf in node.interfaces)
-        self._thread = threading.Thread(target=self._load, name="prestart",
-                                        args=(project.datapath, hooks), daemon=True)
-        self._thread.start()
-
-    def _load(self, sizes, hooks) -> None:
-        from zfast.datapath import Loaded
-        try:
-            self._loaded = Loaded(sizes, pin=self.pin, hooks=hooks, background=True)
-        except BaseException as err:
-            self._error = err
+        self._load = Background(lambda: datapath.Loaded(project.datapath, pin=self.pin,
+                                                        hooks=hooks, background=True),
+                                name="prestart")
 
     def take(self):
         """The loaded data plane (None if none was begun); raises what its load raised.
         The caller owns it from here (and its pins)."""
-        if self._thread is None:
+        if self._load is None:
             return None
-        self._thread.join()
         self._taken = True
-        if self._error is not None:
-            raise self._error
-        return self._loaded
+        loaded, err = self._load.wait()
+        if err is not None:
+            raise err
+        return loaded
 
     def discard(self) -> None:
         """After a start that failed: maps it made and the node did not take go again."""
-        if self._thread is not None and not self._taken:
-            self._thread.join()
-            if self._loaded is not None:
+        if self._load is not None and not self._taken:
+            loaded, _ = self._load.wait()
+            if loaded is not None:
                 pins.remove_pins(self.pin)
         self.lock_file.close()

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from zfast.background import Background
 from zfast.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
 
 log = logging.getLogger(__name__)
@@ -413,6 +414,12 @@ def list_entries(directory: Path | None = None) -> list[dict]:
     return out
 
 
+def has_entry(key: str, directory: Path | None = None) -> bool:
+    """Whether a valid entry of that key is there (a start with it will not compile)."""
+    d = usable_dir(directory, create=False)
+    return d is not None and read_entry(d, key) is not None
+
+
 def forget(key: str, directory: Path | None = None) -> None:
     """Remove one entry (one the kernel refused: the next start compiles)."""
     d = usable_dir(directory, create=False)
@@ -720,30 +727,6 @@ def _creation_cost(m: MapDef) -> int:
     return m.max_entries * (os.cpu_count() or 1) * 8 if m.type in PERCPU_TYPES else m.max_entries
 
 
-class _InThread:
-    """fn(*args) in a thread of its own (a ctypes call into the kernel runs without the
-    GIL); result() returns its value or raises its exception."""
-
-    def __init__(self, fn, *args):
-        import threading
-
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, *args) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as err:
-            self._error = err
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | None = None,
                 map_sizes: dict[str, int] | None = None) -> CachedBPF:
     """Maps and loaded programs of a verified entry: a map the compile pinned is adopted
@@ -771,11 +754,17 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
         # a map of many per-CPU slots takes the kernel a while (rule_stats, 131072 of them:
         # ~0.12 s on 2 CPUs); the biggest is made in a thread while the others are
         big = max(entry.maps, key=_creation_cost)
-        made = _InThread(_open_map, big, pin, btf_fd)
-        for m in entry.maps:
-            if m is not big:
-                fds[m.name] = _open_map(m, pin, btf_fd)
-        fds[big.name] = made.result()
+        made = Background(_open_map, big, pin, btf_fd, name=f"map {big.name}")
+        try:
+            for m in entry.maps:
+                if m is not big:
+                    fds[m.name] = _open_map(m, pin, btf_fd)
+        finally:
+            fd, err = made.wait()           # recorded even when another map failed:
+            if fd is not None:              # bpf.close() below closes it then
+                fds[big.name] = fd
+        if err is not None:
+            raise err
         wanted = None if load is None else set(load)
         for p in entry.programs:
             if wanted is None or p.name in wanted:

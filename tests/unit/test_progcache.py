@@ -538,3 +538,12 @@ def test_forget_removes_one_entry(cache, fake_kernel):
     pc.forget(a.key)                    # gone already: nothing to do
     assert pc.read_entry(cache, a.key) is None and pc.read_entry(cache, b.key) is not None
     assert pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc).status == "miss"
+
+
+def test_has_entry_says_whether_a_start_would_compile(cache, fake_kernel):
+    key = pc.cache_key(pc.key_material(SOURCE, CFLAGS, PROGRAMS))
+    assert not pc.has_entry(key)
+    assert pc.load(SOURCE, CFLAGS, PROGRAMS, bcc=lambda: FakeBcc).key == key
+    assert pc.has_entry(key)
+    pc.entry_path(cache, key).write_bytes(b"garbage")
+    assert not pc.has_entry(key)

@@ -41,6 +41,7 @@ API_TIMEOUT_S = 0.5        # a daemon that does not answer its status in this is
 PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this long
 STARVED_WAIT_S = 2.0       # after a starved daemon's quota grew: its time to answer again
 START_GRACE_S = 60.0       # a new daemon may take this long to answer first (BCC compiles)
+CACHED_GRACE_S = 15.0      # ... or this long when its program is in the program cache
 SPARE_GRACE_S = 10.0       # a parked spare has compiled already: it answers within a second
 HEARTBEAT_MISSING_MS = 1000  # a standby the active has not heard from for this long is abnormal
 STABLE_S = 10.0            # failing before this long healthy (or never healthy) is a crash
@@ -409,11 +410,26 @@ class CoreService:
             self.boosted.add(spec.name)
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
-        self.grace[spec.name] = START_GRACE_S
+        self.grace[spec.name] = self._start_grace(spec)
         self.health[spec.name] = Health(since=time.time())
         self.events.log("repair", instance=spec.name, action="started", pid=inst.pid,
                         restarts=restarts, start_cpu=boost or spec.cpu)
         return inst
+
+    def _start_grace(self, spec: InstanceSpec) -> float:
+        """How long a new instance may take to answer first: a compile takes seconds of
+        CPU (more under a small quota), a start from the program cache one or two."""
+        if spec.kind != "balancer":
+            return START_GRACE_S
+        try:
+            from zfast import config
+            from zfast.datapath import is_cached
+            from zfast.paths import pin_dir
+            project = config.parse(spec.config, f"<{spec.name}>")
+            cached = is_cached(project.datapath, pin_dir(project.node.name))
+            return CACHED_GRACE_S if cached else START_GRACE_S
+        except Exception:        # a file the daemon will refuse: its own error says why
+            return START_GRACE_S
 
     def _end_boost(self, name: str, inst: Instance) -> None:
         self.boosted.discard(name)
