@@ -52,16 +52,29 @@ class Prestart:
         self._load = None
         if pins.has_pins(self.pin):
             return                      # the node adopts or sets aside what is there
+        # the start's own checks first: a start that fails them (a crash loop's) costs
+        # no maps and no verifier
         from zfast import datapath
         try:
             for itf in node.interfaces:
                 datapath.ifindex(itf.name)
         except datapath.DatapathError:
             return                      # the node says which interface is missing
+        if project.ha is not None:
+            from zfast.ha.heartbeat import KeyError_, load_key
+            try:
+                load_key(project.ha.key_file)
+            except KeyError_:
+                return                  # the node says what is wrong with the key
         hooks = datapath.hooks_for((itf.name, itf.mode or node.mode) for itf in node.interfaces)
         self._load = Background(lambda: datapath.Loaded(project.datapath, pin=self.pin,
                                                         hooks=hooks, background=True),
                                 name="prestart")
+
+    @property
+    def loading(self) -> bool:
+        """Whether it began loading the data plane (the start's own checks passed)."""
+        return self._load is not None
 
     def take(self):
         """The loaded data plane (None if none was begun); raises what its load raised.

@@ -87,6 +87,10 @@ class Env:
                           ("router", "active"), ("router", "active")]
                 and all(i["healthy"] for i in st["instances"]))
 
+    def router_netns(self) -> list[str]:
+        """Each router instance's namespace (its HAProxy listens on every address there)."""
+        return [i["netns"] for i in self.status()["instances"] if i["kind"] == "router"]
+
     def acme_for(self, *hosts: str) -> bool:
         certs = self.certs()
         return all(h in certs and certs[h]["source"] == "acme" for h in hosts)
@@ -122,10 +126,12 @@ def env():
             try:
                 wait_for("the core service complete", lambda: proc.poll() is None and e.complete(), 120, 0.3)
                 wait_for("ACME certificates", lambda: e.acme_for("app.example.org", "api.example.org"), 60, 0.3)
-                # both routers serve them (they read the store every 0.5 s)
+                # every router serves them (each reads the store every 0.5 s), asked one
+                # by one: through the VIP a few requests may all meet the same router
                 wait_for("the certificates served", lambda: all(
-                    https_get(e, h)[0] == 200 for h in ("app.example.org", "api.example.org")
-                    for _ in range(4)), 10, 0.2)
+                    https_get(e, h, address="127.0.0.1", netns=ns)[0] == 200
+                    for h in ("app.example.org", "api.example.org") for ns in e.router_netns()),
+                    10, 0.2)
                 yield e
             finally:
                 if proc.poll() is None:
@@ -138,13 +144,15 @@ def env():
         "a process of the core service is left"
 
 
-def https_get(env: Env, host: str, path: str = "/") -> tuple[int, dict, dict]:
-    """GET over HTTPS verified against pebble's CA: (status, body, peer cert)."""
+def https_get(env: Env, host: str, path: str = "/", address: str = ADDR,
+              netns: str | None = None) -> tuple[int, dict, dict]:
+    """GET over HTTPS verified against pebble's CA: (status, body, peer cert); from the
+    host namespace through the VIP, or from netns to address."""
     import http.client
     ctx = env.trust()
-    with in_ns(env.host):
-        conn = http.client.HTTPSConnection(ADDR, 443, context=ctx, timeout=5)
-        conn.sock = ctx.wrap_socket(__import__("socket").create_connection((ADDR, 443), timeout=5),
+    with in_ns(netns or env.host):
+        conn = http.client.HTTPSConnection(address, 443, context=ctx, timeout=5)
+        conn.sock = ctx.wrap_socket(__import__("socket").create_connection((address, 443), timeout=5),
                                     server_hostname=host)
         try:
             conn.request("GET", path, headers={"Host": host})

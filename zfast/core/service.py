@@ -50,6 +50,20 @@ BACKOFF_MAX_S = 60.0       # is under 5 % of a CPU, and it only gets rarer
 FLOW_ENTRY_BYTES = 1536   # memory a flow-table entry costs an instance at its peak (scaling)
 
 
+STOPPED = "daemon stopped (SIGSTOP): it does nothing until continued"
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether the process is stopped by a signal (state T: SIGSTOP, SIGTSTP). Not a
+    traced stop (t: a debugger attached on purpose), and not a busy or starved one."""
+    if not pid:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 class CoreError(Exception):
     pass
 
@@ -402,12 +416,7 @@ class CoreService:
         inst = self.runtime.create(spec, group=self.prefix)
         inst.restarts = restarts
         self.runtime.start(inst)
-        # Most of a cold start is the compile: it may use the top of scale.cpu until the
-        # daemon first answers (a standby back in half the time), then its own quota.
-        boost = self.bounds.cpu[1] if self.bounds.cpu[1] > spec.cpu else None
-        if boost:
-            self.runtime.boost(inst, boost)
-            self.boosted.add(spec.name)
+        boost = self._boost_start(inst)
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
         self.grace[spec.name] = self._start_grace(spec)
@@ -415,6 +424,19 @@ class CoreService:
         self.events.log("repair", instance=spec.name, action="started", pid=inst.pid,
                         restarts=restarts, start_cpu=boost or spec.cpu)
         return inst
+
+    def _boost_start(self, inst: Instance) -> float | None:
+        """A start (imports, the kernel's verifier, the maps filled, the flow dump: ~1.5 s
+        of CPU) may use the top of scale.cpu until the daemon first answers, then its own
+        quota: the CPU it costs is the same, spent sooner (a standby back in half the
+        time). The boost it got, or None."""
+        boost = self.bounds.cpu[1] if self.bounds.cpu[1] > inst.spec.cpu else None
+        if boost:
+            self.runtime.boost(inst, boost)
+            self.boosted.add(inst.spec.name)
+        else:
+            self.runtime.boost(inst, None)      # its own size (a spare's was another)
+        return boost
 
     def _start_grace(self, spec: InstanceSpec) -> float:
         """How long a new instance may take to answer first: a compile takes seconds of
@@ -487,6 +509,8 @@ class CoreService:
             code = inst.proc.returncode if inst.proc else None
             why = self.runtime.last_words(inst)
             return [f"daemon exited ({code})" + (f": {why}" if why else "")]
+        if _stopped(inst.pid):
+            return [STOPPED]
         try:
             st = Client(inst.spec.state_dir, timeout=API_TIMEOUT_S).get("/status")
             self.answered.add(inst.spec.name)
@@ -543,16 +567,17 @@ class CoreService:
             if not h.problems:
                 h.since = now
             h.problems = problems
-            exited = inst.proc is None or inst.proc.poll() is not None
-            # A gone daemon is replaced at once; other problems must last a moment.
-            if not exited and now - h.since < PERSIST_S:
+            # A gone or stopped daemon is replaced at once (neither comes back by itself);
+            # other problems must last a moment.
+            gone = inst.proc is None or inst.proc.poll() is not None or problems == [STOPPED]
+            if not gone and now - h.since < PERSIST_S:
                 continue
-            if not exited and self._grow_if_starved(name, inst, problems, throttled, now):
+            if not gone and self._grow_if_starved(name, inst, problems, throttled, now):
                 h.since = now + STARVED_WAIT_S - PERSIST_S
                 continue
             if now < self.next_try.get(name, 0):
                 continue
-            if not exited and inst.spec.kind == "balancer" and not self._others_well(name):
+            if not gone and inst.spec.kind == "balancer" and not self._others_well(name):
                 continue    # never take down the last working balancer for a lesser problem
             self.replace(name, problems)
         self._undrain_ready_routers()
@@ -702,6 +727,9 @@ class CoreService:
         inst = Instance(new, sp.netns, sp.cgroup, sp.proc, started=time.time(),
                         restarts=restarts, host_ifnames=sp.host_ifnames,
                         cpu_ns_before=self.runtime.usage(sp)["cpu_ns"])
+        # the rest of its start (the maps filled, the attach, the flow dump) with the top
+        # of scale.cpu, as a new instance's; its own size once it answers (_end_boost)
+        self._boost_start(inst)
         write_atomically(inst.config_path, yaml.safe_dump(raw, sort_keys=False))
         self.instances[spec.name] = inst
         self.answered.discard(spec.name)
