@@ -104,7 +104,7 @@ def run(duration: float = 20.0, connections: int = 300) -> None:
     except TopologyError as err:
         raise DemoError(str(err)) from None
     with topo:
-        say("1/5 building the lab: client -> active + standby balancers (XDP) -> 3 backends "
+        say("1/5 building the lab: client -> active + standby balancers (tc on these veths) -> 3 backends "
             "(weights 1, 1, 2)")
         try:
             P = lab.build_pair(topo, 3, [1, 1, 2], name="demo")
