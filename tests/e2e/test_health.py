@@ -422,7 +422,13 @@ def test_http_500_is_unhealthy_even_while_the_backend_serves(env):
     sneaked = [a for a in bg.attempts if a.backend == "be2" and t_out <= a.start
                and a.end < in_sent]
     assert not sneaked, f"{len(sneaked)} requests reached be2 while it was out"
-    assert not [a for a in bg.attempts if a.error], "no request fails: be2 still answers"
+    # be2 still answers, so no request fails, but for one on its way to be2 when be2 goes
+    # DOWN: its flow is balanced again at its next packet and the new backend resets it
+    # (docs/datapath.md, Decisions: "a backend that fails its checks while it still serves
+    # loses its connections too")
+    failed = [a for a in bg.attempts if a.error]
+    at_the_switch = [a for a in failed if a.start <= t_out and a.end >= t_bad]
+    assert failed == at_the_switch and len(failed) <= 1, f"requests failed: {failed}"
     assert not back.failures and back.backends["be2"] > 0, dict(back.backends)
     assert st["healthy"] and st["targets"] == 9 and st["down"] == []
 
