@@ -57,10 +57,14 @@ static __always_inline int zf_flow_new(struct zf_pkt *p, struct service_value *s
 	struct flow_key rkey = {};
 	struct flow_value rval = {};
 	struct backend *be;
-	__u32 slot, bi, *idx;
+	__u32 ring = svc->ring, slot, bi, *idx;
+	void *table;
 
-	slot = svc->ring * ZF_RING_SIZE + zf_flow_hash(&p->key) % ZF_RING_SIZE;
-	idx = rings.lookup(&slot);
+	table = rings.lookup(&ring);
+	if (!table)
+		return ZF_DROP_NO_BACKEND;
+	slot = zf_flow_hash(&p->key) % ZF_RING_SIZE;
+	idx = bpf_map_lookup_elem(table, &slot);
 	if (!idx || *idx == ZF_NO_BACKEND)
 		return ZF_DROP_NO_BACKEND;
 	bi = *idx;

@@ -27,8 +27,14 @@ ZF_MAP("lru_hash", struct frag_key, struct flow_value, frags, ZF_FRAG_TABLE);
 ZF_MAP("hash", struct service_key, struct service_value, services, ZF_MAX_SERVICE_PORTS);
 /* Backend index -> address. */
 ZF_MAP("array", u32, struct backend, backends, ZF_MAX_BACKENDS);
-/* Maglev lookup tables, ZF_RING_SIZE slots each: slot -> backend index. */
-ZF_MAP("array", u32, u32, rings, ZF_MAX_RINGS * ZF_RING_SIZE);
+/*
+ * Maglev lookup tables: rings[ring] is an array of ZF_RING_SIZE slots, slot ->
+ * backend index, that the control plane makes for a service when it needs one
+ * (zfast/datapath.py write_ring), so the memory is the services' in use, not
+ * ZF_MAX_RINGS tables made up front.  ring_template only describes them.
+ */
+ZF_MAP("array", u32, u32, ring_template, ZF_RING_SIZE);
+ZF_MAP("array_of_maps$ring_template", u32, int, rings, ZF_MAX_RINGS);
 
 /* Per-CPU counters: one per reason, per service, per backend. */
 ZF_MAP("percpu_array", u32, struct zf_counter, reason_stats, ZF_REASON_MAX);

@@ -127,7 +127,7 @@ struct service_key {
 
 struct service_value {
 	__u32 index;         /* service index: stats slot */
-	__u32 ring;          /* Maglev ring in use: rings[ring * ZF_RING_SIZE + slot] */
+	__u32 ring;          /* Maglev ring in use: rings[ring], an array of ZF_RING_SIZE slots */
 	__be16 target_port;  /* port on the backends */
 	__u16 flags;
 	__u16 fw_port;       /* public port slot (firewall, counters); 0 = a private VIP */

@@ -41,6 +41,7 @@ class MapDef:
     pin: str | None = None  # its name in the pin dir, when the map is pinned
     btf_key: int = 0       # BTF type ids of key and value in the entry's BTF (0: none)
     btf_value: int = 0
+    inner: str | None = None  # a map of maps: the map of the entry its inner maps are like
 
 
 class ModuleInfo:

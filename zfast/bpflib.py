@@ -47,6 +47,13 @@ _SIGNATURES = {
     "bpf_obj_get_info_by_fd": (_c, [_c, _p, _u32p]),
     "bpf_btf_load": (_c, [_p, ct.c_size_t, _p]),
     "bpf_btf_get_fd_by_id": (_c, [ct.c_uint32]),
+    "bpf_map_get_fd_by_id": (_c, [ct.c_uint32]),
+    "bpf_xdp_query_id": (_c, [_c, _c, _u32p]),
+    "bpf_tc_query": (_c, [_p, _p]),
+    "bpf_tc_hook_create": (_c, [_p]),
+    "bpf_tc_attach": (_c, [_p, _p]),
+    "bpf_tc_detach": (_c, [_p, _p]),
+    "libbpf_set_print": (_p, [_p]),
     "bpf_map_create": (_c, [_c, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, _p]),
 }
 
@@ -165,10 +172,13 @@ def load_btf(data: bytes) -> int:
 
 
 def create_map(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0, btf_fd: int = 0, btf_key: int = 0, btf_value: int = 0) -> int:
+               flags: int = 0, btf_fd: int = 0, btf_key: int = 0, btf_value: int = 0,
+               inner_map_fd: int = 0) -> int:
     """A new map's fd (BPF_MAP_CREATE), its key and value described by BTF when given:
-    bpftool then prints its entries by field, as for a map BCC made."""
-    opts = bpf_map_create_opts(sz=ct.sizeof(bpf_map_create_opts), map_flags=flags)
+    bpftool then prints its entries by field, as for a map BCC made. A map of maps
+    needs inner_map_fd: a map like the ones it will hold."""
+    opts = bpf_map_create_opts(sz=ct.sizeof(bpf_map_create_opts), map_flags=flags,
+                               inner_map_fd=inner_map_fd)
     if btf_fd and (btf_key or btf_value):
         opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf_fd, btf_key, btf_value
     fd = lib.bpf_map_create(map_type, name[:15].encode(), key_size, value_size, max_entries,
@@ -177,6 +187,24 @@ def create_map(map_type: int, name: str, key_size: int, value_size: int, max_ent
         err = ct.get_errno()
         raise BpfError(err, f"cannot create map {name}: {os.strerror(err)}")
     return fd
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """An fd of the map with this id (a map of maps answers ids for its inner maps)."""
+    fd = lib.bpf_map_get_fd_by_id(map_id)
+    if fd < 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"map id {map_id}: {os.strerror(err)}")
+    return fd
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Write count packed keys and values in one BPF_MAP_UPDATE_BATCH."""
+    n = ct.c_uint32(count)
+    kbuf, vbuf = ct.create_string_buffer(keys, len(keys)), ct.create_string_buffer(values, len(values))
+    if lib.bpf_update_batch(fd, kbuf, vbuf, ct.byref(n)) != 0 or n.value != count:
+        err = ct.get_errno()
+        raise BpfError(err, f"BPF_MAP_UPDATE_BATCH: {n.value} of {count}: {os.strerror(err)}")
 
 
 class BpfError(OSError):

@@ -712,6 +712,32 @@ def cache_list(as_json):
                    f"({e['instructions']} insns, {e['maps']} maps)  {sizes}")
 
 
+@cache.command("warm")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="Project file whose datapath sizes to compile for (default: the defaults).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def cache_warm(config_path, as_json):
+    """Compile the data plane into the cache unless it is there: the balancers that start
+    after it (any node, any flow-table size) load it without LLVM."""
+    from zfast import config as config_mod, progcache
+    from zfast.datapath import DatapathError, warm
+
+    try:
+        sizes = config_mod.load(config_path).datapath if config_path else config_mod.Datapath()
+        status, seconds, key = warm(sizes)
+    except (config_mod.ConfigError, DatapathError, OSError) as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps({"dir": str(progcache.cache_dir()), "key": key, "status": status,
+                               "seconds": round(seconds, 3)}))
+        return
+    said = {"hit": "already in the cache", "miss": f"compiled in {seconds:.1f} s",
+            "off": f"compiled in {seconds:.1f} s, not cached (the cache dir is not usable)"}
+    click.echo(f"zfast: program {key[:16]}: {said[status]} ({progcache.cache_dir()})")
+    if status == "off":
+        sys.exit(1)
+
+
 @cache.command("clear")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_clear(as_json):

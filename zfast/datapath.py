@@ -133,7 +133,7 @@ def map_sizes(sizes: Sizes) -> dict[str, int]:
     return {
         "flows": sizes.flow_table,
         "service_stats": sizes.max_services,
-        "rings": 2 * sizes.max_services * sizes.maglev_size,   # ZF_MAX_RINGS: two a service
+        "rings": 2 * sizes.max_services,    # ZF_MAX_RINGS: two a service (swap, not edit)
         "backends": sizes.max_backends,
         "backend_stats": sizes.max_backends,
         "if_macs": sizes.max_ifindex,
@@ -278,9 +278,35 @@ def choose_hook(ifname: str, mode: str) -> tuple[list[str], str]:
 def is_cached(sizes: Sizes, pin: Path) -> bool:
     """Whether a start at these sizes, pinning in pin, finds its program in the program
     cache (no compile: it answers in a second or two, not in ten)."""
+    return progcache.has_entry(cache_key(sizes, pin))
+
+
+def cache_key(sizes: Sizes, pin: Path | None) -> str:
+    """The program cache's key of the program a start at these sizes loads."""
     src = inline_source(bpf_dir() / "zfast.c")
-    material = progcache.key_material(src, cflags_for(sizes, pin), PROGRAMS, pin=pin)
-    return progcache.has_entry(progcache.cache_key(material))
+    return progcache.cache_key(progcache.key_material(src, cflags_for(sizes, pin), PROGRAMS, pin=pin))
+
+
+def warm(sizes: Sizes) -> tuple[str, float, str]:
+    """Put the program of these sizes in the program cache, compiling it if it is not
+    there: (cache status "hit" | "miss" | "off", seconds, key). A start that follows
+    (any pin dir: the key leaves it out) loads it without LLVM, so a process with the
+    memory of a small instance never compiles (`zfast cache warm`, `zfast core up`)."""
+    import shutil
+
+    from zfast.paths import pin_dir
+    pin = pin_dir(f"warm-{os.getpid()}")    # the compile pins its maps: somewhere of its own
+    key = cache_key(sizes, pin)
+    if progcache.has_entry(key):
+        return "hit", 0.0, key
+    try:
+        dp = Loaded(sizes, pin=pin)     # both programs: the kernel verifies them here
+        try:
+            return dp.cache, dp.cache_s, dp._cache_key
+        finally:
+            dp.bpf.cleanup()
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)
 
 
 def hooks_for(interfaces: Iterable[tuple[str, str]]) -> list[str]:
@@ -452,14 +478,48 @@ class Loaded:
                     pass
 
     def write_ring(self, ring: int, backend_ids: np.ndarray) -> None:
-        """Fill Maglev ring number ``ring`` with backend indices, in one batch syscall."""
+        """Make Maglev ring number ``ring``: a new array like ring_template (bpf/maps.h),
+        filled with backend indices in one batch syscall, then put in rings[ring] at once
+        (the ring it replaces is freed when the last packet using it is done)."""
         size = self.sizes.maglev_size
         if len(backend_ids) != size:
             raise ValueError(f"a ring has {size} slots, got {len(backend_ids)}")
         import numpy as np
 
-        keys = np.arange(ring * size, (ring + 1) * size, dtype=np.uint32)
-        self.update_batch("rings", keys, np.array(backend_ids, dtype=np.uint32))
+        like = bpflib.map_info(self.table("ring_template").get_fd())
+        fd = bpflib.create_map(like.type, "ring", like.key_size, like.value_size,
+                               like.max_entries, like.map_flags)
+        try:
+            bpflib.update_batch(fd, np.arange(size, dtype=np.uint32).tobytes(),
+                                np.asarray(backend_ids, dtype=np.uint32).tobytes(), size)
+            self.table("rings")[ctypes.c_uint32(ring)] = ctypes.c_int(fd)
+        finally:
+            os.close(fd)            # rings[ring] holds it now
+
+    def clear_ring(self, ring: int) -> None:
+        """Free ring number ``ring`` (a service that is gone: its flows keep their backends)."""
+        try:
+            del self.table("rings")[ctypes.c_uint32(ring)]
+        except KeyError:
+            pass
+
+    def read_ring(self, ring: int) -> np.ndarray | None:
+        """Ring number ``ring`` as written (None: no ring there)."""
+        import numpy as np
+
+        from zfast.mapbatch import read_all
+        try:
+            inner_id = self.table("rings")[ctypes.c_uint32(ring)].value
+        except KeyError:
+            return None
+        fd = bpflib.map_fd_by_id(inner_id)
+        try:
+            keys, values, n = read_all(fd, 4, 4)
+        finally:
+            os.close(fd)
+        out = np.empty(n, dtype=np.uint32)
+        out[np.frombuffer(keys, dtype=np.uint32)] = np.frombuffer(values, dtype=np.uint32)
+        return out
 
     def set_tx_ports(self, ifindexes: list[int]) -> None:
         tx = self.table("tx_ports")

@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import time
@@ -55,7 +56,7 @@ from zfast.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2                      # 2: the maps' BTF is in the entry
+FORMAT = 3                      # 2: the maps' BTF is in the entry; 3: maps of maps
 MAGIC = b"ZFPROG\r\n"
 HEADER = struct.Struct("<8sI32sQ")      # magic, format, sha256(body), len(body)
 SUFFIX = ".zfc"
@@ -214,6 +215,8 @@ def _map_def(doc: dict) -> MapDef:
         _typed(getattr(m, name), int)
     if m.pin is not None:
         _typed(m.pin, str)
+    if m.inner is not None:
+        _typed(m.inner, str)
     json.loads(m.key_desc)
     json.loads(m.leaf_desc)
     return m
@@ -224,9 +227,14 @@ def _check_layout(entry: Entry) -> None:
     names = [m.name for m in entry.maps]
     if len(set(names)) != len(names):
         raise Invalid("a map name twice")
+    by_name = {m.name: m for m in entry.maps}
     for m in entry.maps:
         if m.pin is not None and (not m.pin or "/" in m.pin or m.pin in (".", "..")):
             raise Invalid(f"map {m.name}: pin {m.pin!r} is not a name in the pin dir")
+        if (m.type in MAP_OF_MAPS) != (m.inner is not None):
+            raise Invalid(f"map {m.name}: type {m.type} with inner map {m.inner!r}")
+        if m.inner is not None and (m.inner not in by_name or by_name[m.inner].type in MAP_OF_MAPS):
+            raise Invalid(f"map {m.name}: its inner map {m.inner!r} is not a plain map of the entry")
     if [[p.name, p.type] for p in entry.programs] != entry.material["programs"]:
         raise Invalid("its programs are not the ones its key names")
     for p in entry.programs:
@@ -464,10 +472,22 @@ def _bcc_lib():
     return lib
 
 
+# BCC declares a map of maps with its inner map's name in the type: "array_of_maps$inner"
+_MAP_OF_MAPS_DECL = re.compile(r'"(?:array|hash)_of_maps\$(\w+)"\s*,\s*[^,]+,\s*[^,]+,\s*(\w+)\s*,')
+MAP_OF_MAPS = {12, 13}          # BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_HASH_OF_MAPS
+
+
+def inner_maps(source: str) -> dict[str, str]:
+    """{map of maps: the map its inner maps are like}, as the source declares them (the
+    kernel does not say: the outer map only holds a copy of the inner one's definition)."""
+    return {outer: inner for inner, outer in _MAP_OF_MAPS_DECL.findall(source)}
+
+
 def extract(bpf, programs: list[tuple[str, int]], material: dict,
-            pin: Path | None = None) -> Entry:
+            pin: Path | None = None, inner: dict[str, str] | None = None) -> Entry:
     """The entry for a compiled and loaded bcc.BPF: its maps as the kernel has them, and
-    its programs' instructions with the map fds in them named. Raises Uncacheable."""
+    its programs' instructions with the map fds in them named; inner: inner_maps() of
+    its source. Raises Uncacheable."""
     from zfast import bpflib
 
     lib = _bcc_lib()
@@ -484,7 +504,10 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
                            (lib.bpf_table_key_desc_id(bpf.module, i) or b"").decode(),
                            (lib.bpf_table_leaf_desc_id(bpf.module, i) or b"").decode(), pinned,
                            info.btf_key_type_id if info.btf_id else 0,
-                           info.btf_value_type_id if info.btf_id else 0))
+                           info.btf_value_type_id if info.btf_id else 0,
+                           (inner or {}).get(name)))
+        if info.type in MAP_OF_MAPS and name not in (inner or {}):
+            raise Uncacheable(f"map {name} holds maps, and the source does not say like which")
         if info.btf_id:
             btf_ids.add(info.btf_id)
         by_fd[fd] = name
@@ -669,7 +692,7 @@ def _same(m: MapDef, info) -> bool:
         (m.type, m.key_size, m.value_size, m.max_entries, m.kernel_flags)
 
 
-def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0) -> int:
+def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0, inner_fd: int = 0) -> int:
     from zfast import bpflib
 
     lib = bpflib.lib
@@ -693,7 +716,7 @@ def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0) -> int:
             return fd
     try:
         fd = bpflib.create_map(m.type, m.name, m.key_size, m.value_size, m.max_entries,
-                               m.flags, btf_fd, m.btf_key, m.btf_value)
+                               m.flags, btf_fd, m.btf_key, m.btf_value, inner_fd)
     except OSError as err:
         raise HitError(str(err)) from None
     if path is not None:
@@ -753,12 +776,15 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
                 raise HitError(f"the kernel refused the maps' BTF: {err}") from None
         # a map of many per-CPU slots takes the kernel a while (rule_stats, 131072 of them:
         # ~0.12 s on 2 CPUs); the biggest is made in a thread while the others are
-        big = max(entry.maps, key=_creation_cost)
+        inners = {m.inner for m in entry.maps}
+        big = max((m for m in entry.maps if m.inner is None and m.name not in inners),
+                  key=_creation_cost)
         made = Background(_open_map, big, pin, btf_fd, name=f"map {big.name}")
         try:
-            for m in entry.maps:
+            # a map of maps is made from its inner map's fd: those come first
+            for m in sorted(entry.maps, key=lambda m: m.inner is not None):
                 if m is not big:
-                    fds[m.name] = _open_map(m, pin, btf_fd)
+                    fds[m.name] = _open_map(m, pin, btf_fd, fds.get(m.inner, 0))
         finally:
             fd, err = made.wait()           # recorded even when another map failed:
             if fd is not None:              # bpf.close() below closes it then
@@ -897,7 +923,7 @@ def load(source: str, cflags: list[str], programs: list[tuple[str, int]], *,
         compiled, funcs = _compile(bcc, source, compile_flags, programs, now)
         status = "off"
         try:
-            entry = extract(compiled, programs, material, pin)
+            entry = extract(compiled, programs, material, pin, inner_maps(source))
             _check_sizes(entry, map_sizes)
             write_entry(d, entry, max_bytes)
             status = "miss"

@@ -301,6 +301,8 @@ class ServiceTable:
         for address, slot in inst.backends.items():
             self._write_backend(slot, address, 0)
             self.backend_slots.release((name, address))
+        for gen in (0, 1):      # its rings' memory back (the service keys are gone)
+            self.dp.clear_ring(inst.index * 2 + gen)
         self.service_slots.release(name)
         return [f"- service {name} (flows drain)"]
 

@@ -52,7 +52,7 @@ flows[k] = v
 del flows[k]
 out["flows_after_delete"] = len(list(flows.keys()))
 dp.write_ring(0, [3] * dp.sizes.maglev_size)
-out["ring"] = dp.table("rings")[dp.sizes.maglev_size - 1].value
+out["ring"] = int(dp.read_ring(0)[dp.sizes.maglev_size - 1])
 out["percpu"] = dp.percpu_sum("reason_stats", 0)
 dp.set_tx_ports([1])
 out["devmap"] = dp.table("tx_ports")[ctypes.c_int(1)].value

@@ -21,6 +21,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import NoPayload, Raw
 
 from tests.fixtures import packets as fx
+from zfast import config
 from zfast.datapath import PROTO, get_addr, set_addr
 from zfast.progrun import XDP_ACTIONS
 from zfast.reasons import by_name, reasons
@@ -202,8 +203,7 @@ def ring_backend(lb, vip: str, port: int, proto: str, src: str, sport: int) -> s
     service = services[key]
     size = dp.sizes.maglev_size
     h = flow_hash(src, vip, sport, port, PROTO[proto])
-    rings = dp.table("rings")
-    slot = rings[rings.Key(service.ring * size + h % size)].value
+    slot = int(dp.read_ring(service.ring)[h % size])
     backends = dp.table("backends")
     backend = backends[backends.Key(slot)]
     return str(get_addr(backend.addr, backend.family))
@@ -454,3 +454,26 @@ def test_new_flows_are_reported_on_the_ring_buffer_while_sync_is_on(lb):
         assert entries.get(key) == value
         sports.add(flows.Key.from_buffer_copy(key).sport)
     assert {socket.htons(fx.CPORT), socket.htons(fx.CPORT + 1)} <= sports
+
+
+def test_rings_take_memory_for_the_services_in_use_only(lb):
+    """A Maglev ring is an inner map made when a service needs it (bpf/maps.h): none
+    up front for ZF_MAX_RINGS, none left behind by a service that is gone."""
+    dp, table = lb.dp, lb.services
+
+    def rings() -> set[int]:
+        return {r for r in range(2 * dp.sizes.max_services) if dp.read_ring(r) is not None}
+
+    def in_use() -> set[int]:
+        return {inst.index * 2 + inst.ring_gen for inst in table.services.values()}
+
+    specs = list(config.parse(fx.PROJECT).services)
+    assert in_use() <= rings() and len(rings()) <= 2 * len(specs)
+    assert all(len(dp.read_ring(r)) == dp.sizes.maglev_size for r in rings())
+    gone = table.services[specs[0].name].index
+    try:
+        table.apply(tuple(specs[1:]))
+        assert in_use() <= rings() and not rings() & {gone * 2, gone * 2 + 1}
+    finally:
+        table.apply(tuple(specs))
+    assert in_use() <= rings() and len(rings()) <= 2 * len(specs)

@@ -539,6 +539,9 @@ class FakeDatapath:
         self.rings[ring] = np.array(ids)
         self.ring_writes += 1
 
+    def clear_ring(self, ring):
+        self.rings.pop(ring, None)
+
     def percpu_sum(self, name, index):
         return 0, 0
 

@@ -8,6 +8,7 @@ import ctypes
 import json
 import os
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ def fake_kernel(monkeypatch):
     FakeBPF.compiles = 0
     loaded = []
 
-    def extract(bpf, programs, material, pin=None):
+    def extract(bpf, programs, material, pin=None, inner=None):
         e = make_entry()
         e.material, e.key = material, pc.cache_key(material)
         e.programs = [pc.Program(n, t, p.insns, p.refs) for (n, t), p in zip(programs, e.programs)]
@@ -547,3 +548,39 @@ def test_has_entry_says_whether_a_start_would_compile(cache, fake_kernel):
     assert pc.has_entry(key)
     pc.entry_path(cache, key).write_bytes(b"garbage")
     assert not pc.has_entry(key)
+
+
+# ---- maps of maps ---------------------------------------------------------------------------
+
+
+def test_a_map_of_maps_names_its_inner_map_from_the_source():
+    source = '''ZF_MAP("array", u32, u32, ring_template, ZF_RING_SIZE);
+ZF_MAP("array_of_maps$ring_template", u32, int, rings, ZF_MAX_RINGS);
+BPF_TABLE("hash_of_maps$ring_template", struct k, int, by_key, 16);'''
+    assert pc.inner_maps(source) == {"rings": "ring_template", "by_key": "ring_template"}
+
+
+def _with_rings(inner: str | None) -> pc.Entry:
+    e = make_entry()
+    e.maps += [MapDef("ring_template", 2, 4, 4, 65537, 0, 0, '"unsigned int"', '"unsigned int"'),
+               MapDef("rings", 12, 4, 4, 128, 0, 0, '"unsigned int"', '"int"', None, inner=inner)]
+    return e
+
+
+def test_a_map_of_maps_survives_encoding_with_its_inner_map():
+    e = _with_rings("ring_template")
+    assert pc.decode(pc.encode(e), e.key).maps[-1].inner == "ring_template"
+
+
+@pytest.mark.parametrize("inner", [None, "no_such_map", "rings"])
+def test_a_map_of_maps_without_a_plain_inner_map_of_the_entry_is_refused(inner):
+    e = _with_rings(inner)
+    with pytest.raises(pc.Invalid, match="rings"):
+        pc.decode(pc.encode(e), e.key)
+
+
+def test_a_plain_map_naming_an_inner_map_is_refused():
+    e = make_entry()
+    e.maps[0] = replace(e.maps[0], inner="tx_ports")
+    with pytest.raises(pc.Invalid, match="flows"):
+        pc.decode(pc.encode(e), e.key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ PERSIST_S = 0.5            # a problem (other than a gone daemon) must last this
 STARVED_WAIT_S = 2.0       # after a starved daemon's quota grew: its time to answer again
 START_GRACE_S = 60.0       # a new daemon may take this long to answer first (BCC compiles)
 CACHED_GRACE_S = 15.0      # ... or this long when its program is in the program cache
+WARM_TIMEOUT_S = 600.0     # the core's own compile of the balancers' program (8 s here)
 SPARE_GRACE_S = 10.0       # a parked spare has compiled already: it answers within a second
 HEARTBEAT_MISSING_MS = 1000  # a standby the active has not heard from for this long is abnormal
 STABLE_S = 10.0            # failing before this long healthy (or never healthy) is a crash
@@ -413,6 +415,7 @@ class CoreService:
             return 502, {"error": str(err)}
 
     def _launch(self, spec: InstanceSpec, restarts: int = 0) -> Instance:
+        self._warm(spec)
         inst = self.runtime.create(spec, group=self.prefix)
         inst.restarts = restarts
         self.runtime.start(inst)
@@ -441,17 +444,40 @@ class CoreService:
     def _start_grace(self, spec: InstanceSpec) -> float:
         """How long a new instance may take to answer first: a compile takes seconds of
         CPU (more under a small quota), a start from the program cache one or two."""
+        return CACHED_GRACE_S if self._cached(spec) else START_GRACE_S
+
+    @staticmethod
+    def _cached(spec: InstanceSpec) -> bool:
+        """Whether a balancer's start finds its program in the program cache."""
         if spec.kind != "balancer":
-            return START_GRACE_S
+            return False
         try:
             from zfast import config
             from zfast.datapath import is_cached
             from zfast.paths import pin_dir
             project = config.parse(spec.config, f"<{spec.name}>")
-            cached = is_cached(project.datapath, pin_dir(project.node.name))
-            return CACHED_GRACE_S if cached else START_GRACE_S
+            return is_cached(project.datapath, pin_dir(project.node.name))
         except Exception:        # a file the daemon will refuse: its own error says why
-            return START_GRACE_S
+            return False
+
+    def _warm(self, spec: InstanceSpec) -> None:
+        """Compile a balancer's program into the cache here, outside every instance, when
+        it is not there: LLVM alone needs more memory (~180 MiB) than a small balancer
+        has, and every instance (pair, spare, successors) then starts from the cache. A
+        failure leaves the compile to the instance, as before (its error says why)."""
+        if spec.kind != "balancer" or self._cached(spec):
+            return
+        import subprocess
+        import sys
+        path = self.state_dir / "warm.yaml"
+        path.write_text(yaml.safe_dump(spec.config, sort_keys=False))
+        out = subprocess.run([sys.executable, "-m", "zfast.cli", "cache", "warm", "-c", str(path),
+                              "--json"], capture_output=True, text=True, timeout=WARM_TIMEOUT_S)
+        if out.returncode == 0:
+            self.events.log("cache", action="compiled", instance=spec.name, **json.loads(out.stdout))
+        else:
+            self.events.log("error", what="program cache warm-up", instance=spec.name,
+                            error=(out.stderr.strip().splitlines() or ["?"])[-1])
 
     def _end_boost(self, name: str, inst: Instance) -> None:
         self.boosted.discard(name)
@@ -754,6 +780,7 @@ class CoreService:
         if any(h.problems for h in self.health.values()) or len(self.answered) < len(self.instances):
             return
         spec = self.spare_spec()
+        self._warm(spec)
         inst = self.runtime.create(spec, group=self.prefix)
         self.runtime.start(inst, park=spec.config)
         self.spare = inst
