@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.11",
     # BCC (module `bcc`) is not on PyPI: it comes from Debian's python3-bpfcc,
     # seen through a venv made with --system-site-packages.
-    install_requires=["click", "pyroute2", "scapy", "numpy", "pyyaml",
+    install_requires=["click", "scapy", "numpy", "pyyaml",
                       "prometheus_client",  # /metrics: the official exposition format
                       "matplotlib"],        # zfast report and bench --plot
     extras_require={"test": ["pytest"]},

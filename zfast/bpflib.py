@@ -11,7 +11,9 @@ names and with the same signatures as BCC's Python module declares them
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
+import threading
 
 _c = ct.c_int
 _p = ct.c_void_p
@@ -221,6 +223,77 @@ def attach_xdp(dev: str, prog_fd: int, flags: int = 0) -> None:
         what = "attach BPF to" if prog_fd >= 0 else "detach BPF from"
         # bcc.BPF.attach_xdp's words, which callers match ("No such device")
         raise BpfError(err, f"Failed to {what} device {dev}: {os.strerror(err)}")
+
+
+def xdp_prog_id(ifindex: int) -> int:
+    """The id of the XDP program attached to ifindex (0: none), in one netlink request."""
+    prog_id = ct.c_uint32(0)
+    res = lib.bpf_xdp_query_id(ifindex, 0, ct.byref(prog_id))
+    if res < 0:
+        raise BpfError(-res, f"XDP query of ifindex {ifindex}: {os.strerror(-res)}")
+    return prog_id.value
+
+
+class bpf_tc_hook(ct.Structure):
+    # libbpf's struct bpf_tc_hook
+    _fields_ = [("sz", ct.c_size_t), ("ifindex", ct.c_int), ("attach_point", ct.c_int),
+                ("parent", ct.c_uint32)]
+
+
+class bpf_tc_opts(ct.Structure):
+    # libbpf's struct bpf_tc_opts
+    _fields_ = [("sz", ct.c_size_t), ("prog_fd", ct.c_int), ("flags", ct.c_uint32),
+                ("prog_id", ct.c_uint32), ("handle", ct.c_uint32), ("priority", ct.c_uint32)]
+
+
+BPF_TC_INGRESS = 1
+BPF_TC_F_REPLACE = 1
+_quiet_libbpf = threading.Lock()
+
+
+def _tc(call: str, ifindex: int, handle: int, priority: int, prog_fd: int = 0,
+        flags: int = 0) -> tuple[int, int]:
+    """One of libbpf's tc calls on the ingress filter (handle, priority) of ifindex:
+    (its result, the program id it reports)."""
+    hook = bpf_tc_hook(sz=ct.sizeof(bpf_tc_hook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
+    opts = bpf_tc_opts(sz=ct.sizeof(bpf_tc_opts), handle=handle, priority=priority,
+                       prog_fd=prog_fd, flags=flags)
+    with _quiet_libbpf:     # "Cannot find specified filter chain" is an answer, not news
+        before = lib.libbpf_set_print(None)
+        try:
+            if call == "attach":
+                res = lib.bpf_tc_hook_create(ct.byref(hook))    # clsact, if it is not there
+                if res < 0 and res != -errno.EEXIST:
+                    return res, 0
+            return getattr(lib, f"bpf_tc_{call}")(ct.byref(hook), ct.byref(opts)), opts.prog_id
+        finally:
+            lib.libbpf_set_print(before)
+
+
+def tc_prog_id(ifindex: int, handle: int, priority: int) -> int:
+    """The id of the BPF program of the tc ingress filter (handle, priority) of ifindex
+    (0: no such filter), in one netlink request."""
+    res, prog_id = _tc("query", ifindex, handle, priority)
+    if res in (-errno.ENOENT, -errno.EINVAL):    # no filter there; no clsact qdisc
+        return 0
+    if res < 0:
+        raise BpfError(-res, f"tc query of ifindex {ifindex}: {os.strerror(-res)}")
+    return prog_id
+
+
+def tc_attach(ifindex: int, handle: int, priority: int, prog_fd: int) -> None:
+    """prog_fd as the direct-action filter (handle, priority) at tc ingress of ifindex,
+    replacing the one there; the clsact qdisc is made if missing."""
+    res, _ = _tc("attach", ifindex, handle, priority, prog_fd, BPF_TC_F_REPLACE)
+    if res < 0:
+        raise BpfError(-res, f"tc attach to ifindex {ifindex}: {os.strerror(-res)}")
+
+
+def tc_detach(ifindex: int, handle: int, priority: int) -> None:
+    """Remove the filter (handle, priority) from tc ingress of ifindex, if it is there."""
+    res, _ = _tc("detach", ifindex, handle, priority)
+    if res < 0 and res not in (-errno.ENOENT, -errno.EINVAL):
+        raise BpfError(-res, f"tc detach from ifindex {ifindex}: {os.strerror(-res)}")
 
 
 def remove_xdp(dev: str, flags: int = 0) -> None:

@@ -153,11 +153,10 @@ def up(config_file, verbose, template):
             _fail(str(err))
     from zfast.node import Node, NodeError
     if early is not None and early.loading:
-        # what the start's first steps import (Maglev tables, netlink), imported now, while
-        # the kernel makes the maps and verifies the programs (not for a start that fails
-        # its checks: a crash loop's tries stay cheap)
+        # what the start's first steps import (Maglev tables), imported now, while the
+        # kernel makes the maps and verifies the programs (not for a start that fails its
+        # checks: a crash loop's tries stay cheap)
         import numpy  # noqa: F401
-        import pyroute2  # noqa: F401
     try:
         node = Node(project, source=f"zfast up -c {config_file}", preloaded=preloaded,
                     prestart=early)

@@ -26,9 +26,8 @@ from typing import Iterable
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:         # numpy and pyroute2 at first use: `zfast up` starts the kernel's
-    import numpy as np    # work on the data plane before it imports them (zfast/prestart.py)
-    from pyroute2 import IPRoute
+if TYPE_CHECKING:         # numpy at first use: `zfast up` starts the kernel's work on
+    import numpy as np    # the data plane before it imports it (zfast/prestart.py)
 
 from zfast import bpflib, progcache
 from zfast.background import Background
@@ -46,11 +45,9 @@ MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 PROGRAMS = [("xdp_zfast", progcache.XDP), ("tc_zfast", progcache.SCHED_CLS)]
 HOOKS = {"xdp": "xdp_zfast", "tc": "tc_zfast"}     # hook -> its program function
 
-# tc: clsact's ingress hook, and where our filter sits in it
-TC_INGRESS = 0xFFFFFFF2
+# tc: where our filter sits in clsact's ingress hook
 TC_PRIO = 1
 TC_HANDLE = 1
-TC_NAME = "zfast"
 
 # Link kinds whose receive path is an skb handed over by a local sender (a veth peer,
 # a bridge, a tunnel, a VM's tap): its checksum may be partial, so tc, not XDP.
@@ -556,7 +553,7 @@ class Loaded:
         for m in tries:
             try:
                 if m == "tc":
-                    tc_attach(ifname, self.program("tc").fd, self.program_id("tc"))
+                    tc_attach(ifname, self.program("tc").fd)
                     xdp_detach(ifname)      # one hook at a time: a mode change moves it
                 else:
                     bpflib.attach_xdp(ifname, self.program("xdp").fd, MODE_FLAGS[m])
@@ -583,63 +580,35 @@ class Loaded:
                 pass
 
 
-def tc_attach(ifname: str, prog_fd: int, prog_id: int) -> None:
-    """Our direct-action filter at tc ingress (clsact made if missing), replacing ours.
-    Its name carries the program id, so a check can tell our program from a stale one."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=ifname)[0]
-        try:
-            ipr.tc("add", "clsact", index=idx)
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise
-        ipr.tc("replace-filter", "bpf", index=idx, handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS,
-               fd=prog_fd, name=f"{TC_NAME}-{prog_id}", classid=1, direct_action=True)
-
-
-def tc_filters(ipr: IPRoute, idx: int) -> list[str]:
-    """Names of the BPF filters at tc ingress of interface idx."""
-    from pyroute2.netlink.exceptions import NetlinkError
+def _ifindex(ifname: str) -> int:
     try:
-        msgs = ipr.get_filters(index=idx, parent=TC_INGRESS)
-    except NetlinkError:
-        return []                       # no clsact qdisc
-    names = []
-    for msg in msgs:
-        opts = msg.get_attr("TCA_OPTIONS")
-        if msg.get_attr("TCA_KIND") == "bpf" and opts:
-            names.append(opts.get_attr("TCA_BPF_NAME") or "")
-    return names
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise DatapathError(f"interface {ifname!r} does not exist") from None
+
+
+def tc_attach(ifname: str, prog_fd: int) -> None:
+    """Our direct-action filter at tc ingress (clsact made if missing), replacing ours:
+    the filter (TC_HANDLE, TC_PRIO), which tc_attached reads back."""
+    try:
+        bpflib.tc_attach(_ifindex(ifname), TC_HANDLE, TC_PRIO, prog_fd)
+    except OSError as err:
+        raise DatapathError(f"cannot attach the zfast program to {ifname} at tc ingress: "
+                            f"{err}") from None
 
 
 def tc_attached(ifname: str) -> int | None:
-    """The id of the zfast program at tc ingress of ifname, or None."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise DatapathError(f"interface {ifname!r} does not exist")
-        for name in tc_filters(ipr, found[0]):
-            if name.startswith(TC_NAME + "-"):
-                return int(name.rsplit("-", 1)[1])
-    return None
+    """The id of the program of our filter at tc ingress of ifname, or None."""
+    return bpflib.tc_prog_id(_ifindex(ifname), TC_HANDLE, TC_PRIO) or None
 
 
 def tc_detach(ifname: str) -> None:
     """Remove our filter from tc ingress; other filters and the qdisc stay."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            return
-        try:
-            ipr.tc("del-filter", "bpf", index=found[0], handle=TC_HANDLE, prio=TC_PRIO, parent=TC_INGRESS)
-        except NetlinkError as err:
-            if err.code not in (errno.ENOENT, errno.EINVAL):
-                raise
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        return
+    bpflib.tc_detach(index, TC_HANDLE, TC_PRIO)
 
 
 def xdp_detach(ifname: str, mode: str | None = None) -> None:

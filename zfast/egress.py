@@ -90,12 +90,24 @@ def kernel_drops(ifname: str) -> dict[str, int]:
     stats = _ethtool_stats(ifname)
     xdp = sum(v for k, v in stats.items() if _XDP_TX_ERROR.search(k))
     redirect = sum(v for k, v in stats.items() if _XDP_REDIRECT_ERROR.search(k))
-    try:
-        with open(f"/sys/class/net/{ifname}/statistics/tx_dropped") as f:
-            dropped = int(f.read())
-    except (OSError, ValueError):
-        dropped = 0
+    dropped = proc_net_dev().get(ifname, {}).get("tx_dropped", 0)
     return {"xdp_redirect_errors": redirect, "xdp_xmit_errors": xdp, "tx_dropped": dropped}
+
+
+_PROC_NET_DEV = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "rx_fifo", "rx_frame",
+                 "rx_compressed", "rx_multicast", "tx_bytes", "tx_packets", "tx_errors",
+                 "tx_dropped", "tx_fifo", "tx_colls", "tx_carrier", "tx_compressed")
+
+
+def proc_net_dev() -> dict[str, dict[str, int]]:
+    """Every interface's counters from /proc/thread-self/net/dev: the calling thread's
+    namespace, even where /sys is another one's (a daemon started by `nsenter --net`)."""
+    out = {}
+    with open("/proc/thread-self/net/dev") as f:
+        for line in f.readlines()[2:]:
+            name, _, numbers = line.partition(":")
+            out[name.strip()] = dict(zip(_PROC_NET_DEV, map(int, numbers.split())))
+    return out
 
 
 def xdp_lost(drops: dict[str, int]) -> int:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
-
-from pyroute2 import IPRoute
 
 log = logging.getLogger("zfast.nexthops")
 
@@ -50,22 +49,37 @@ class NextHopWatch:
         self._thread.join(timeout=2)
 
     def _run(self) -> None:
+        # A bare rtnetlink socket: what changed does not matter, that it changed does, so
+        # nothing is parsed (a netlink library would cost a small daemon ~20 MiB).
         try:
-            ipr = IPRoute()
-            ipr.bind(groups=RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_LINK)
-        except Exception as err:  # without events, the periodic bump still bounds staleness
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_LINK))
+            sock.setblocking(False)
+        except OSError as err:  # without events, the periodic bump still bounds staleness
             log.warning("no netlink events (%s); next hops refresh every %.0f s", err, REFRESH_S)
-            ipr = None
+            sock = None
         try:
             while not self._stop.is_set():
-                if ipr is None:
+                if sock is None:
                     self._stop.wait(REFRESH_S)
                     self.bump()
                     continue
-                ready, _, _ = select.select([ipr.fileno()], [], [], REFRESH_S)
+                ready, _, _ = select.select([sock], [], [], REFRESH_S)
                 if ready:
-                    ipr.get()  # drain; what changed does not matter, that it changed does
+                    self._drain(sock)
                 self.bump()
         finally:
-            if ipr is not None:
-                ipr.close()
+            if sock is not None:
+                sock.close()
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        """Read what is queued (a burst of changes is one bump); ENOBUFS (the queue
+        overflowed) says the same: something changed."""
+        while True:
+            try:
+                sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
