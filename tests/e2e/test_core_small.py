@@ -1,0 +1,84 @@
+"""A balancer at the bottom of its bounds: 128 MiB and 0.25 CPU.
+
+The smallest instance `core.balancer.scale` allows must start, form the pair and forward
+without the scaling controller growing it because of what its own start and idle chores
+cost: a controller that grows every fresh instance says the floor is a lie (and on a full
+host, a start that needs more than its size is a start that fails).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from corekit import Core, plug, start_core
+from zfast.core import scaling
+from zfast.netns import Topology
+from zfast.probe import Stream, streams_alive
+
+pytestmark = pytest.mark.e2e
+
+PROJECT = "coresmall"
+STATE = Path("/run/zfast/test-core-small")
+PUBLIC_VIP, PUBLIC_PORT = "10.234.0.10", 2222
+BACKENDS = ("10.235.0.2", "10.235.0.3")
+STREAMS = 30
+CPU, MEMORY = 0.25, 128 << 20
+
+
+def _config() -> dict:
+    return {
+        "project": PROJECT,
+        "services": [{"name": "app", "vip": "10.235.0.10",
+                      "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
+                      "backends": [{"address": a} for a in BACKENDS]}],
+        "public_ports": [{"port": PUBLIC_PORT, "proto": "tcp", "address": PUBLIC_VIP,
+                          "service": "app", "target_port": 8080}],
+        "core": {"public": {"bridge": "zspub0", "subnet": "10.234.0.0/24"},
+                 "private": {"bridge": "zspriv0", "subnet": "10.235.0.0/24",
+                             "gateway": "10.235.0.254"},
+                 "balancer": {"cpu": CPU, "memory": "128Mi", "flow_table": 65536,
+                              "scale": {"cpu": [CPU, 1], "memory": ["128Mi", "1Gi"],
+                                        "flow_table": [65536, 262144], "cooldown_s": 60}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def core():
+    assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
+    subprocess.run(["rm", "-rf", str(STATE)])
+    with Topology(prefix="zfcs") as topo:
+        host = topo.add_ns("host")
+        cfg = STATE.parent / "test-core-small.yaml"
+        STATE.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump(_config()))
+        proc = start_core(topo, host, cfg, STATE, STATE.parent / "test-core-small.err", "zspriv0")
+        for i, ip in enumerate(BACKENDS, 1):
+            ns = plug(topo, host, f"be{i}", f"bh{i}", "zspriv0", [f"{ip}/24"], "10.235.0.254")
+            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
+        plug(topo, host, "cli", "ch", "zspub0", ["10.234.0.100/24"])
+        yield Core(STATE, topo, proc, topo.ns("cli"))
+    assert proc.returncode == 0, (STATE.parent / "test-core-small.err").read_text()[-2000:]
+
+
+def test_a_balancer_at_128MiB_and_a_quarter_cpu_forwards_without_growing(core):
+    pair = core.wait_pair(90, spare=False)
+    assert {(i["cpu"], i["memory"]) for i in pair.values()} == {(CPU, MEMORY)}, pair
+    streams = [Stream(core.cli, PUBLIC_VIP, PUBLIC_PORT) for _ in range(STREAMS)]
+    assert not streams_alive(streams)
+    # Two full decision windows after both answered: the start's tail and the idle
+    # chores are in every window the controller has looked at by then.
+    time.sleep(2 * scaling.WINDOW + scaling.GROW_SETTLE_S)
+    assert not streams_alive(streams, rounds=3), "a stream broke"
+    grown = [e for e in core.events("scale") if e["resource"] in ("cpu", "memory")
+             and e["new"] > e["old"]]
+    assert not grown, f"the controller grew an instance at its start: {grown}\n{core.story()}"
+    now = core.instances()
+    assert {(i["cpu"], i["memory"]) for i in now.values()} == {(CPU, MEMORY)}, now
+    assert all(i["healthy"] and i["restarts"] == 0 for i in now.values()), now
