@@ -405,3 +405,26 @@ def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, mo
         assert len(progcache.list_entries(tmp_path / "cache")) == 2
     finally:
         other.bpf.cleanup()
+
+
+def test_cache_warm_compiles_once_and_the_next_start_is_a_hit(tmp_path, monkeypatch, pin_dir):
+    """`zfast cache warm` (what `zfast core up` runs before its balancers) compiles into
+    the cache in a process of its own; a start after it, pinning elsewhere, loads it."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "ZFAST_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+
+    def warm() -> dict:
+        out = subprocess.run([sys.executable, "-m", "zfast.cli", "cache", "warm", "--json"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    first, second = warm(), warm()
+    assert (first["status"], second["status"]) == ("miss", "hit") and first["key"] == second["key"]
+    assert not [p for p in BPFFS.iterdir() if p.name.startswith("warm-")], "warm left pins"
+    monkeypatch.setenv("ZFAST_CACHE_DIR", str(cache))
+    dp = Loaded(pin=pin_dir)
+    try:
+        assert dp.cache == "hit" and dp._cache_key == first["key"]
+    finally:
+        dp.bpf.cleanup()
