@@ -4,9 +4,17 @@ instances, events, waiting for a complete pair)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from zfast.netns import Topology
 
 from zfast.api import ApiError, Client
 
@@ -76,6 +84,34 @@ class Core:
         return next(i for i in self.instances().values() if i["role"] == role)
 
 
+@contextmanager
+def core_service(prefix: str, state: Path, project: dict, backends: tuple[str, ...],
+                 client: str) -> Iterator[Core]:
+    """`zfast core up` of project in a namespace "host" of its own, an echo backend
+    (TCP 8080) at each of backends on the private bridge, a client at client (an
+    address/len) on the public one; after it, the core must have exited 0 and left no
+    instance behind."""
+    assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
+    subprocess.run(["rm", "-rf", str(state)])
+    core = project["core"]
+    pub, priv, gateway = (core["public"]["bridge"], core["private"]["bridge"],
+                          core["private"]["gateway"])
+    cfg, err = state.parent / f"{state.name}.yaml", state.parent / f"{state.name}.err"
+    with Topology(prefix=prefix) as topo:
+        host = topo.add_ns("host")
+        state.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump(project))
+        proc = start_core(topo, host, cfg, state, err, priv)
+        for i, ip in enumerate(backends, 1):
+            ns = plug(topo, host, f"be{i}", f"bh{i}", priv, [f"{ip}/24"], gateway)
+            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
+        plug(topo, host, "cli", "ch", pub, [client])
+        yield Core(state, topo, proc, topo.ns("cli"))
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"zfc-{project['project']}" not in left, f"instances left behind: {left}"
+
+
 def stop_core(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -90,7 +126,6 @@ def start_core(topo, host: str, cfg: Path, state: Path, err: Path, private_bridg
     """`zfast core up` inside namespace `host` (nsenter: `ip netns exec` would give it a
     mount namespace in which `ip netns add` of its instances fails); returns once it has
     made its bridges."""
-    import sys
     proc = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "zfast.cli",
          "core", "up", "-c", str(cfg), "--state-dir", str(state)],

@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 import lbkit
-from corekit import Core, plug, start_core
+from corekit import Core, core_service
 from zfast.api import ApiError
 from zfast.core.service import STABLE_S, STOPPED
-from zfast.netns import Topology
 from zfast.probe import Stream, streams_alive
 
 PROJECT = "coretest"
@@ -60,24 +58,9 @@ def _config() -> dict:
 
 @pytest.fixture(scope="module")
 def core():
-    assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
-    subprocess.run(["rm", "-rf", str(STATE)])
-    with Topology(prefix="zfct") as topo:
-        host = topo.add_ns("host")
-        cfg = STATE.parent / "test-core.yaml"
-        STATE.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(yaml.safe_dump(_config()))
-        proc = start_core(topo, host, cfg, STATE, STATE.parent / "test-core.err", "zcpriv0")
-        for i, ip in enumerate(BACKENDS, 1):
-            ns = plug(topo, host, f"be{i}", f"bh{i}", "zcpriv0", [f"{ip}/24"], "10.233.0.254")
-            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
-        plug(topo, host, "cli", "ch", "zcpub0", ["10.232.0.100/24"])
-        c = Core(STATE, topo, proc, topo.ns("cli"))
+    with core_service("zfct", STATE, _config(), BACKENDS, "10.232.0.100/24") as c:
         c.wait_pair(90)
         yield c
-    assert proc.returncode == 0, (STATE.parent / "test-core.err").read_text()[-2000:]
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"zfc-{PROJECT}" not in left, f"instances left behind: {left}"
 
 
 def _streams(core: Core) -> list[Stream]:

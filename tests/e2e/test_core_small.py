@@ -8,18 +8,13 @@ host, a start that needs more than its size is a start that fails).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from corekit import Core, plug, start_core
+from corekit import core_service
 from zfast.core import scaling
-from zfast.netns import Topology
 from zfast.probe import Stream, streams_alive
 
 pytestmark = pytest.mark.e2e
@@ -51,20 +46,8 @@ def _config() -> dict:
 
 @pytest.fixture(scope="module")
 def core():
-    assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
-    subprocess.run(["rm", "-rf", str(STATE)])
-    with Topology(prefix="zfcs") as topo:
-        host = topo.add_ns("host")
-        cfg = STATE.parent / "test-core-small.yaml"
-        STATE.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(yaml.safe_dump(_config()))
-        proc = start_core(topo, host, cfg, STATE, STATE.parent / "test-core-small.err", "zspriv0")
-        for i, ip in enumerate(BACKENDS, 1):
-            ns = plug(topo, host, f"be{i}", f"bh{i}", "zspriv0", [f"{ip}/24"], "10.235.0.254")
-            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
-        plug(topo, host, "cli", "ch", "zspub0", ["10.234.0.100/24"])
-        yield Core(STATE, topo, proc, topo.ns("cli"))
-    assert proc.returncode == 0, (STATE.parent / "test-core-small.err").read_text()[-2000:]
+    with core_service("zfcs", STATE, _config(), BACKENDS, "10.234.0.100/24") as c:
+        yield c
 
 
 def test_a_balancer_at_128MiB_and_a_quarter_cpu_forwards_without_growing(core):
