@@ -63,7 +63,7 @@ static __always_inline int zf_firewall(struct zf_pkt *p, __u16 slot, struct zf_c
 	struct fw_port *port;
 	struct fw_rule *r;
 
-	r = zf_fw_match(trie, 0, p);
+	r = zf_fw_match(trie, ZF_FW_PROJECT_SLOT, p);
 	if (r && r->action == ZF_FW_DENY) {
 		zf_count_rule(r, p->len);
 		return ZF_DROP_FW_PROJECT;

@@ -138,6 +138,7 @@ struct service_value {
 
 #define ZF_FW_ALLOW 1
 #define ZF_FW_DENY 2
+#define ZF_FW_PROJECT_SLOT 0 /* the project-wide deny list's slot in the rule tries */
 
 /* Per public port slot: default policy and new-connection rate limit. */
 struct fw_port {

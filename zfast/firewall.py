@@ -22,10 +22,11 @@ import numpy as np
 from zfast.config import IPNetwork, Project, PublicPort
 from zfast.datapath import DatapathError, Loaded
 from zfast.services import Slots
+from zfast.reasons import defines
 
-ALLOW, DENY = 1, 2
+ALLOW, DENY = defines()["ZF_FW_ALLOW"], defines()["ZF_FW_DENY"]
 ACTION_NAME = {ALLOW: "allow", DENY: "deny"}
-PROJECT_SLOT = 0
+PROJECT_SLOT = defines()["ZF_FW_PROJECT_SLOT"]
 
 # numpy views of struct fw_key / fw_rule (bpf/zfast_shared.h); checked against BCC's
 # ctypes classes at load, so a change of the C struct fails loudly here.
@@ -33,6 +34,23 @@ FW_KEY = np.dtype([("prefixlen", "<u4"), ("slot", "u1", 2), ("family", "u1"),
                    ("addr", "u1", 16), ("pad", "u1")])
 FW_RULE = np.dtype([("action", "u1"), ("pad", "u1", 3), ("id", "<u4")])
 FW_PORT = np.dtype([("policy", "u1"), ("pad", "u1", 3), ("burst", "<u4"), ("interval_ns", "<u8")])
+
+
+def layout_mismatch(dtype: np.dtype, cls: type[ctypes.Structure]) -> str | None:
+    """How a numpy view differs from the C struct BCC made the class from: every C field
+    at the same offset with the same size, the view's other fields only padding, the same
+    total size; None when they agree."""
+    fields = getattr(cls, "_fields_", None)     # a bare byte array (a test's fake): size only
+    c = {name: (getattr(cls, name).offset, getattr(cls, name).size)
+         for name, *_ in fields if not name.startswith("__pad")} if fields is not None else None
+    py = {name: (dtype.fields[name][1], dtype.fields[name][0].itemsize) for name in dtype.names}
+    wrong = []
+    if c is not None:
+        wrong += [f"{n}: C {c[n]}, numpy {py.get(n)}" for n in c if py.get(n) != c[n]]
+        wrong += [f"{n}: not in the C struct" for n in py if n not in c and not n.startswith("pad")]
+    if ctypes.sizeof(cls) != dtype.itemsize:
+        wrong.append(f"{ctypes.sizeof(cls)} bytes in C, {dtype.itemsize} in numpy")
+    return "; ".join(wrong) or None
 
 
 def listener(pp: PublicPort) -> tuple:
@@ -124,9 +142,9 @@ class FirewallTable:
         self.ports: dict[tuple, PublicPort] = {}
         for cls, dtype in ((dp.table("fw_rules0").Key, FW_KEY), (dp.table("fw_rules0").Leaf, FW_RULE),
                            (dp.table("fw_ports").Leaf, FW_PORT)):
-            if ctypes.sizeof(cls) != dtype.itemsize:
-                raise DatapathError(f"{cls.__name__}: C layout is {ctypes.sizeof(cls)} bytes, "
-                                    f"firewall.py expects {dtype.itemsize}")
+            wrong = layout_mismatch(dtype, cls)
+            if wrong:
+                raise DatapathError(f"{cls.__name__}: the C struct and firewall.py differ: {wrong}")
 
     def slot_map(self, project: Project) -> dict[tuple, int]:
         """Slots for the project's public ports (new ones allocated, nothing released)."""

@@ -23,9 +23,11 @@ import os
 import sys
 
 from zfast.mapbatch import read_all
+from zfast.reasons import defines
 
-SEEN, AGED = 1, 2          # bpf/zfast_shared.h ZF_FLOW_SEEN / ZF_FLOW_AGED
-FORWARD, REPLY = 1, 2      # ZF_DIR_*
+_C = defines()             # bpf/zfast_shared.h
+SEEN, AGED = _C["ZF_FLOW_SEEN"], _C["ZF_FLOW_AGED"]
+FORWARD, REPLY = _C["ZF_DIR_FORWARD"], _C["ZF_DIR_REPLY"]
 CHUNK = 8192
 
 # a sweep's new flags: SEEN (and AGED) cleared on an entry a packet saw, AGED set on the others

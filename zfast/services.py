@@ -33,8 +33,9 @@ from zfast import maglev
 from zfast.config import PublicPort, Service
 from zfast.datapath import (AF, BACKEND_DOWN, BACKEND_UP, NO_BACKEND, PROTO, DatapathError,
                             IPAddress, Loaded, get_addr, set_addr)
+from zfast.reasons import defines
 
-MAX_SERVICE_PORTS = 1024  # ZF_MAX_SERVICE_PORTS in bpf/zfast_shared.h
+MAX_SERVICE_PORTS = defines()["ZF_MAX_SERVICE_PORTS"]
 
 
 class Slots:

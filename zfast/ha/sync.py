@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zfast.datapath import NO_BACKEND, Loaded, get_addr
+from zfast.reasons import defines
 
 log = logging.getLogger("zfast.ha.sync")
 
@@ -37,7 +38,7 @@ BATCH_S = 0.05          # the standby is at most this far behind, plus the wire
 MAX_BATCH = 4096        # flows per frame
 MAX_PENDING = 1 << 18   # unsent flows kept at most (a slow link drops the newest, counted:
                         # the standby balances them again by Maglev's hash if it takes over)
-DIR_FORWARD, DIR_REPLY = 1, 2
+DIR_FORWARD, DIR_REPLY = defines()["ZF_DIR_FORWARD"], defines()["ZF_DIR_REPLY"]
 STALE_GEN = 0xFFFF      # a replicated flow asks the firewall again at its first packet here
 
 
