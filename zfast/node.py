@@ -207,9 +207,12 @@ class Node:
         if self.telemetry.get("prometheus"):
             from zfast.telemetry.prometheus import start_prometheus
             try:
+                # the counters as they are at the scrape, as `zfast stats` reads them (the
+                # statistics controller's last sample is up to a tick old, and frozen while its
+                # ticks fail); that sample adds only what stats() lacks: flows, instances, maps
                 self.prometheus = start_prometheus(
-                    self.telemetry["prometheus"],
-                    stats=lambda: self.statistics.latest() or self.stats(), status=self.status)
+                    self.telemetry["prometheus"], stats=self.stats, status=self.status,
+                    extra=self.statistics.latest)
             except OSError as err:
                 raise NodeError(f"telemetry.prometheus {self.telemetry['prometheus']}: {err}") from None
 

@@ -1,7 +1,9 @@
 """Prometheus exposition of a node: ``/metrics`` on ``telemetry.prometheus`` (host:port).
 
-A custom collector reads the latest stats dict (``Node.stats()``, or the statistics
-controller's last sample) and the status when Prometheus scrapes; nothing is counted in
+A custom collector reads the counters (``Node.stats()``, the same numbers as ``zfast
+stats``) and the status when Prometheus scrapes, and takes from the statistics
+controller's last sample only what stats() lacks (flows, instances, maps): a sample is
+up to a tick old, and stays the last good one while ticks fail. Nothing is counted in
 Python per packet. Metrics (counters end in ``_total``):
 
     zfast_packets_total{service,backend}          packets clients sent, per backend
