@@ -580,18 +580,11 @@ class Loaded:
                 pass
 
 
-def _ifindex(ifname: str) -> int:
-    try:
-        return socket.if_nametoindex(ifname)
-    except OSError:
-        raise DatapathError(f"interface {ifname!r} does not exist") from None
-
-
 def tc_attach(ifname: str, prog_fd: int) -> None:
     """Our direct-action filter at tc ingress (clsact made if missing), replacing ours:
     the filter (TC_HANDLE, TC_PRIO), which tc_attached reads back."""
     try:
-        bpflib.tc_attach(_ifindex(ifname), TC_HANDLE, TC_PRIO, prog_fd)
+        bpflib.tc_attach(ifindex(ifname), TC_HANDLE, TC_PRIO, prog_fd)
     except OSError as err:
         raise DatapathError(f"cannot attach the zfast program to {ifname} at tc ingress: "
                             f"{err}") from None
@@ -599,7 +592,7 @@ def tc_attach(ifname: str, prog_fd: int) -> None:
 
 def tc_attached(ifname: str) -> int | None:
     """The id of the program of our filter at tc ingress of ifname, or None."""
-    return bpflib.tc_prog_id(_ifindex(ifname), TC_HANDLE, TC_PRIO) or None
+    return bpflib.tc_prog_id(ifindex(ifname), TC_HANDLE, TC_PRIO) or None
 
 
 def tc_detach(ifname: str) -> None:
