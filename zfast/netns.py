@@ -331,8 +331,13 @@ class Topology:
         ns = self.ns(ns)
         _check_ifname(name)
         self._arm()
-        # No multicast snooping: it can hold back IPv6 neighbour discovery on a fresh bridge.
-        _ip(ns, "link", "add", "name", name, "type", "bridge", "mcast_snooping", "0")
+        # A MAC of its own (locally administered), so that the bridge does not take the
+        # lowest of its ports' as ports come and go (zfast.core.runtime.pin_bridge_mac);
+        # no multicast snooping: it can hold back IPv6 neighbour discovery on a fresh bridge.
+        mac = bytearray(os.urandom(6))
+        mac[0] = (mac[0] & 0xFE) | 0x02
+        _ip(ns, "link", "add", "name", name, "address", mac.hex(":"), "type", "bridge",
+            "mcast_snooping", "0")
         if ns is None:
             self._host_links.append(name)
         _ip(ns, "link", "set", name, "up")

@@ -11,6 +11,7 @@ instance's addresses: zfast/core/spare.py).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -116,6 +117,22 @@ def write_atomically(path: Path, text: str) -> None:
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def pin_bridge_mac(bridge: str) -> str:
+    """Fix a host bridge's MAC at what it is now; returns it.
+
+    A Linux bridge whose MAC was never set takes the lowest MAC of its ports, so plugging an
+    instance in (or removing one) can change the host's MAC on that network. Every
+    neighbour that cached the old one then sends into the void; an XDP balancer keeps doing
+    so (it forwards without the kernel's neighbour state machine, so a STALE entry is
+    never probed again) and the host loses every flow through it. Setting the MAC, even to
+    its current value, stops the bridge from following its ports (NET_ADDR_SET), as LXD
+    and Docker do for theirs. Done once per bridge before the first port: it also flushes
+    the host's neighbour entries on the bridge (NETDEV_CHANGEADDR), which it re-learns."""
+    mac = json.loads(_ip("-j", "link", "show", "dev", bridge).stdout)[0]["address"]
+    _ip("link", "set", "dev", bridge, "address", mac)
+    return mac
 
 
 class NetnsRuntime(Runtime):

@@ -30,7 +30,8 @@ from zfast import config
 from zfast.api import ApiError, Client, Server
 from zfast.core import scaling
 from zfast.core.cgroups import Cgroup, hierarchy_problem, parse_size
-from zfast.core.runtime import Instance, InstanceSpec, Link, NetnsRuntime, Runtime, write_atomically
+from zfast.core.runtime import (Instance, InstanceSpec, Link, NetnsRuntime, Runtime, pin_bridge_mac,
+                                write_atomically)
 from zfast.core.spare import PARKED
 from zfast.controllers.logger import LoggerController
 
@@ -277,6 +278,7 @@ class CoreService:
                 subprocess.run(["ip", "link", "add", br, "type", "bridge"], check=True)
                 made.append(br)
             subprocess.run(["ip", "link", "set", br, "up"], check=True)
+            pin_bridge_mac(br)   # plugging instances in must not change the host's MAC
         return made
 
     def up(self) -> None:
