@@ -123,7 +123,7 @@ def load_xdp(text: str | None = None, src_file: Path | None = None, fn: str = ""
 def repeat_ns(prog_fd: int, packet: bytes, ifindex: int, repeat: int, tries: int,
               expect: int | None = XDP_REDIRECT) -> float:
     """Median over tries of BPF_PROG_RUN's average ns per repetition (caller in the lb ns)."""
-    from zfast.progrun import run_xdp
+    from zfast.dataplane.progrun import run_xdp
     out = []
     for _ in range(tries):
         r = run_xdp(prog_fd, packet, ingress_ifindex=ifindex, repeat=repeat)
@@ -139,7 +139,7 @@ def rep1_ns(runs: list[tuple[int, list[bytes], int | None]], ifindex: int) -> li
     runs: (prog_fd, packets, expected action or None).  Returns (median, mean) ns
     per program.  Interleaving makes every program see the same noise.
     """
-    from zfast.progrun import run_xdp
+    from zfast.dataplane.progrun import run_xdp
     samples: list[list[int]] = [[] for _ in runs]
     wrong = [0] * len(runs)
     n = min(len(p) for _, p, _ in runs)
@@ -197,7 +197,7 @@ class Bench:
     # -- topology -----------------------------------------------------------------
 
     def build(self) -> None:
-        from zfast.netns import Topology
+        from zfast.lab.netns import Topology
         from tools.trafficgen import dev_info
         t = self.t = Topology(prefix="zfb")
         self.gen_ns, self.lb_ns, self.sink_ns = t.add_ns("gen"), t.add_ns("lb", router=True), \
@@ -245,9 +245,9 @@ class Bench:
         """A zfast program with the bench service applied and the devmap filled.
 
         src_dir: compile the zfast.c found there instead of bpf/'s (profile variants)."""
-        from zfast.datapath import Loaded
-        from zfast.netns import in_ns
-        from zfast.services import ServiceTable
+        from zfast.dataplane.loader import Loaded
+        from zfast.lab.netns import in_ns
+        from zfast.reconcile.services import ServiceTable
         proj = self.project(backends or [SINK_IP], flow_table)
         t0 = time.monotonic()
         old = os.environ.get("ZFAST_BPF_DIR")
@@ -305,8 +305,8 @@ class Bench:
     def xdp_method(self, prog):
         """(attach, detach, Loaded or None) that put prog (a Loaded, or a BCC XDP function)
         natively on l0 for a turn."""
-        from zfast.datapath import MODE_FLAGS, Loaded
-        from zfast.netns import in_ns
+        from zfast.dataplane.loader import MODE_FLAGS, Loaded
+        from zfast.lab.netns import in_ns
         BPF = bcc()
         if isinstance(prog, Loaded):
             def attach():
@@ -510,7 +510,7 @@ class Bench:
 
     def per_packet(self) -> None:
         """ns/packet rows, flow-table scaling and backend scaling."""
-        from zfast.netns import in_ns
+        from zfast.lab.netns import in_ns
         repeat, tries, samples = self.repeat, self.tries, self.samples
         rnew = self.repeat_new
         spec = self.spec()
@@ -659,8 +659,8 @@ class Bench:
     def per_packet_rules(self) -> None:
         """The firewall's cost as its rules grow (issue: 100k within 20% of 10): a known
         flow (rules are asked only again after a change) and a new flow (LPM lookups)."""
-        from zfast.firewall import FirewallTable
-        from zfast.netns import in_ns
+        from zfast.reconcile.firewall import FirewallTable
+        from zfast.lab.netns import in_ns
         dp, svc = self.zdp, self.zsvc
         fw = FirewallTable(dp)
         got = {n: {"hot": [], "new": []} for n in self.rule_counts}
@@ -826,7 +826,7 @@ class Bench:
 
 def prog_size(prog_fd: int) -> str:
     """xlated instructions and JITed bytes of a loaded program (bpftool)."""
-    from zfast.datapath import fd_info
+    from zfast.dataplane.loader import fd_info
     info = fd_info(prog_fd)
     out = subprocess.run(["bpftool", "-j", "prog", "show", "id", info.get("prog_id", "0")],
                          capture_output=True, text=True)
@@ -841,7 +841,7 @@ def source_id() -> str:
     """Which data plane was measured: git commit of bpf/, dirty or not, and a hash of the
     inlined source (what BCC compiles)."""
     import hashlib
-    from zfast.datapath import inline_source
+    from zfast.dataplane.loader import inline_source
     from zfast.paths import bpf_dir
     digest = hashlib.sha256(inline_source(bpf_dir() / "zfast.c").encode()).hexdigest()[:12]
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,  # noqa: E731

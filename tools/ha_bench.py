@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Failover benchmark: zfast's pair against keepalived + conntrackd, in the same topology.
 
-One command builds the pair lab of zfast/lab.py (build_pair) once per method and round
+One command builds the pair lab of zfast/lab/topology.py (build_pair) once per method and round
 
     client ns ── pubsw ──┬── lb-a pub0 ── lb-a priv0 ──┬── privsw ── 3 backends (echo servers)
     10.0.0.100           └── lb-b pub0 ── lb-b priv0 ──┘   10.1.0.2-4, gateway 10.1.0.1
@@ -23,7 +23,7 @@ and runs on the two balancers (--methods)
 No masquerading: the backends answer through the gateway address, which moves with the VIP.
 Configuration templates: tools/ha_bench/ (keepalived.conf.in, conntrackd.conf.in, notify.sh.in).
 
-Then: --streams long-lived TCP connections through the VIP (zfast.probe.Stream), each pinged
+Then: --streams long-lived TCP connections through the VIP (zfast.lab.probe.Stream), each pinged
 from its own thread every --interval s (random phase), and --udp-flows UDP flows (one source
 port each, a datagram every --interval s); the active balancer is killed the same way for
 every method (SIGSTOP + SIGKILL of every process in its namespace, then its links down in
@@ -73,9 +73,9 @@ REPO = TOOLS.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zfast import lab  # noqa: E402
-from zfast.netns import Topology, in_ns  # noqa: E402
-from zfast.probe import Stream, tcp_hello  # noqa: E402
+from zfast.lab import topology  # noqa: E402
+from zfast.lab.netns import Topology, in_ns  # noqa: E402
+from zfast.lab.probe import Stream, tcp_hello  # noqa: E402
 
 TEMPLATES = TOOLS / "ha_bench"
 KEEPALIVED_MIN_ADVERT = 0.01      # keepalived 2.2: VRRPv3 adverts from 0.01 s (centiseconds)
@@ -124,7 +124,7 @@ class Traffic:
         deadline = time.monotonic() + 20
         while len(self.streams) < n_streams:
             try:
-                self.streams.append(StreamRun(Stream(ns, lab.VIP4, lab.TCP_PORT, timeout=15)))
+                self.streams.append(StreamRun(Stream(ns, topology.VIP4, topology.TCP_PORT, timeout=15)))
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -134,7 +134,7 @@ class Traffic:
             with in_ns(ns):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind(("0.0.0.0", 0))
-            s.connect((lab.VIP4, lab.UDP_PORT))
+            s.connect((topology.VIP4, topology.UDP_PORT))
             self.udp.append(UdpRun(s, s.getsockname()[1]))
         self.threads = ([threading.Thread(target=self._tcp, args=(r,), daemon=True) for r in self.streams]
                         + [threading.Thread(target=self._udp, args=(u,), daemon=True) for u in self.udp])
@@ -287,7 +287,7 @@ class Watch:
 class RoleWatch:
     """zfast: the monotonic time at which node i's role reads `role` (API polled every 5 ms)."""
 
-    def __init__(self, P: lab.PairLab, i: int, role: str = "active"):
+    def __init__(self, P: topology.PairLab, i: int, role: str = "active"):
         self.at: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, args=(P, i, role), daemon=True)
@@ -356,7 +356,7 @@ def ms(at: float | None, since: float) -> float | None:
 # ---- the methods ------------------------------------------------------------------------
 
 class ZfastPair:
-    def __init__(self, topo: Topology, P: lab.PairLab, heartbeat_ms: int):
+    def __init__(self, topo: Topology, P: topology.PairLab, heartbeat_ms: int):
         self.topo, self.P = topo, P
         self.label = "zfast (XDP, flow replication)"
         self.interval = f"heartbeat {heartbeat_ms} ms, dead after 3"
@@ -404,7 +404,7 @@ class ZfastPair:
 class KeepalivedPair:
     """keepalived (VRRPv3) + nftables DNAT (+ conntrackd FT-FW) on the pair lab's balancers."""
 
-    def __init__(self, topo: Topology, P: lab.PairLab, method: "Method", spread: str, workdir: Path):
+    def __init__(self, topo: Topology, P: topology.PairLab, method: "Method", spread: str, workdir: Path):
         self.topo, self.P, self.spread = topo, P, spread
         self.advert, self.sync, self.guard, self.direct = method.advert, method.sync, method.guard, method.direct
         self.workdir = workdir
@@ -415,8 +415,8 @@ class KeepalivedPair:
         self.procs: list[subprocess.Popen] = []
 
     def nft_rules(self) -> str:
-        b4 = [lab.backend_addrs(i)[0] for i in range(len(self.P.backends))]
-        b6 = [lab.backend_addrs(i)[1] for i in range(len(self.P.backends))]
+        b4 = [topology.backend_addrs(i)[0] for i in range(len(self.P.backends))]
+        b6 = [topology.backend_addrs(i)[1] for i in range(len(self.P.backends))]
         n = len(b4)
 
         def pick(fam: str, proto: str) -> str:
@@ -440,15 +440,15 @@ class KeepalivedPair:
             "table ip zfha {", *guard,
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
-            f"    ip daddr {lab.VIP4} tcp dport {lab.TCP_PORT} dnat to {pick('ip', 'tcp')} map {m(b4)} : {lab.TARGET_TCP}",
-            f"    ip daddr {lab.VIP4} udp dport {lab.UDP_PORT} dnat to {pick('ip', 'udp')} map {m(b4)} : {lab.TARGET_UDP}",
+            f"    ip daddr {topology.VIP4} tcp dport {topology.TCP_PORT} dnat to {pick('ip', 'tcp')} map {m(b4)} : {topology.TARGET_TCP}",
+            f"    ip daddr {topology.VIP4} udp dport {topology.UDP_PORT} dnat to {pick('ip', 'udp')} map {m(b4)} : {topology.TARGET_UDP}",
             "  }",
             "}",
             "table ip6 zfha6 {", *guard,
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
-            f"    ip6 daddr {lab.VIP6} tcp dport {lab.TCP_PORT} dnat to {pick('ip6', 'tcp')} map {m(b6)} : {lab.TARGET_TCP}",
-            f"    ip6 daddr {lab.VIP6} udp dport {lab.UDP_PORT} dnat to {pick('ip6', 'udp')} map {m(b6)} : {lab.TARGET_UDP}",
+            f"    ip6 daddr {topology.VIP6} tcp dport {topology.TCP_PORT} dnat to {pick('ip6', 'tcp')} map {m(b6)} : {topology.TARGET_TCP}",
+            f"    ip6 daddr {topology.VIP6} udp dport {topology.UDP_PORT} dnat to {pick('ip6', 'udp')} map {m(b6)} : {topology.TARGET_UDP}",
             "  }",
             "}",
             ""])
@@ -511,7 +511,7 @@ class KeepalivedPair:
     def _has_vip(self, i: int) -> bool:
         out = self.topo.run(self.P.nodes[i].ns, ["ip", "-4", "addr", "show", "dev", "pub0"],
                             capture_output=True, text=True).stdout
-        return f"inet {lab.VIP4}/" in out
+        return f"inet {topology.VIP4}/" in out
 
     def transitions(self, i: int) -> list[tuple[float, str]]:
         out = []
@@ -530,12 +530,12 @@ class KeepalivedPair:
 
         def kernel(i):
             out = self.topo.run(self.P.nodes[i].ns, ["conntrack", "-L"], capture_output=True, text=True).stdout
-            return sum(1 for line in out.splitlines() if f"dst={lab.VIP4}" in line)
+            return sum(1 for line in out.splitlines() if f"dst={topology.VIP4}" in line)
         return {"external_cache_entries": sum(1 for line in ext.splitlines() if line.strip()),
                 "standby_kernel_entries": kernel(1), "active_kernel_entries": kernel(0)}
 
     def watch_takeover(self):
-        return Watch(self.P.nodes[1].ns, "address", rf"inet {re.escape(lab.VIP4)}/")
+        return Watch(self.P.nodes[1].ns, "address", rf"inet {re.escape(topology.VIP4)}/")
 
     def after_kill(self, kill_wall: float) -> dict:
         # the standby's notify script: when it started and when conntrackd -c returned
@@ -603,7 +603,7 @@ def run_one(method: Method, args, keep_dir: Path | None, tag: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="zfha-"))
     result: dict = {"method": method.key}
     with Topology("zfha") as topo:
-        P = lab.build_pair(topo, 3, heartbeat_ms=method.heartbeat_ms, name="hab")
+        P = topology.build_pair(topo, 3, heartbeat_ms=method.heartbeat_ms, name="hab")
         P.start_servers()
         if method.kind == "zfast":
             pair = ZfastPair(topo, P, method.heartbeat_ms)
@@ -618,7 +618,7 @@ def run_one(method: Method, args, keep_dir: Path | None, tag: str) -> dict:
             while True:
                 try:
                     with in_ns(P.client):
-                        tcp_hello(lab.VIP4, lab.TCP_PORT, timeout=2)
+                        tcp_hello(topology.VIP4, topology.TCP_PORT, timeout=2)
                     break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -626,7 +626,7 @@ def run_one(method: Method, args, keep_dir: Path | None, tag: str) -> dict:
                     time.sleep(0.2)
             try:
                 with in_ns(P.client):
-                    tcp_hello(lab.VIP6, lab.TCP_PORT, timeout=2)
+                    tcp_hello(topology.VIP6, topology.TCP_PORT, timeout=2)
                 result["ipv6_vip_ok"] = True
             except OSError as err:
                 result["ipv6_vip_ok"] = f"{type(err).__name__}: {err}"
@@ -646,9 +646,9 @@ def run_one(method: Method, args, keep_dir: Path | None, tag: str) -> dict:
             watches = {
                 "takeover": pair.watch_takeover(),
                 "client_arp": Watch(P.client, "neigh",
-                                    rf"^{re.escape(lab.VIP4)} .*lladdr {re.escape(mac_b_pub)}"),
+                                    rf"^{re.escape(topology.VIP4)} .*lladdr {re.escape(mac_b_pub)}"),
                 "backend_arp": Watch(P.backends[0], "neigh",
-                                     rf"^{re.escape(lab.GATEWAY4)} .*lladdr {re.escape(mac_b_priv)}"),
+                                     rf"^{re.escape(topology.GATEWAY4)} .*lladdr {re.escape(mac_b_priv)}"),
             }
             time.sleep(0.2)
             traffic.mark()

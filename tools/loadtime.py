@@ -1,4 +1,4 @@
-"""How long `zfast.datapath.Loaded()` takes and what it leaves resident: without the program
+"""How long `zfast.dataplane.loader.Loaded()` takes and what it leaves resident: without the program
 cache, on a miss (empty cache) and on hits, each in a fresh process, in one run.
 
     python tools/loadtime.py [--hits 3] [--json]
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.monotonic()
-from zfast.datapath import Loaded
+from zfast.dataplane.loader import Loaded
 t1 = time.monotonic()
 dp = Loaded()
 t2 = time.monotonic()

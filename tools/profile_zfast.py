@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="profile only these variants (comma list; full is "
                                    "always included)")
     args = B.parse_args(argv, ap)
-    from zfast.datapath import inline_source, set_addr
-    from zfast.netns import in_ns
+    from zfast.dataplane.loader import inline_source, set_addr
+    from zfast.lab.netns import in_ns
     from zfast.paths import bpf_dir
 
     bench = B.Bench(args)

@@ -27,7 +27,7 @@ REPO = TOOLS.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zfast.netns import in_ns  # noqa: E402
+from zfast.lab.netns import in_ns  # noqa: E402
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2

@@ -2,7 +2,7 @@
 
     python tools/starttime.py [--repeats 3] [--json]
 
-In the standard lab (zfast/lab.py), each start is timed from the exec of `zfast up` to
+In the standard lab (zfast/lab/topology.py), each start is timed from the exec of `zfast up` to
 the first UDP datagram through the VIP answered by a backend (the client sends one every
 millisecond from before the exec; the answer comes after the backend got the datagram, so
 the time is an upper bound). Then the resident memory of the daemon and its child
@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zfast import lab as zlab  # noqa: E402
+from zfast.lab import topology as zlab  # noqa: E402
 from zfast.api import ApiError, Client  # noqa: E402
-from zfast.netns import Topology, in_ns  # noqa: E402
+from zfast.lab.netns import Topology, in_ns  # noqa: E402
 
 SEND_EVERY_S = 0.001
 

@@ -131,7 +131,7 @@ def up(config_file, verbose, template):
     """Run one balancer node in the foreground until SIGTERM/SIGINT."""
     import logging
 
-    from zfast.datapath import DatapathError
+    from zfast.dataplane.loader import DatapathError
 
     _raise_priority()
     # Quiet until the node runs: a refusal is one line (the error below), nothing else.
@@ -146,12 +146,12 @@ def up(config_file, verbose, template):
     project = _load(config_file)
     if preloaded is None and project.node is not None:
         # the lock, and the kernel's work on the data plane while the rest is imported
-        from zfast.prestart import AlreadyRunning, Prestart
+        from zfast.node.prestart import AlreadyRunning, Prestart
         try:
             early = Prestart(project)
         except AlreadyRunning as err:
             _fail(str(err))
-    from zfast.node import Node, NodeError
+    from zfast.node.daemon import Node, NodeError
     if early is not None and early.loading:
         # what the start's first steps import (Maglev tables), imported now, while the
         # kernel makes the maps and verifies the programs (not for a start that fails its
@@ -313,7 +313,7 @@ def stats(state_dir, config_file, node, as_json, watch, since):
               type=click.Path(dir_okay=False), help="The PNG to write.")
 def report(state_dir, config_file, node, since, output):
     """A PNG of packets, drops and flows over time."""
-    from zfast import report as rep
+    from zfast.telemetry import report as rep
     from zfast.controllers import statistics
 
     directory = _state_dir(state_dir, config_file, node)
@@ -361,7 +361,7 @@ def rollback(rev, state_dir, config_file, node):
 @node_options
 def down(state_dir, config_file, node):
     """Remove everything a node made: its daemon, XDP programs, pinned maps."""
-    from zfast.node import NodeError, down as node_down
+    from zfast.node.daemon import NodeError, down as node_down
 
     directory = Path(state_dir) if state_dir else _state_dir(None, config_file, node) \
         if (config_file or node) else None
@@ -634,7 +634,7 @@ def certs_renew(host, state_dir):
                    "(veth, bridge), else native XDP, then generic.")
 def attach(iface, mode):
     """Load the data plane on IFACE without a config (no services: everything passes)."""
-    from zfast.datapath import DatapathError, Loaded, ifindex
+    from zfast.dataplane.loader import DatapathError, Loaded, ifindex
 
     try:
         ifindex(iface)
@@ -650,7 +650,7 @@ def attach(iface, mode):
 @click.argument("iface")
 def detach(iface):
     """Unload whatever XDP program, and zfast's tc filter, is on IFACE."""
-    from zfast.datapath import DatapathError, attached_prog, detach_interface
+    from zfast.dataplane.loader import DatapathError, attached_prog, detach_interface
 
     try:
         before = attached_prog(iface)
@@ -671,7 +671,7 @@ def detach(iface):
 def demo(duration, connections):
     """Build a throw-away topology (client, balancer, three backends), run real traffic
     through it with live stats, then tear everything down."""
-    from zfast import demo as demo_mod
+    from zfast.lab import demo as demo_mod
 
     try:
         demo_mod.run(duration=duration, connections=connections)
@@ -689,7 +689,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_list(as_json):
     """The entries, most recently used first, each verified."""
-    from zfast import progcache
+    from zfast.dataplane import progcache
 
     d = progcache.cache_dir()
     entries = progcache.list_entries(d)
@@ -718,8 +718,9 @@ def cache_list(as_json):
 def cache_warm(config_path, as_json):
     """Compile the data plane into the cache unless it is there: the balancers that start
     after it (any node, any flow-table size) load it without LLVM."""
-    from zfast import config as config_mod, progcache
-    from zfast.datapath import DatapathError, warm
+    from zfast import config as config_mod
+    from zfast.dataplane import progcache
+    from zfast.dataplane.loader import DatapathError, warm
 
     try:
         sizes = config_mod.load(config_path).datapath if config_path else config_mod.Datapath()
@@ -741,7 +742,7 @@ def cache_warm(config_path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_clear(as_json):
     """Remove every entry: the next start of a balancer compiles."""
-    from zfast import progcache
+    from zfast.dataplane import progcache
 
     d = progcache.cache_dir()
     removed = progcache.clear(d)

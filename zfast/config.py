@@ -70,7 +70,7 @@ from typing import Any, Union
 
 import yaml
 
-from zfast.maglev import is_prime, next_prime
+from zfast.reconcile.maglev import is_prime, next_prime
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 

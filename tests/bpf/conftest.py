@@ -23,10 +23,10 @@ if _REPO not in sys.path:
 
 from tests.fixtures import packets as fx  # noqa: E402
 from zfast import config  # noqa: E402
-from zfast.datapath import Loaded  # noqa: E402
-from zfast.netns import Topology, in_ns  # noqa: E402
-from zfast.progrun import RunResult, run_tc, run_xdp  # noqa: E402
-from zfast.services import ServiceTable  # noqa: E402
+from zfast.dataplane.loader import Loaded  # noqa: E402
+from zfast.lab.netns import Topology, in_ns  # noqa: E402
+from zfast.dataplane.progrun import RunResult, run_tc, run_xdp  # noqa: E402
+from zfast.reconcile.services import ServiceTable  # noqa: E402
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _require_root() -> None:
 
 @pytest.fixture(scope="session")
 def program_cache(tmp_path_factory) -> Path:
-    """A program cache of the test session's own (zfast.progcache)."""
+    """A program cache of the test session's own (zfast.dataplane.progcache)."""
     return tmp_path_factory.mktemp("progcache")
 
 
@@ -85,7 +85,7 @@ def load(sizes: config.Datapath, how: str, cache: Path) -> Loaded:
 @pytest.fixture(scope="module", params=["compiled", "cached"])
 def balancer(request, program_cache):
     """Every packet test runs against both: the program as BCC loads it after compiling,
-    and as zfast.progcache loads it from an entry (its own maps and table classes)."""
+    and as zfast.dataplane.progcache loads it from an entry (its own maps and table classes)."""
     _require_root()
     project = config.parse(fx.PROJECT)
     with Topology(prefix="zfpkt") as t:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from zfast import bpflib, progcache
-from zfast.datapath import Loaded
+from zfast.dataplane import bpflib
+from zfast.dataplane import progcache
+from zfast.dataplane.loader import Loaded
 from zfast.paths import BPFFS, ensure_bpffs
 
 pytestmark = pytest.mark.bpf
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = r"""
 import ctypes, json, os, sys, time
 t0 = time.monotonic()
-from zfast.datapath import Loaded, attached_prog, detach_interface
+from zfast.dataplane.loader import Loaded, attached_prog, detach_interface
 dp = Loaded()
 load_s = time.monotonic() - t0
 out = {"cache": dp.cache, "load_s": load_s, "prog_id": dp.prog_id}
@@ -40,12 +41,12 @@ dp.update_config(sync=0, fw_gen=7)
 out["config"] = dp.config().fw_gen
 flows = dp.table("flows")
 k, v = flows.Key(), flows.Leaf()
-from zfast.flowage import FORWARD
+from zfast.dataplane.flowage import FORWARD
 k.sport, v.port, v.dir = 1234, 80, FORWARD
 flows[k] = v
 out["flows"] = [(key.sport, flows[key].port) for key in flows.keys()]
-from zfast.controllers.statistics import count_entries   # batch reads (zfast.mapbatch)
-from zfast.flowage import sweep                          # batch updates and deletes
+from zfast.controllers.statistics import count_entries   # batch reads (zfast.dataplane.mapbatch)
+from zfast.dataplane.flowage import sweep                          # batch updates and deletes
 out["count"] = count_entries(flows.map_fd)
 out["sweep"] = [sweep(flows)["aged"], sweep(flows)["deleted"], len(list(flows.keys()))]
 flows[k] = v
@@ -318,7 +319,7 @@ int tc_two(struct __sk_buff *skb) {
 def test_programs_of_two_types_from_one_source(tmp_path):
     """The list of (function, type) a source is loaded as: an XDP and a sched_cls program
     (what bpf/hook.h makes of zfast.c), sharing their maps, from a miss and from a hit."""
-    from zfast.progrun import run_xdp
+    from zfast.dataplane.progrun import run_xdp
 
     programs = [("xdp_two", progcache.XDP), ("tc_two", progcache.SCHED_CLS)]
     results = []
@@ -352,7 +353,7 @@ def test_two_daemons_starting_together_compile_once(tmp_path):
     """A core starts its pair and spare at once: on a cold cache one compiles, the other
     waits for the dir's compile lock and loads the entry."""
     env = {**os.environ, "ZFAST_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-    code = "from zfast.datapath import Loaded; print(Loaded().cache)"
+    code = "from zfast.dataplane.loader import Loaded; print(Loaded().cache)"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -365,8 +366,8 @@ def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, mo
     no recompile: the same entry, its maps made at the new sizes. The Maglev table size is
     in the instructions (a modulo), so a new one compiles. A start loads the programs of
     the hooks it uses; another loads when it is first needed."""
-    from zfast.datapath import Sizes, map_sizes
-    from zfast.progrun import run_xdp
+    from zfast.dataplane.loader import Sizes, map_sizes
+    from zfast.dataplane.progrun import run_xdp
 
     monkeypatch.setenv("ZFAST_CACHE_DIR", str(tmp_path / "cache"))
     first = Loaded(Sizes(), hooks=["xdp"])

@@ -22,9 +22,9 @@ from scapy.packet import NoPayload, Raw
 
 from tests.fixtures import packets as fx
 from zfast import config
-from zfast.datapath import PROTO, get_addr, set_addr
-from zfast.progrun import XDP_ACTIONS
-from zfast.reasons import by_name, reasons
+from zfast.dataplane.loader import PROTO, get_addr, set_addr
+from zfast.dataplane.progrun import XDP_ACTIONS
+from zfast.dataplane.reasons import by_name, reasons
 
 pytestmark = pytest.mark.bpf
 
@@ -188,7 +188,7 @@ def test_checksum_checker_sees_a_bad_checksum():
 # ---- balancing ------------------------------------------------------------------------------
 
 
-from zfast.flowhash import flow_hash  # noqa: E402  (the Python twin of zf_flow_hash)
+from zfast.dataplane.flowhash import flow_hash  # noqa: E402  (the Python twin of zf_flow_hash)
 
 
 def ring_backend(lb, vip: str, port: int, proto: str, src: str, sport: int) -> str:
@@ -350,9 +350,9 @@ def test_xdp_actions_are_the_known_ones():
 
 
 def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
-    """zfast/flowage.py: a packet marks its entry SEEN; a sweep turns SEEN into nothing and
+    """zfast/dataplane/flowage.py: a packet marks its entry SEEN; a sweep turns SEEN into nothing and
     nothing into AGED; a forward entry still AGED goes with its reply entry."""
-    from zfast.flowage import sweep
+    from zfast.dataplane.flowage import sweep
     flows = lb.dp.table("flows")
     busy, silent = fx.CPORT, fx.CPORT + 1
     for sport in (busy, silent):
@@ -385,7 +385,7 @@ def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
 def test_a_flow_that_goes_takes_its_reply_entry_even_when_replies_still_come(lb):
     """The forward entry decides: a client silent for a period goes, and its reply entry
     with it, not written back aged by the same sweep (it used to be, and lived one more)."""
-    from zfast.flowage import sweep
+    from zfast.dataplane.flowage import sweep
     flows = lb.dp.table("flows")
     sport = fx.CPORT + 7
     assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.syn(sport=sport)),
@@ -402,7 +402,7 @@ def test_a_flow_that_goes_takes_its_reply_entry_even_when_replies_still_come(lb)
 
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
 def test_an_egress_marked_tx_kernel_is_left_to_the_kernel_by_xdp(lb, hook):
-    """ZF_TX_KERNEL on priv0 (a veth whose peer has no NAPI, zfast/egress.py): the XDP
+    """ZF_TX_KERNEL on priv0 (a veth whose peer has no NAPI, zfast/dataplane/egress.py): the XDP
     program rewrites the packet for its backend and passes it for the kernel to forward,
     TTL and MACs untouched (the kernel does both); tc redirects skbs, which need no NAPI."""
     idx = lb.ifindex[fx.PRIV]
@@ -485,7 +485,7 @@ def test_the_firewalls_numpy_views_are_the_c_structs_field_by_field(lb):
     field that moves is found."""
     import numpy as np
 
-    from zfast import firewall
+    from zfast.reconcile import firewall
     pairs = ((firewall.FW_KEY, lb.dp.table("fw_rules0").Key),
              (firewall.FW_RULE, lb.dp.table("fw_rules0").Leaf),
              (firewall.FW_PORT, lb.dp.table("fw_ports").Leaf))

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import yaml
 
-from zfast.netns import Topology
+from zfast.lab.netns import Topology
 
 from zfast.api import ApiError, Client
 
@@ -104,7 +104,7 @@ def core_service(prefix: str, state: Path, project: dict, backends: tuple[str, .
         proc = start_core(topo, host, cfg, state, err, priv)
         for i, ip in enumerate(backends, 1):
             ns = plug(topo, host, f"be{i}", f"bh{i}", priv, [f"{ip}/24"], gateway)
-            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
+            topo.popen(ns, [sys.executable, "-m", "zfast.lab.echo", "--name", f"be{i}", "--port", "8080"])
         plug(topo, host, "cli", "ch", pub, [client])
         yield Core(state, topo, proc, topo.ns("cli"))
     assert proc.returncode == 0, err.read_text()[-2000:]

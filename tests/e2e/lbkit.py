@@ -25,10 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from zfast import lab, maglev
-from zfast.flowhash import flow_hash as _flow_hash
+from zfast.lab import topology
+from zfast.reconcile import maglev
+from zfast.dataplane.flowhash import flow_hash as _flow_hash
 from zfast.api import Client
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 from zfast.paths import pin_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +62,7 @@ NEED_ROOT = "e2e tests need root (network namespaces, XDP); run them as root: ./
 
 @dataclass
 class Env:
-    lab: lab.Lab
+    lab: topology.Lab
     api: Client | None          # the running node's API (None while no node runs)
     ports: PortPool
     names: dict[str, str]       # backend address -> backend name
@@ -75,11 +76,11 @@ class Env:
 def lab_env(prefix: str, weights=(1, 1, 2), start_node: bool = True,
             offloads: bool = True) -> Iterator[Env]:
     """The standard lab with echo servers (and a node), torn down whatever happens.
-    Links as Linux makes them; offloads=False: see zfast.lab.build."""
+    Links as Linux makes them; offloads=False: see zfast.lab.topology.build."""
     # Fail, never skip: a run without root must not look like a green one.
     assert os.geteuid() == 0, NEED_ROOT
     with Topology(prefix=prefix) as topo:
-        lab_ = lab.build(topo, len(weights), list(weights), offloads=offloads)
+        lab_ = topology.build(topo, len(weights), list(weights), offloads=offloads)
         try:
             lab_.start_servers()
             wait_servers(lab_)
@@ -94,7 +95,7 @@ def lab_env(prefix: str, weights=(1, 1, 2), start_node: bool = True,
                 shutil.rmtree(lab_.state_dir, ignore_errors=True)
 
 
-def wait_accepting(ns: str, addresses, port: int = lab.TARGET_TCP, timeout: float = 20.0) -> None:
+def wait_accepting(ns: str, addresses, port: int = topology.TARGET_TCP, timeout: float = 20.0) -> None:
     """Until a server accepts on every address (tried from namespace ns)."""
     deadline = time.monotonic() + timeout
     for address in addresses:
@@ -110,7 +111,7 @@ def wait_accepting(ns: str, addresses, port: int = lab.TARGET_TCP, timeout: floa
                 time.sleep(0.1)
 
 
-def wait_servers(lab_: lab.Lab, timeout: float = 20.0) -> None:
+def wait_servers(lab_: topology.Lab, timeout: float = 20.0) -> None:
     """Until every backend's echo server accepts (tried from the balancer's namespace)."""
     wait_accepting(lab_.topo.ns(lab_.lb), lab_.backend4, timeout=timeout)
 
@@ -292,7 +293,7 @@ def pids_in(ns: str) -> list[int]:
 # ---------------------------------------------------------------- oracle
 
 def flow_hash(src: str, sport: int, dst: str, dport: int, proto: int = socket.IPPROTO_TCP) -> int:
-    """bpf/flows.h zf_flow_hash() of a packet's 5-tuple (zfast.flowhash, argument order of
+    """bpf/flows.h zf_flow_hash() of a packet's 5-tuple (zfast.dataplane.flowhash, argument order of
     this module's callers)."""
     return _flow_hash(src, dst, sport, dport, proto)
 
@@ -310,18 +311,18 @@ def expected_backend(backends: list[tuple[str, int]], src: str, sport: int, vip:
     return live[table[flow_hash(src, sport, vip, dport) % size]][0]
 
 
-def backend_names(lab_: lab.Lab) -> dict[str, str]:
+def backend_names(lab_: topology.Lab) -> dict[str, str]:
     """Backend address (v4 and v6) -> the name its echo server answers with."""
     names = {}
     for i in range(len(lab_.backends)):
-        a4, a6 = lab.backend_addrs(i)
+        a4, a6 = topology.backend_addrs(i)
         names[a4] = names[str(ipaddress.ip_address(a6))] = f"be{i + 1}"
     return names
 
 
 # ---------------------------------------------------------------- a node from any file
 
-def start_node(lab_: lab.Lab, project: dict, timeout: float = 120.0) -> Client:
+def start_node(lab_: topology.Lab, project: dict, timeout: float = 120.0) -> Client:
     """`zfast up` of this project file in the lab's balancer namespace (Lab.start_node
     writes the lab's own file; this one takes any, e.g. with a `store:` section)."""
     lab_.write_config(project)
@@ -408,7 +409,7 @@ def flow_backends(node: str) -> dict[tuple, str]:
 def reason_counters(node: str) -> dict[str, int]:
     """Packets per verdict reason, summed over CPUs, read from the pinned map (works while
     no daemon runs)."""
-    from zfast.reasons import reasons
+    from zfast.dataplane.reasons import reasons
     names = [r.name for r in reasons()]
     out = {}
     for e in map_dump(node, "reason_stats"):
@@ -504,10 +505,10 @@ class NsEtcd:
 
 
 class Pinger:
-    """Pings every stream (zfast.probe.Stream), round after round, in a background thread."""
+    """Pings every stream (zfast.lab.probe.Stream), round after round, in a background thread."""
 
     def __init__(self, streams: list, pause: float = 0.0, timeout: float = 120.0):
-        from zfast.probe import streams_alive
+        from zfast.lab.probe import streams_alive
 
         self.streams, self.rounds = streams, 0
         self.pause, self.timeout = pause, timeout

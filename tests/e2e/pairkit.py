@@ -1,6 +1,6 @@
 """Helpers of the active/standby pair's end-to-end tests (tests/e2e/test_pair.py).
 
-    pair_env()     the pair lab (zfast.lab.build_pair) with echo servers and both nodes up,
+    pair_env()     the pair lab (zfast.lab.topology.build_pair) with echo servers and both nodes up,
                    torn down whatever happens
     PairEnv        statuses, roles, events, reviving a killed node (links up, addresses back)
     Pinger         long-lived TCP streams pinged continuously, one thread each: when each
@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Iterator
 
 from lbkit import wait_accepting
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import ApiError, Client
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 from zfast.paths import pin_dir
-from zfast.probe import Stream
+from zfast.lab.probe import Stream
 
 REPO = Path(__file__).resolve().parents[2]
 ZFAST = [sys.executable, "-m", "zfast.cli"]
@@ -61,7 +61,7 @@ def node_addrs(i: int) -> dict[str, list[str]]:
 
 @dataclass
 class PairEnv:
-    lab: lab.PairLab
+    lab: topology.PairLab
     topo: Topology
 
     # -- reading the nodes
@@ -172,7 +172,7 @@ def pair_env(prefix: str = "zfpr", heartbeat_ms: int = 50, n_backends: int = 3) 
     # Fail, never skip: a run without root must not look like a green one.
     assert os.geteuid() == 0, NEED_ROOT
     with Topology(prefix=prefix) as topo:
-        pl = lab.build_pair(topo, n_backends, heartbeat_ms=heartbeat_ms)
+        pl = topology.build_pair(topo, n_backends, heartbeat_ms=heartbeat_ms)
         env = PairEnv(pl, topo)
         try:
             pl.start_servers()
@@ -216,7 +216,7 @@ def _start_noting(env: PairEnv, i: int, errors: list) -> None:
 
 def wait_servers(env: PairEnv, timeout: float = 20.0) -> None:
     """Until every backend's echo server accepts (tried from node A's namespace)."""
-    wait_accepting(env.lab.nodes[0].ns, [lab.backend_addrs(b)[0] for b in range(len(env.lab.backends))],
+    wait_accepting(env.lab.nodes[0].ns, [topology.backend_addrs(b)[0] for b in range(len(env.lab.backends))],
                    timeout=timeout)
 
 
@@ -231,8 +231,8 @@ def zfast(*args: str, ns: str | None = None, timeout: float = 120) -> subprocess
 
 def open_streams(env: PairEnv, count: int) -> list[Stream]:
     """count long-lived echo connections through the VIPs, alternating VIP4 and VIP6."""
-    vips = (lab.VIP4, lab.VIP6)
-    return [Stream(env.lab.client, vips[n % 2], lab.TCP_PORT) for n in range(count)]
+    vips = (topology.VIP4, topology.VIP6)
+    return [Stream(env.lab.client, vips[n % 2], topology.TCP_PORT) for n in range(count)]
 
 
 class Pinger:
@@ -305,7 +305,7 @@ class UdpFlow:
     """One UDP flow (one socket, one source port) to a VIP: datagram n every `period`
     seconds, the backend answers "<name> n". What came back, and when."""
 
-    def __init__(self, ns: str, vip: str, port: int = lab.UDP_PORT, period: float = 0.01):
+    def __init__(self, ns: str, vip: str, port: int = topology.UDP_PORT, period: float = 0.01):
         with in_ns(ns):
             self.sock = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET,
                                       socket.SOCK_DGRAM)
@@ -572,7 +572,7 @@ class BackendTap:
     that a reordering on the client can be put where it happened: on the way through the
     balancer, or in the echo server (which answers each datagram on a thread of its own)."""
 
-    def __init__(self, env: PairEnv, port: int = lab.TARGET_UDP):
+    def __init__(self, env: PairEnv, port: int = topology.TARGET_UDP):
         self.port = port
         self.sock = udp_tap(env.topo.ns("privsw"))
         self.sock.settimeout(0.1)
@@ -581,7 +581,7 @@ class BackendTap:
         self.sent_at: dict[int, dict[int, float]] = {}  # client port -> number -> when seen
         self.ports = {}                             # backend address -> its port on the bridge
         for b in range(len(env.lab.backends)):
-            for address in lab.backend_addrs(b):
+            for address in topology.backend_addrs(b):
                 self.ports[str(ipaddress.ip_address(address))] = f"bp{b + 1}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

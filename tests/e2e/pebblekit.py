@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from zfast.netns import in_ns
+from zfast.lab.netns import in_ns
 
 # Deterministic and fast: no random sleeps in validation, no rejected nonces, no reused
 # authorizations (every order is validated, so every issuance exercises HTTP-01).

@@ -20,7 +20,7 @@ from cryptography import x509
 
 from zfast.api import ApiError, Client
 from zfast.controllers.logger import read as read_events
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 
 # A backend: answers every GET with {"name", "host", "path"} (HTTP/1.1, keep-alive).
 BACKEND_SERVER = r'''

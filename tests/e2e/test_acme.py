@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 
 from pebblekit import Pebble
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 from zfast.routing.certs import CertError, CertManager
 from zfast.store.sqlite import SqliteStore
 

@@ -5,7 +5,7 @@ once and torn down whatever happens. Needs root: without it every test fails, no
 
 Short connections bind fixed source ports (lbkit.PortPool), so every run sends the same
 5-tuples and gets the same answer. Each connection is also checked against the oracle of
-lbkit (bpf/flows.h's hash over zfast.maglev's table): the data plane must send every new
+lbkit (bpf/flows.h's hash over zfast.reconcile.maglev's table): the data plane must send every new
 flow exactly where the control plane's table says.
 """
 
@@ -18,16 +18,16 @@ import time
 import pytest
 
 import lbkit
-from zfast import lab
-from zfast.probe import Stream, streams_alive
+from zfast.lab import topology
+from zfast.lab.probe import Stream, streams_alive
 
 pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 2]
 # name, VIP, client address, backend addresses, service name in the file
 FAMILIES = {
-    "v4": (lab.VIP4, lab.CLIENT4, [lab.backend_addrs(i)[0] for i in range(3)], "app"),
-    "v6": (lab.VIP6, lab.CLIENT6, [lab.backend_addrs(i)[1] for i in range(3)], "app6"),
+    "v4": (topology.VIP4, topology.CLIENT4, [topology.backend_addrs(i)[0] for i in range(3)], "app"),
+    "v6": (topology.VIP6, topology.CLIENT6, [topology.backend_addrs(i)[1] for i in range(3)], "app6"),
 }
 
 
@@ -59,7 +59,7 @@ def _oracle_misses(env, spread, vip, client, backends, weights):
     table = list(zip(backends, weights))
     misses = {}
     for port, name in spread.by_port.items():
-        want = env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)]
+        want = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
         if want != name:
             misses[port] = (name, want)
     return misses
@@ -78,7 +78,7 @@ def test_weighted_spread_and_stats(env, fam):
     vip, client, backends, service = fam
     before = lbkit.service_stats(_stable_stats(env), service)
     count = 1000
-    spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(count))
+    spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
 
     assert not spread.failures, (f"{len(spread.failures)} of {count} connections failed, e.g. "
                                  f"{list(spread.failures.items())[:5]}")
@@ -103,7 +103,7 @@ def test_weighted_spread_and_stats(env, fam):
     many = 20000
     shares = {}
     for port in range(40000, 40000 + many):
-        name = env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)]
+        name = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
         shares[name] = shares.get(name, 0) + 1
     for i, weight in enumerate(WEIGHTS):
         name, p = f"be{i + 1}", weight / total
@@ -134,7 +134,7 @@ def test_weighted_spread_and_stats(env, fam):
 
 def test_long_streams_stay_on_their_backend(env, fam):
     vip = fam[0]
-    streams = [Stream(env.lab.client, vip, lab.TCP_PORT) for _ in range(60)]
+    streams = [Stream(env.lab.client, vip, topology.TCP_PORT) for _ in range(60)]
     try:
         on = {s.backend for s in streams}
         assert on <= {"be1", "be2", "be3"} and len(on) >= 2, on
@@ -153,7 +153,7 @@ def test_long_streams_stay_on_their_backend(env, fam):
 def test_remove_backend_mid_stream_then_readd(env, fam):
     vip, client, backends, _ = fam
     full, without_be1 = env.lab.project(), env.lab.project(backends=[1, 2])
-    streams = [Stream(env.lab.client, vip, lab.TCP_PORT) for _ in range(60)]
+    streams = [Stream(env.lab.client, vip, topology.TCP_PORT) for _ in range(60)]
     removed = False
     try:
         on_be1 = [s for s in streams if s.backend == "be1"]
@@ -189,7 +189,7 @@ def test_remove_backend_mid_stream_then_readd(env, fam):
         assert not broken, [(s.backend, s.error) for s in broken]
 
         # New connections never reach the removed backend, and go where the new table says.
-        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(200))
+        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
         assert not spread.failures, list(spread.failures.items())[:5]
         print(f"new connections without be1: {dict(sorted(spread.backends.items()))}")
         assert "be1" not in spread.backends
@@ -201,7 +201,7 @@ def test_remove_backend_mid_stream_then_readd(env, fam):
         print(f"apply with be1 again:\n{p.stdout}")
         assert any(line.startswith("+ backend") and backends[0] in line
                    for line in p.stdout.splitlines()), p.stdout
-        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(200))
+        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
         assert not spread.failures, list(spread.failures.items())[:5]
         print(f"new connections with be1 again: {dict(sorted(spread.backends.items()))}")
         assert spread.backends["be1"] > 0
@@ -218,13 +218,13 @@ def test_remove_backend_mid_stream_then_readd(env, fam):
 def test_reused_tuple_never_reaches_removed_backend(env):
     """A client that reuses a source port (ports cycle; RST leaves no TIME_WAIT) must not be
     sent to a backend removed since its last connection: that one may be gone for good."""
-    vip = lab.VIP4
+    vip = topology.VIP4
     ports = env.ports.take(200)
-    first = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, ports, reset=True)
+    first = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
     assert not first.failures and first.backends["be1"] > 0
     _apply(env, env.lab.project(backends=[1, 2]), "without-be1.yaml")
     try:
-        again = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, ports, reset=True)
+        again = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
         assert not again.failures
         to_removed = sorted(p for p, name in again.by_port.items() if name == "be1")
         assert not to_removed, (f"{len(to_removed)} new connections reached removed be1 "
@@ -237,7 +237,7 @@ def test_reused_tuple_never_reaches_removed_backend(env):
 
 def test_udp_datagrams_answered(env, fam):
     vip = fam[0]
-    answered, failures, resent = lbkit.udp_answers(env.lab.client, vip, lab.UDP_PORT, 200)
+    answered, failures, resent = lbkit.udp_answers(env.lab.client, vip, topology.UDP_PORT, 200)
     print(f"\n{vip} udp: {dict(sorted(answered.items()))}, resent {resent}")
     assert not failures, failures[:5]
     assert sum(answered.values()) == 200

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from zfast.core.runtime import pin_bridge_mac
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import lbkit
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import ApiError
 from zfast.paths import pin_dir
 
@@ -157,13 +157,13 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
     assert _services(lbkit.stats_json(env.state_dir)) == served
     assert lbkit.programs_on(env.lab.lb) == attached
     # ... and new connections go exactly where the running table sends them.
-    for vip, client, backends in ((lab.VIP4, lab.CLIENT4, env.lab.backend4),
-                                  (lab.VIP6, lab.CLIENT6, env.lab.backend6)):
-        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(100))
+    for vip, client, backends in ((topology.VIP4, topology.CLIENT4, env.lab.backend4),
+                                  (topology.VIP6, topology.CLIENT6, env.lab.backend6)):
+        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(100))
         assert not spread.failures, list(spread.failures.items())[:5]
         table = list(zip(backends, WEIGHTS))
         wrong = {port: name for port, name in spread.by_port.items()
-                 if env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)] != name}
+                 if env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)] != name}
         assert not wrong, f"connections that went elsewhere than before: {wrong}"
         assert set(spread.backends) == {"be1", "be2", "be3"}
 

@@ -29,7 +29,7 @@ import lbkit
 from corekit import Core, core_service
 from zfast.api import ApiError
 from zfast.core.service import STABLE_S, STOPPED
-from zfast.probe import Stream, streams_alive
+from zfast.lab.probe import Stream, streams_alive
 
 PROJECT = "coretest"
 STATE = Path("/run/zfast/test-core")

@@ -27,8 +27,8 @@ import yaml
 import corekit
 from corekit import plug, start_core
 from zfast.api import ApiError
-from zfast.netns import Topology, in_ns
-from zfast.probe import Stream, streams_alive, udp_hello
+from zfast.lab.netns import Topology, in_ns
+from zfast.lab.probe import Stream, streams_alive, udp_hello
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lbkit import Pinger  # noqa: E402
@@ -100,8 +100,8 @@ def core():
             ns = plug(topo, host, f"be{i}", f"bh{i}", PRIV_BRIDGE, [f"{ip}/24"], "10.235.0.254")
             # The streams' TCP echo at normal priority; the UDP echo (which the generator
             # floods) in a process of its own at the lowest, so it cannot starve them.
-            topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i}", "--port", "8080"])
-            topo.popen(ns, ["nice", "-n", "19", sys.executable, "-m", "zfast.echo",
+            topo.popen(ns, [sys.executable, "-m", "zfast.lab.echo", "--name", f"be{i}", "--port", "8080"])
+            topo.popen(ns, ["nice", "-n", "19", sys.executable, "-m", "zfast.lab.echo",
                             "--name", f"be{i}", "--port", "8081", "--udp-port", "5353"])
         cli = plug(topo, host, "cli", "ch", PUB_BRIDGE, [f"{a}/24" for a in GEN_SOURCES])
         topo.gro_on(host, "ch")      # the generator's frames arrive on ch by XDP redirect

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from corekit import core_service
-from zfast.core import scaling
-from zfast.probe import Stream, streams_alive
+from zfast.controllers import scaling
+from zfast.lab.probe import Stream, streams_alive
 
 pytestmark = pytest.mark.e2e
 

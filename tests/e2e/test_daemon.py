@@ -24,14 +24,14 @@ import pytest
 import yaml
 
 import lbkit
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import ApiError
-from zfast.probe import Stream, streams_alive
+from zfast.lab.probe import Stream, streams_alive
 
 pytestmark = pytest.mark.e2e
 
 POOL_WEIGHTS = [1, 1, 2, 1]          # the pool of four backends, and the base file's weights
-FAMILIES = ((lab.VIP4, lab.CLIENT4, 0, "app"), (lab.VIP6, lab.CLIENT6, 1, "app6"))
+FAMILIES = ((topology.VIP4, topology.CLIENT4, 0, "app"), (topology.VIP6, topology.CLIENT6, 1, "app6"))
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,12 @@ def check_new_connections(env, chosen: dict[int, int], count: int = 100) -> dict
     """New connections on both VIPs go exactly where the table of `chosen` says."""
     seen = {}
     for vip, client, fam, _ in FAMILIES:
-        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(count))
+        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
         assert not spread.failures, list(spread.failures.items())[:5]
-        table = [(lab.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
+        table = [(topology.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
         wrong = {}
         for port, name in spread.by_port.items():
-            want = env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)]
+            want = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
             if want != name:
                 wrong[port] = (name, want)
         assert not wrong, f"{vip}: connections off the table (port: (got, want)): {wrong}"
@@ -91,7 +91,7 @@ def check_new_connections(env, chosen: dict[int, int], count: int = 100) -> dict
 def open_streams(env, per_family: int) -> list[Stream]:
     streams = []
     for vip, *_ in FAMILIES:
-        streams += [Stream(env.lab.client, vip, lab.TCP_PORT, timeout=10) for _ in range(per_family)]
+        streams += [Stream(env.lab.client, vip, topology.TCP_PORT, timeout=10) for _ in range(per_family)]
     return streams
 
 
@@ -152,23 +152,23 @@ def _bad_files(p: dict) -> dict[str, tuple[dict, list[str]]]:
                               "services.app.ports[1].target_port: 0 is not a port (1-65535)",
                               "services.app6.ports[0].port: -1 is not a port (1-65535)"])
     f = copy()
-    f["services"].append({"name": "dup", "vip": lab.VIP4,
-                          "ports": [{"port": lab.TCP_PORT, "proto": "tcp"}],
-                          "backends": [{"address": lab.backend_addrs(0)[0]}]})
-    f["public_ports"] = [{"port": lab.UDP_PORT, "proto": "udp", "address": lab.VIP4,
+    f["services"].append({"name": "dup", "vip": topology.VIP4,
+                          "ports": [{"port": topology.TCP_PORT, "proto": "tcp"}],
+                          "backends": [{"address": topology.backend_addrs(0)[0]}]})
+    f["public_ports"] = [{"port": topology.UDP_PORT, "proto": "udp", "address": topology.VIP4,
                           "service": "app"}]
-    out["vip_collisions"] = (f, [f'services.dup.ports[0]: "{lab.VIP4}:80/tcp" is already '
+    out["vip_collisions"] = (f, [f'services.dup.ports[0]: "{topology.VIP4}:80/tcp" is already '
                                  "served by services.app.ports[0]",
-                                 f'public_ports[0]: "{lab.VIP4}:53/udp" is already a port of '
+                                 f'public_ports[0]: "{topology.VIP4}:53/udp" is already a port of '
                                  "services.app"])
     f = copy()
     f["services"][0]["backends"].append(dict(f["services"][0]["backends"][0]))
     f["services"][1]["backends"].append(dict(f["services"][1]["backends"][2]))
     n4, n6 = len(f["services"][0]["backends"]) - 1, len(f["services"][1]["backends"]) - 1
     out["backend_twice"] = (f, [f"services.app.backends[{n4}].address: "
-                                f'"{lab.backend_addrs(0)[0]}" is already services.app.backends[0]',
+                                f'"{topology.backend_addrs(0)[0]}" is already services.app.backends[0]',
                                 f"services.app6.backends[{n6}].address: "
-                                f'"{lab.backend_addrs(2)[1]}" is already services.app6.backends[2]'])
+                                f'"{topology.backend_addrs(2)[1]}" is already services.app6.backends[2]'])
     # All of it in one file: every problem is listed, not just the first.
     f = copy()
     everything = []
@@ -182,12 +182,12 @@ def _bad_files(p: dict) -> dict[str, tuple[dict, list[str]]]:
     f["services"][1]["ports"][0]["port"] = -1
     f["services"][0]["backends"].append(dict(f["services"][0]["backends"][0]))
     f["services"][1]["backends"].append(dict(f["services"][1]["backends"][2]))
-    f["services"].append({"name": "dup", "vip": lab.VIP4,
-                          "ports": [{"port": lab.TCP_PORT, "proto": "tcp"}],
-                          "backends": [{"address": lab.backend_addrs(0)[0]}]})
+    f["services"].append({"name": "dup", "vip": topology.VIP4,
+                          "ports": [{"port": topology.TCP_PORT, "proto": "tcp"}],
+                          "backends": [{"address": topology.backend_addrs(0)[0]}]})
     # app's first port is 70000 now (not a listener): dup collides with its second one
-    f["services"][-1]["ports"] = [{"port": lab.UDP_PORT, "proto": "udp"}]
-    everything.append(f'services.dup.ports[0]: "{lab.VIP4}:53/udp" is already served by '
+    f["services"][-1]["ports"] = [{"port": topology.UDP_PORT, "proto": "udp"}]
+    everything.append(f'services.dup.ports[0]: "{topology.VIP4}:53/udp" is already served by '
                       "services.app.ports[1]")
     out["everything"] = (f, everything)
     return out

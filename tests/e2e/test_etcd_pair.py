@@ -27,23 +27,23 @@ import pytest
 import yaml
 
 import lbkit
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import ApiError, Client
-from zfast.netns import Topology
+from zfast.lab.netns import Topology
 from zfast.paths import pin_dir
-from zfast.probe import Stream
+from zfast.lab.probe import Stream
 
 pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 1]
-FAMILIES = ((lab.VIP4, lab.CLIENT4, 0), (lab.VIP6, lab.CLIENT6, 1))
+FAMILIES = ((topology.VIP4, topology.CLIENT4, 0), (topology.VIP6, topology.CLIENT6, 1))
 CONVERGE_S = 1.0           # the acceptance bound: an apply is seen by both within a second
 
 
 @dataclass
 class Node:
     name: str                 # "A" or "B"
-    lab: lab.Lab
+    lab: topology.Lab
     api: Client
     endpoint: str
     ports: lbkit.PortPool = field(default_factory=lbkit.PortPool)
@@ -81,7 +81,7 @@ def pair(tmp_path_factory):
         labs = []
         for n, prefix in ((1, "zfpa"), (2, "zfpb")):
             topo = stack.enter_context(Topology(prefix=prefix))
-            lab_ = lab.build(topo, len(WEIGHTS), list(WEIGHTS), name=f"pair{n}")
+            lab_ = topology.build(topo, len(WEIGHTS), list(WEIGHTS), name=f"pair{n}")
             store_topo.veth(st, f"s{n}", lab_.lb, "st0", [f"10.250.{n}.1/24"],
                             [f"10.250.{n}.2/24"])
             labs.append(lab_)
@@ -168,12 +168,12 @@ def check_new_connections(node: Node, chosen: dict[int, int], count: int = 60) -
     names = lbkit.backend_names(node.lab)
     seen = {}
     for vip, client, fam in FAMILIES:
-        spread = lbkit.connections(node.lab.client, vip, lab.TCP_PORT, node.ports.take(count))
+        spread = lbkit.connections(node.lab.client, vip, topology.TCP_PORT, node.ports.take(count))
         assert not spread.failures, (node.name, list(spread.failures.items())[:5])
-        table = [(lab.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
-        wrong = {p: (got, names[lbkit.expected_backend(table, client, p, vip, lab.TCP_PORT)])
+        table = [(topology.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
+        wrong = {p: (got, names[lbkit.expected_backend(table, client, p, vip, topology.TCP_PORT)])
                  for p, got in spread.by_port.items()
-                 if names[lbkit.expected_backend(table, client, p, vip, lab.TCP_PORT)] != got}
+                 if names[lbkit.expected_backend(table, client, p, vip, topology.TCP_PORT)] != got}
         assert not wrong, f"node {node.name} {vip}: off the table (port: (got, want)): {wrong}"
         seen[vip] = dict(sorted(spread.backends.items()))
     return seen
@@ -184,7 +184,7 @@ def backends_reached(seen: dict) -> set[str]:
 
 
 def open_streams(node: Node, per_family: int = 20) -> list[Stream]:
-    return [Stream(node.lab.client, vip, lab.TCP_PORT, timeout=10)
+    return [Stream(node.lab.client, vip, topology.TCP_PORT, timeout=10)
             for vip, _, _ in FAMILIES for _ in range(per_family)]
 
 

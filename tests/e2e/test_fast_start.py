@@ -1,4 +1,4 @@
-"""A balancer starts in under a second (the program cache, zfast/progcache.py).
+"""A balancer starts in under a second (the program cache, zfast/dataplane/progcache.py).
 
 In the standard lab, in one run: a start without the cache (`ZFAST_CACHE_DIR=off`, as
 every start was before it), a cold start (an empty cache: compiles and writes the entry),

@@ -45,16 +45,16 @@ import pytest
 import yaml
 
 import lbkit
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import ApiError, Client
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 
 pytestmark = pytest.mark.e2e
 
-VIP = lab.VIP4
+VIP = topology.VIP4
 TCP_PUB, UDP_PUB, LIMIT_PUB, OPEN_PUB = 2222, 2223, 2224, 2225
 RATE, BURST = 20, 40
-MAIN = lab.CLIENT4             # allowed on 2222/2223 by 10.0.0.0/24
+MAIN = topology.CLIENT4             # allowed on 2222/2223 by 10.0.0.0/24
 OTHER = "10.2.1.2"             # extra client 1: denied there by the default policy
 CUT_BOUND_S = 1.0              # the issue: a revoked source is cut off within one second
 LOAD_BOUND_S = 5.0             # the issue: 100,000 rules load in under 5 seconds
@@ -64,7 +64,7 @@ LOAD_BOUND_S = 5.0             # the issue: 100,000 rules load in under 5 second
 
 @dataclass
 class Env:
-    lab: lab.Lab
+    lab: topology.Lab
     api: Client
 
     @property
@@ -88,14 +88,14 @@ def _public_ports() -> list[dict]:
     def guarded():
         return {"policy": "deny", "allow": ["10.0.0.0/24"], "deny": ["10.0.0.99/32"]}
 
-    return [pp(TCP_PUB, "tcp", lab.TARGET_TCP, guarded()),
-            pp(UDP_PUB, "udp", lab.TARGET_UDP, guarded()),
-            pp(LIMIT_PUB, "tcp", lab.TARGET_TCP,
+    return [pp(TCP_PUB, "tcp", topology.TARGET_TCP, guarded()),
+            pp(UDP_PUB, "udp", topology.TARGET_UDP, guarded()),
+            pp(LIMIT_PUB, "tcp", topology.TARGET_TCP,
                {"policy": "allow", "limit": {"new_per_s": RATE, "burst": BURST}}),
-            pp(OPEN_PUB, "tcp", lab.TARGET_TCP, {"policy": "allow"})]
+            pp(OPEN_PUB, "tcp", topology.TARGET_TCP, {"policy": "allow"})]
 
 
-def base_project(lab_: lab.Lab) -> dict:
+def base_project(lab_: topology.Lab) -> dict:
     p = lab_.project()
     p["public_ports"] = _public_ports()
     p["firewall"] = {"deny": ["192.0.2.0/24"]}
@@ -116,7 +116,7 @@ def env():
     # Fail, never skip: a run without root must not look like a green one.
     assert os.geteuid() == 0, lbkit.NEED_ROOT
     with Topology(prefix="zffw") as topo:
-        lab_ = lab.build(topo, 2, [1, 1], extra_clients=1)
+        lab_ = topology.build(topo, 2, [1, 1], extra_clients=1)
         try:
             lab_.start_servers()
             lbkit.wait_servers(lab_)
@@ -353,7 +353,7 @@ def test_allowed_client_reaches_the_service_denied_one_gets_nothing(base):
 
     # The denied client can reach the VIP otherwise (the service's own port has no
     # firewall), so what stopped it above was the firewall, not the network.
-    assert hello(env.other, lab.TCP_PORT) in ("be1", "be2")
+    assert hello(env.other, topology.TCP_PORT) in ("be1", "be2")
 
     after = stats(env)
     tcp = delta(port_counters(after, TCP_PUB), port_counters(before, TCP_PUB),
@@ -427,7 +427,7 @@ def test_project_wide_deny_applies_before_every_port(base):
     with pytest.raises(TimeoutError):
         udp_ask(env.main, UDP_PUB, b"x", timeout=1.0)
     # a service's own port is not a public port: no firewall there
-    assert hello(env.main, lab.TCP_PORT) in ("be1", "be2")
+    assert hello(env.main, topology.TCP_PORT) in ("be1", "be2")
     after = stats(env)
     assert after["drops"]["drop_fw_project"] - before["drops"]["drop_fw_project"] >= 3
     r = fw_test(env, MAIN, OPEN_PUB)
@@ -491,7 +491,7 @@ def test_fw_allow_deny_remove_apply_at_once_and_are_events(base):
 def test_removing_the_allow_cuts_an_established_connection_within_one_second(base):
     env = base
     guarded = Pinger(env.main, TCP_PUB)
-    bystander = Pinger(env.main, lab.TCP_PORT)      # a service port: not firewalled
+    bystander = Pinger(env.main, topology.TCP_PORT)      # a service port: not firewalled
     try:
         guarded.start()
         bystander.start()
@@ -640,7 +640,7 @@ BAD_FRAGMENTS = {
 }
 
 
-def bad_project(lab_: lab.Lab) -> dict:
+def bad_project(lab_: topology.Lab) -> dict:
     p = base_project(lab_)
     ports = p["public_ports"]
     ports[0]["firewall"]["allow"].append("10.0.0.1/24")
@@ -720,7 +720,7 @@ def _nets(first: str, count: int, prefix: int) -> list[str]:
     return [f"{ipaddress.IPv4Address(base + i * step)}/{prefix}" for i in range(count)]
 
 
-def big_project(lab_: lab.Lab, variant: str) -> dict:
+def big_project(lab_: topology.Lab, variant: str) -> dict:
     """The base project with TOTAL_RULES rules in all; variant A or B share none of them
     (but both allow the main client; B also allows the other client)."""
     p = base_project(lab_)

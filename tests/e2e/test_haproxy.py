@@ -26,7 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 from zfast.routing.haproxy import HAProxy, Route, Upstream, make_self_signed
 
 pytestmark = pytest.mark.e2e

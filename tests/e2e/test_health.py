@@ -9,7 +9,7 @@ One lab for the module (client, balancer, three backends). Each backend runs the
 VIP port 8000, http checks of /health, whose status code a file per backend sets).
 
 The node is `zfast up` with the health controller wired in the way zfast.controllers.health
-documents for zfast.node.Node: this file, run as a script, is that node (see _node_main;
+documents for zfast.node.daemon.Node: this file, run as a script, is that node (see _node_main;
 once Node wires the controller itself the subclass below does nothing). Needs root:
 without it every test fails, none skips.
 """
@@ -30,9 +30,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lbkit  # noqa: E402
-from zfast import lab  # noqa: E402
+from zfast.lab import topology  # noqa: E402
 from zfast.api import ApiError, Client  # noqa: E402
-from zfast.netns import Topology, in_ns  # noqa: E402
+from zfast.lab.netns import Topology, in_ns  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,7 @@ Server(("::", port), Handler).serve_forever()
 
 @dataclass
 class Env:
-    lab: lab.Lab
+    lab: topology.Lab
     api: Client
     ports: lbkit.PortPool
     names: dict[str, str]
@@ -98,26 +98,26 @@ class Env:
         tmp.rename(path)
 
 
-def project(L: lab.Lab, web_weights=(1, 1, 1)) -> dict:
+def project(L: topology.Lab, web_weights=(1, 1, 1)) -> dict:
     p = L.project()
     for svc in p["services"]:
         svc["health"] = dict(TCP_HEALTH)
     p["services"].append({
-        "name": "web", "vip": lab.VIP4,
+        "name": "web", "vip": topology.VIP4,
         "ports": [{"port": WEB_PORT, "proto": "tcp", "target_port": WEB_TARGET}],
         "backends": [{"address": a, "weight": w} for a, w in zip(L.backend4, web_weights)],
         "health": dict(HTTP_HEALTH)})
     return p
 
 
-def start_echo(L: lab.Lab, i: int):
-    return L.topo.popen(L.backends[i], [sys.executable, "-m", "zfast.echo", "--name",
-                                        f"be{i + 1}", "--port", str(lab.TARGET_TCP),
-                                        "--udp-port", str(lab.TARGET_UDP)],
+def start_echo(L: topology.Lab, i: int):
+    return L.topo.popen(L.backends[i], [sys.executable, "-m", "zfast.lab.echo", "--name",
+                                        f"be{i + 1}", "--port", str(topology.TARGET_TCP),
+                                        "--udp-port", str(topology.TARGET_UDP)],
                         stdout=open("/dev/null", "w"))
 
 
-def wait_accepts(L: lab.Lab, address: str, port: int, timeout: float = 20.0) -> float:
+def wait_accepts(L: topology.Lab, address: str, port: int, timeout: float = 20.0) -> float:
     """Until address:port accepts a connection from the balancer's namespace; when it did."""
     deadline = time.monotonic() + timeout
     while True:
@@ -134,7 +134,7 @@ def wait_accepts(L: lab.Lab, address: str, port: int, timeout: float = 20.0) -> 
             time.sleep(0.01)
 
 
-def start_node(L: lab.Lab, timeout: float = 120.0) -> Client:
+def start_node(L: topology.Lab, timeout: float = 120.0) -> Client:
     L.write_config(project(L))
     L.node_proc = L.topo.popen(L.lb, [sys.executable, str(Path(__file__).resolve()),
                                       str(L.config_path)], cwd=lbkit.REPO)
@@ -156,7 +156,7 @@ def env():
     assert os.geteuid() == 0, lbkit.NEED_ROOT
     status_dir = Path(tempfile.mkdtemp(prefix="zfhc-"))
     with Topology(prefix="zfhc") as topo:
-        L = lab.build(topo, 3, [1, 1, 1])
+        L = topology.build(topo, 3, [1, 1, 1])
         try:
             L.start_servers()
             e = Env(L, None, lbkit.PortPool(), lbkit.backend_names(L), status_dir)
@@ -294,7 +294,7 @@ def http_get(ns: str, host: str, port: int, sport: int, timeout: float = 5.0) ->
 
 
 def http_spread(e: Env, sports, workers: int = 16) -> lbkit.Spread:
-    return lbkit.spread(sports, lambda sport: http_get(e.lab.client, lab.VIP4, WEB_PORT, sport),
+    return lbkit.spread(sports, lambda sport: http_get(e.lab.client, topology.VIP4, WEB_PORT, sport),
                         workers)
 
 
@@ -307,7 +307,7 @@ class KeepAlive:
         self.sock.settimeout(3)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("", sport))
-        self.sock.connect((lab.VIP4, WEB_PORT))
+        self.sock.connect((topology.VIP4, WEB_PORT))
         self.file = self.sock.makefile("rb")
 
     def get(self) -> str:
@@ -335,10 +335,10 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
     be1_4, be1_6 = L.backend4[0], L.backend6[0]
     full = [(a, 1) for a in L.backend4]
     without = [(a, 1) for a in L.backend4[1:]]
-    before = lbkit.connections(L.client, lab.VIP4, lab.TCP_PORT, e.ports.take(60), reset=True)
+    before = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(60), reset=True)
     assert not before.failures and set(before.backends) == {"be1", "be2", "be3"}
 
-    with Background(e, lab.VIP4, lab.TCP_PORT) as bg:
+    with Background(e, topology.VIP4, topology.TCP_PORT) as bg:
         time.sleep(0.3)
         L.servers[0].kill()
         L.servers[0].wait()
@@ -349,15 +349,15 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
         # no new connection is sent to it once it is out: 100 of them, every one answered by
         # the backend the table without be1 names
         time.sleep(max(0.0, t_kill + OUT_BOUND - time.monotonic()))
-        after = lbkit.connections(L.client, lab.VIP4, lab.TCP_PORT, e.ports.take(100), reset=True)
-        after6 = lbkit.connections(L.client, lab.VIP6, lab.TCP_PORT, e.ports.take(100), reset=True)
+        after = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
+        after6 = lbkit.connections(L.client, topology.VIP6, topology.TCP_PORT, e.ports.take(100), reset=True)
         time.sleep(0.3)
         L.servers[0] = start_echo(L, 0)
-        t_listen = wait_accepts(L, be1_4, lab.TARGET_TCP)
+        t_listen = wait_accepts(L, be1_4, topology.TARGET_TCP)
         in_sent, t_in = wait_health(e.api, "app", be1_4, True)
         in_s = t_in - t_listen
         time.sleep(0.3)
-    back = lbkit.connections(L.client, lab.VIP4, lab.TCP_PORT, e.ports.take(100), reset=True)
+    back = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
 
     failed = [a for a in bg.attempts if a.error]
     window = [a for a in bg.attempts if t_kill <= a.start < t_out]
@@ -373,7 +373,7 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
     assert not after.failures, f"{len(after.failures)} of 100 failed: {list(after.failures.values())[:3]}"
     assert not after6.failures, f"v6: {len(after6.failures)} of 100 failed"
     assert "be1" not in after.backends and "be1" not in after6.backends
-    assert not oracle_misses(e, after.by_port, without, lab.CLIENT4, lab.VIP4, lab.TCP_PORT)
+    assert not oracle_misses(e, after.by_port, without, topology.CLIENT4, topology.VIP4, topology.TCP_PORT)
     # background: only connections begun before it was out may fail; none reached be1 from
     # the moment it was out until the maps took it back (after in_sent)
     late = [a for a in failed if a.start >= t_out]
@@ -383,7 +383,7 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
     assert not sneaked, f"{len(sneaked)} connections reached be1 while it was out: {sneaked[:3]}"
     # back in: new connections reach it again, exactly where the full table says
     assert not back.failures and back.backends["be1"] > 10, dict(back.backends)
-    assert not oracle_misses(e, back.by_port, full, lab.CLIENT4, lab.VIP4, lab.TCP_PORT)
+    assert not oracle_misses(e, back.by_port, full, topology.CLIENT4, topology.VIP4, topology.TCP_PORT)
     wait_all_healthy(e)
 
 
@@ -394,7 +394,7 @@ def test_http_500_is_unhealthy_even_while_the_backend_serves(env):
     be2 = L.backend4[1]
     without = [(L.backend4[0], 1), (L.backend4[2], 1)]
     try:
-        with Background(e, lab.VIP4, WEB_PORT, http=True) as bg:
+        with Background(e, topology.VIP4, WEB_PORT, http=True) as bg:
             time.sleep(0.2)
             e.set_http_status(1, 500)
             t_bad = time.monotonic()
@@ -418,7 +418,7 @@ def test_http_500_is_unhealthy_even_while_the_backend_serves(env):
     assert http_get_direct(L, be2) == "be2"
     assert hm[("app", be2)] is True
     assert not spread.failures and "be2" not in spread.backends, dict(spread.backends)
-    assert not oracle_misses(e, spread.by_port, without, lab.CLIENT4, lab.VIP4, WEB_PORT)
+    assert not oracle_misses(e, spread.by_port, without, topology.CLIENT4, topology.VIP4, WEB_PORT)
     sneaked = [a for a in bg.attempts if a.backend == "be2" and t_out <= a.start
                and a.end < in_sent]
     assert not sneaked, f"{len(sneaked)} requests reached be2 while it was out"
@@ -433,7 +433,7 @@ def test_http_500_is_unhealthy_even_while_the_backend_serves(env):
     assert st["healthy"] and st["targets"] == 9 and st["down"] == []
 
 
-def http_get_direct(L: lab.Lab, address: str) -> str:
+def http_get_direct(L: topology.Lab, address: str) -> str:
     with in_ns(L.topo.ns(L.lb)):
         s = socket.create_connection((address, WEB_TARGET), timeout=3)
     with s:
@@ -450,7 +450,7 @@ def _sport_for(e: Env, name: str) -> int:
     table = [(a, 1) for a in e.lab.backend4]
     while True:
         sport = e.ports.take(1)[0]
-        if e.names[lbkit.expected_backend(table, lab.CLIENT4, sport, lab.VIP4, WEB_PORT)] == name:
+        if e.names[lbkit.expected_backend(table, topology.CLIENT4, sport, topology.VIP4, WEB_PORT)] == name:
             return sport
 
 
@@ -466,7 +466,7 @@ def test_established_flows_of_an_unhealthy_backend_move(env):
         e.set_http_status(2, 500)
         wait_health(e.api, "web", L.backend4[2], False)
         flows = lbkit.flow_backends(L.node_name)
-        assert flows[(lab.CLIENT4, moved_sport, lab.VIP4, WEB_PORT)] == L.backend4[2]
+        assert flows[(topology.CLIENT4, moved_sport, topology.VIP4, WEB_PORT)] == L.backend4[2]
         try:
             answer = moving.get()
         except OSError as err:
@@ -475,7 +475,7 @@ def test_established_flows_of_an_unhealthy_backend_move(env):
         assert answer in ("ConnectionResetError", "ConnectionError", "BrokenPipeError"), (
             f"the connection carried on ({answer!r}): the flow was not moved")
         flows = lbkit.flow_backends(L.node_name)
-        new = flows[(lab.CLIENT4, moved_sport, lab.VIP4, WEB_PORT)]
+        new = flows[(topology.CLIENT4, moved_sport, topology.VIP4, WEB_PORT)]
         assert new in (L.backend4[0], L.backend4[1]), f"the flow still goes to {new}"
         assert staying.get() == "be1" and staying.get() == "be1"
     finally:
@@ -503,7 +503,7 @@ def test_all_down_fails_open(env):
     assert svc["fail_open"] is True
     assert not any(b["healthy"] for b in svc["backends"])
     assert not spread.failures and set(spread.backends) == {"be1", "be2", "be3"}
-    assert not oracle_misses(e, spread.by_port, full, lab.CLIENT4, lab.VIP4, WEB_PORT)
+    assert not oracle_misses(e, spread.by_port, full, topology.CLIENT4, topology.VIP4, WEB_PORT)
     for address in L.backend4:
         wait_health(e.api, "web", address, True)
     svc = next(s for s in e.api.get("/stats")["services"] if s["name"] == "web")
@@ -512,7 +512,7 @@ def test_all_down_fails_open(env):
     assert any("fail open" in c for ev in events for c in ev["changes"]), events[-3:]
 
 
-def lbkit_events(L: lab.Lab) -> list[dict]:
+def lbkit_events(L: topology.Lab) -> list[dict]:
     import json
     p = lbkit.zfast("logs", "--json", "--state-dir", str(L.state_dir))
     assert p.returncode == 0, p.stderr
@@ -538,16 +538,16 @@ def test_apply_keeps_a_down_backend_out_and_a_drained_one_drained(env):
         assert health_map(e.api)[("web", be3)] is False, "an apply brought a down backend back"
         spread = http_spread(e, e.ports.take(100))
         assert not spread.failures and "be3" not in spread.backends
-        assert not oracle_misses(e, spread.by_port, [(be1, 1), (be2, 2)], lab.CLIENT4,
-                                 lab.VIP4, WEB_PORT)
+        assert not oracle_misses(e, spread.by_port, [(be1, 1), (be2, 2)], topology.CLIENT4,
+                                 topology.VIP4, WEB_PORT)
         _apply(e, (1, 1, 0), "drain.yaml")           # drained while down, then healthy
         e.set_http_status(2, 200)
         wait_health(e.api, "web", be3, True)
         time.sleep(INTERVAL)
         spread = http_spread(e, e.ports.take(100))
         assert not spread.failures and "be3" not in spread.backends, "drained stays drained"
-        assert not oracle_misses(e, spread.by_port, [(be1, 1), (be2, 1)], lab.CLIENT4,
-                                 lab.VIP4, WEB_PORT)
+        assert not oracle_misses(e, spread.by_port, [(be1, 1), (be2, 1)], topology.CLIENT4,
+                                 topology.VIP4, WEB_PORT)
         st = e.api.get("/status")["controllers"]["health"]
         assert st["targets"] == 9 and st["healthy"]
         events = [ev for ev in lbkit_events(L) if ev["kind"] == "backend"]
@@ -562,12 +562,12 @@ def test_apply_keeps_a_down_backend_out_and_a_drained_one_drained(env):
 
 def _node_main(config_path: str) -> None:
     """`zfast up -c FILE` with the health controller wired as zfast.controllers.health
-    documents for zfast.node.Node (a no-op shim once Node wires it itself)."""
+    documents for zfast.node.daemon.Node (a no-op shim once Node wires it itself)."""
     import logging
 
     from zfast import config
     from zfast.controllers import health
-    from zfast.node import Node
+    from zfast.node.daemon import Node
 
     class HealthNode(Node):
         shim = False

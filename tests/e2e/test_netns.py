@@ -1,4 +1,4 @@
-"""zfast.netns end to end: real namespaces, veths, ping and TCP through them. Needs root."""
+"""zfast.lab.netns end to end: real namespaces, veths, ping and TCP through them. Needs root."""
 
 import os
 import socket
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from zfast.netns import Topology, cleanup_stale, in_ns, list_netns
+from zfast.lab.netns import Topology, cleanup_stale, in_ns, list_netns
 
 pytestmark = pytest.mark.e2e
 

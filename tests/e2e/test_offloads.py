@@ -4,7 +4,7 @@ A veth or bridge sends with TX checksum offload on: the receiver gets a partial 
 and a veth peer without NAPI drops XDP frames. zfast must forward both correctly (tc on
 virtual links, bpf/hook.h) and count nothing that did not arrive. One module turns the
 senders' offloads off on purpose and runs native XDP, so that path stays covered too,
-with zfast itself giving its veth peers NAPI (zfast/egress.py).
+with zfast itself giving its veth peers NAPI (zfast/dataplane/egress.py).
 
 Exact counts at the receivers: every UDP datagram is answered by the backend that got it
 (through the reverse NAT), and what the backends answered is what `zfast stats --json`
@@ -24,14 +24,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lbkit
-from zfast import lab
-from zfast.netns import in_ns
+from zfast.lab import topology
+from zfast.lab.netns import in_ns
 
 pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 2]
 PROM = "127.0.0.1:9464"
-FAMILIES = {"v4": (lab.VIP4, "app", 0), "v6": (lab.VIP6, "app6", 1)}
+FAMILIES = {"v4": (topology.VIP4, "app", 0), "v6": (topology.VIP6, "app6", 1)}
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def _udp_exact(env, vip: str, service: str, flows: int = 50, each: int = 20) -> 
     before_stats, before_prom = _settled(env, service)
     got, failures, resent = Counter(), [], 0
     for _ in range(each):
-        answered, failed, again = lbkit.udp_answers(env.lab.client, vip, lab.UDP_PORT, flows,
+        answered, failed, again = lbkit.udp_answers(env.lab.client, vip, topology.UDP_PORT, flows,
                                                     workers=flows, tries=1)
         got.update(answered)
         failures += failed
@@ -136,17 +136,17 @@ def test_the_lab_keeps_linux_defaults(default_env):
 def test_tcp_connections_answered_and_spread_by_weight(default_env, fam):
     vip, _, family = FAMILIES[fam]
     count = 300
-    spread = lbkit.connections(default_env.lab.client, vip, lab.TCP_PORT,
+    spread = lbkit.connections(default_env.lab.client, vip, topology.TCP_PORT,
                                default_env.ports.take(count))
     assert not spread.failures, list(spread.failures.items())[:5]
     got = spread.backends
     assert sum(got.values()) == count
     # exactly where the Maglev table sends each 5-tuple (the table carries the weights)
-    backends = [lab.backend_addrs(i)[family] for i in range(3)]
-    client = lab.CLIENT4 if family == 0 else lab.CLIENT6
+    backends = [topology.backend_addrs(i)[family] for i in range(3)]
+    client = topology.CLIENT4 if family == 0 else topology.CLIENT6
     table = list(zip(backends, WEIGHTS))
     for port, name in spread.by_port.items():
-        assert default_env.names[lbkit.expected_backend(table, client, port, vip, lab.TCP_PORT)] == name
+        assert default_env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)] == name
     assert got["be3"] > got["be1"] and got["be3"] > got["be2"], got
 
 
@@ -198,7 +198,7 @@ def test_native_xdp_gives_its_veth_peers_napi_and_forwards(xdp_env):
     assert _gro(env, env.lab.client, "eth0") and _gro(env, env.lab.switch, "lbp")
     for fam in sorted(FAMILIES):
         vip, service, _ = FAMILIES[fam]
-        spread = lbkit.connections(env.lab.client, vip, lab.TCP_PORT, env.ports.take(300))
+        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(300))
         assert not spread.failures, list(spread.failures.items())[:5]
         _udp_exact(env, vip, service)
 
@@ -217,7 +217,7 @@ def test_a_peer_losing_napi_is_counted_then_repaired(xdp_env):
     before = lost()
     subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", "lbp", "gro", "off"], check=True)
     # datagrams now: lost in the kernel after zfast redirected them
-    answered, _, _ = lbkit.udp_answers(env.lab.client, lab.VIP4, lab.UDP_PORT, 20, workers=20,
+    answered, _, _ = lbkit.udp_answers(env.lab.client, topology.VIP4, topology.UDP_PORT, 20, workers=20,
                                        timeout=0.5, tries=1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _gro(env, env.lab.switch, "lbp"):
@@ -232,4 +232,4 @@ def test_a_peer_losing_napi_is_counted_then_repaired(xdp_env):
     assert errs and errs[-1]["xdp_lost"] > 0, errs
     again = [e for e in _events(env, "egress") if e["interface"] == "priv0"]
     assert len(again) >= 2 and again[-1]["action"] == "gro_on_peer", again
-    _udp_exact(env, lab.VIP4, "app", flows=10, each=5)
+    _udp_exact(env, topology.VIP4, "app", flows=10, each=5)

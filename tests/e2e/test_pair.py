@@ -1,6 +1,6 @@
 """The active/standby pair end to end: two balancer nodes (namespaces lba, lbb) share the
 client's segment and the backends' segment through bridges, with a sync veth between them
-(zfast.lab.build_pair). Heartbeats every 50 ms, dead after 3.
+(zfast.lab.topology.build_pair). Heartbeats every 50 ms, dead after 3.
 
   * the active dies (SIGKILL, links down): 50 TCP streams (VIP4 and VIP6) and two UDP flows
     continue, no reset, no duplicate, the gap in delivery measured per stream;
@@ -35,7 +35,7 @@ import lbkit
 import pairkit
 from pairkit import (BackendTap, HeartbeatTap, Pinger, RoleWatch, UdpFlow, arp_answers,
                      forward_flows, mac_of, neighbour, open_streams, send_udp, summary)
-from zfast import lab
+from zfast.lab import topology
 from zfast.events import parse_time
 from zfast.ha.heartbeat import Heartbeat, Sender, encode, load_key
 
@@ -109,7 +109,7 @@ def test_active_dies_streams_and_udp_continue(env):
     try:
         env.wait_replicated(b, received0 + STREAMS)
         with BackendTap(env) as tap, Pinger(streams) as pinger, \
-                UdpFlow(env.lab.client, lab.VIP4) as u4, UdpFlow(env.lab.client, lab.VIP6) as u6, \
+                UdpFlow(env.lab.client, topology.VIP4) as u4, UdpFlow(env.lab.client, topology.VIP6) as u6, \
                 RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             time.sleep(0.3)
@@ -151,7 +151,7 @@ def test_killed_node_returns_as_standby_gets_the_flows_and_failback_works(env):
     streams = open_streams(env, STREAMS)
     try:
         with BackendTap(env) as tap, Pinger(streams) as pinger, \
-                UdpFlow(env.lab.client, lab.VIP4) as u4, RoleWatch(env) as watch:
+                UdpFlow(env.lab.client, topology.VIP4) as u4, RoleWatch(env) as watch:
             pinger.wait_rounds(3)
             t_back = time.monotonic()
             env.restart(x)                       # links up, `zfast up` again
@@ -197,7 +197,7 @@ def test_program_detached_on_the_active_the_standby_takes_over(env, how):
     try:
         env.wait_replicated(b, STREAMS)
         with BackendTap(env) as tap, Pinger(streams) as pinger, \
-                UdpFlow(env.lab.client, lab.VIP6) as u6, RoleWatch(env) as watch:
+                UdpFlow(env.lab.client, topology.VIP6) as u6, RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             t_off = time.monotonic()
             lbkit.detach_program(env.lab.nodes[a].ns, "pub0", how)
@@ -246,12 +246,12 @@ def test_sigstopped_active_loses_its_lease_and_returns_as_standby(env):
     b = 1 - a
     client = env.lab.client
     mac = [mac_of(env.lab.nodes[i].ns, "pub0") for i in range(2)]
-    assert arp_answers(client, "eth0", lab.VIP4) == {mac[a]}
+    assert arp_answers(client, "eth0", topology.VIP4) == {mac[a]}
     streams = open_streams(env, STREAMS)
     proc = env.lab.nodes[a].proc
     try:
         env.wait_replicated(b, STREAMS)
-        with BackendTap(env) as tap, Pinger(streams) as pinger, UdpFlow(client, lab.VIP4) as u4, \
+        with BackendTap(env) as tap, Pinger(streams) as pinger, UdpFlow(client, topology.VIP4) as u4, \
                 RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             t_stop = time.monotonic()
@@ -260,7 +260,7 @@ def test_sigstopped_active_loses_its_lease_and_returns_as_standby(env):
                 env.lab.wait_role(b, "active")
                 time.sleep(0.3)
                 # the stopped node's data plane lease ran out: only the new active answers
-                answers = arp_answers(client, "eth0", lab.VIP4)
+                answers = arp_answers(client, "eth0", topology.VIP4)
                 time.sleep(0.5)
             finally:
                 t_cont, wall_cont = time.monotonic(), time.time()
@@ -288,7 +288,7 @@ def test_sigstopped_active_loses_its_lease_and_returns_as_standby(env):
         assert resumed[-1]["new"] == "standby" and all(e["new"] != "active" for e in resumed), resumed
         check_udp(r4, "UDP over VIP4, SIGSTOP")
         assert gaps["median_ms"] < GAP_MEDIAN_MAX * 1000, f"median gap {gaps}"
-        assert arp_answers(client, "eth0", lab.VIP4) == {mac[b]}
+        assert arp_answers(client, "eth0", topology.VIP4) == {mac[b]}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)
@@ -402,8 +402,8 @@ def test_mismatched_keys_show_auth_failed_and_an_error_event(env, tmp_path):
     env.restart(b)
     assert env.wait_pair() == a
     time.sleep(1.3)                    # the announcements at 0, 50, 250 ms and 1 s
-    assert neighbour(env.lab.client, lab.VIP4) == mac_of(env.lab.nodes[a].ns, "pub0")
-    assert neighbour(env.lab.backends[0], lab.GATEWAY4) == mac_of(env.lab.nodes[a].ns, "priv0")
+    assert neighbour(env.lab.client, topology.VIP4) == mac_of(env.lab.nodes[a].ns, "pub0")
+    assert neighbour(env.lab.backends[0], topology.GATEWAY4) == mac_of(env.lab.nodes[a].ns, "priv0")
 
 
 # ---------------------------------------------------------------- 5. sync link down
@@ -479,8 +479,8 @@ def test_every_path_down_two_actives_then_the_higher_priority_stays(env):
     last = role_events(env, lo)[-1]
     assert (last["old"], last["new"]) == ("active", "standby") and "ranks higher" in last["reason"]
     assert watch.changes(hi, t_heal) == ["active"], watch.transitions(hi)
-    assert neighbour(env.lab.client, lab.VIP4) == mac_of(env.lab.nodes[hi].ns, "pub0")
-    assert neighbour(env.lab.backends[0], lab.GATEWAY4) == mac_of(env.lab.nodes[hi].ns, "priv0")
+    assert neighbour(env.lab.client, topology.VIP4) == mac_of(env.lab.nodes[hi].ns, "pub0")
+    assert neighbour(env.lab.backends[0], topology.GATEWAY4) == mac_of(env.lab.nodes[hi].ns, "priv0")
 
 
 # ---------------------------------------------------------------- 6. status and logs

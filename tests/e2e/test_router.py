@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from routerkit import (BACKEND_SERVER, RouterProc, get, haproxy_pids, served_cert,
                        served_serial, wait_for, wait_tcp)
-from zfast.netns import Topology
+from zfast.lab.netns import Topology
 from zfast.routing.certs import CertManager
 from zfast.store.sqlite import SqliteStore
 

@@ -32,7 +32,7 @@ from corekit import plug
 from pebblekit import Pebble
 from routerkit import BACKEND_SERVER, get, wait_for
 from zfast.api import Client
-from zfast.netns import Topology, in_ns
+from zfast.lab.netns import Topology, in_ns
 
 PROJECT = "rcore"
 STATE = Path("/run/zfast/test-routing-core")

@@ -1,6 +1,6 @@
 """Telemetry end to end: the statistics controller and /metrics against a real node.
 
-The lab (zfast/lab.py: client, balancer, three backends of weights 1, 1, 2) runs a real
+The lab (zfast/lab/topology.py: client, balancer, three backends of weights 1, 1, 2) runs a real
 `zfast up`; the test's own StatisticsController samples the node's /stats through its API
 and its own Prometheus endpoint serves them. The test sends exactly N UDP datagrams and
 N TCP connections and checks that the stored samples grew by exactly what was sent, per
@@ -30,11 +30,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lbkit
-from zfast import lab
+from zfast.lab import topology
 from zfast.api import Client
 from zfast.controllers import statistics
 from zfast.controllers.statistics import StatisticsController
-from zfast.netns import in_ns
+from zfast.lab.netns import in_ns
 from zfast.paths import pin_dir
 from zfast.telemetry.prometheus import start_prometheus
 
@@ -149,8 +149,8 @@ def test_counters_match_what_was_sent(env, tmp_path):
         base = settle(ctl)
 
         # ---- UDP: exactly N_UDP datagrams to each VIP
-        by_backend4, failures4 = udp_exact(env.lab.client, lab.VIP4, lab.UDP_PORT, N_UDP)
-        by_backend6, failures6 = udp_exact(env.lab.client, lab.VIP6, lab.UDP_PORT, N_UDP)
+        by_backend4, failures4 = udp_exact(env.lab.client, topology.VIP4, topology.UDP_PORT, N_UDP)
+        by_backend6, failures6 = udp_exact(env.lab.client, topology.VIP6, topology.UDP_PORT, N_UDP)
         assert not failures4 and not failures6, (failures4 + failures6)[:5]
         after_udp = settle(ctl)
         print(f"\nudp v4 {dict(by_backend4)}, v6 {dict(by_backend6)}")
@@ -166,7 +166,7 @@ def test_counters_match_what_was_sent(env, tmp_path):
         # ---- TCP: exactly N_TCP connections, every segment the client sent counted
         client0 = snmp(env.lab.client)
         backends0 = {f"be{i + 1}": snmp(ns) for i, ns in enumerate(env.lab.backends)}
-        spread = lbkit.connections(env.lab.client, lab.VIP4, lab.TCP_PORT, env.ports.take(N_TCP))
+        spread = lbkit.connections(env.lab.client, topology.VIP4, topology.TCP_PORT, env.ports.take(N_TCP))
         assert not spread.failures, list(spread.failures.items())[:5]
         assert sum(spread.backends.values()) == N_TCP
         after_tcp = settle(ctl)

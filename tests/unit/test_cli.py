@@ -7,7 +7,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from zfast import cli, datapath, node
+from zfast import cli
+from zfast.dataplane import loader
+from zfast.node import daemon
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
@@ -79,10 +81,10 @@ def no_kernel(monkeypatch):
     def touched(*args, **kwargs):
         raise AssertionError("the CLI touched the kernel for a bad file")
 
-    monkeypatch.setattr(node.Node, "__init__", touched)
-    monkeypatch.setattr(node.Node, "start", touched)
-    monkeypatch.setattr(datapath.Loaded, "__init__", touched)
-    monkeypatch.setattr(datapath, "_bcc", touched)
+    monkeypatch.setattr(daemon.Node, "__init__", touched)
+    monkeypatch.setattr(daemon.Node, "start", touched)
+    monkeypatch.setattr(loader.Loaded, "__init__", touched)
+    monkeypatch.setattr(loader, "_bcc", touched)
 
 
 def test_up_bad_file_every_problem_on_one_line(tmp_path, no_kernel):

@@ -10,7 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from zfast import cli, datapath, node
+from zfast import cli
+from zfast.dataplane import loader
+from zfast.node import daemon
 from zfast.config import ConfigError, Datapath, Firewall, PublicPort, RateLimit, load, loads, parse
 
 
@@ -269,9 +271,9 @@ def no_kernel(monkeypatch):
     def touched(*args, **kwargs):
         raise AssertionError("the CLI touched the kernel for a bad file")
 
-    monkeypatch.setattr(node.Node, "__init__", touched)
-    monkeypatch.setattr(datapath.Loaded, "__init__", touched)
-    monkeypatch.setattr(datapath, "_bcc", touched)
+    monkeypatch.setattr(daemon.Node, "__init__", touched)
+    monkeypatch.setattr(loader.Loaded, "__init__", touched)
+    monkeypatch.setattr(loader, "_bcc", touched)
 
 
 @pytest.mark.parametrize("command", ["apply", "up"])

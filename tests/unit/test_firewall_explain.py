@@ -17,9 +17,9 @@ import random
 import numpy as np
 import pytest
 
-from zfast import firewall
+from zfast.reconcile import firewall
 from zfast.config import Datapath, parse
-from zfast.firewall import (ALLOW, DENY, FW_KEY, FW_PORT, FW_RULE, FirewallTable, _keys,
+from zfast.reconcile.firewall import (ALLOW, DENY, FW_KEY, FW_PORT, FW_RULE, FirewallTable, _keys,
                             desired_rules, explain, key_network, listener, rule_key)
 
 

@@ -18,8 +18,8 @@ import pytest
 from zfast import config
 from zfast.controllers import health
 from zfast.controllers.health import HealthController, SocketProber, Target, judge_http
-from zfast.datapath import BACKEND_DOWN, BACKEND_UP, NO_BACKEND
-from zfast.services import ServiceTable
+from zfast.dataplane.loader import BACKEND_DOWN, BACKEND_UP, NO_BACKEND
+from zfast.reconcile.services import ServiceTable
 
 ip = ipaddress.ip_address
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from zfast.maglev import DEFAULT_SIZE, build_table, is_prime, next_prime, table_shares
+from zfast.reconcile.maglev import DEFAULT_SIZE, build_table, is_prime, next_prime, table_shares
 
 
 def addresses(n):

@@ -5,7 +5,7 @@ from unittest import mock
 
 import yaml
 
-from zfast.node import Node
+from zfast.node.daemon import Node
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zfast import cli, progcache as pc
-from zfast.bcctables import MapDef, decode_type
+from zfast import cli
+from zfast.dataplane import progcache as pc
+from zfast.dataplane.bcctables import MapDef, decode_type
 
 SOURCE = "int xdp_zfast(struct xdp_md *ctx) { return XDP_PASS; }\n"
 CFLAGS = ["-DZF_FLOW_TABLE=65536", "-DZF_MAX_SERVICES=64"]

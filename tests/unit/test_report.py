@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from zfast import report
+from zfast.telemetry import report
 from zfast.controllers.statistics import Series, StatisticsController
 
 T0 = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""Scaling controller decisions (zfast.core.scaling): pure logic driven by a fake clock.
+"""Scaling controller decisions (zfast.controllers.scaling): pure logic driven by a fake clock.
 
 Each test feeds one Sample a second (time = a plain float) and asks for a decision after
 each, applying what is decided to the sizes as the core service does. No system access.
@@ -7,7 +7,7 @@ each, applying what is decided to the sizes as the core service does. No system 
 import pytest
 
 from zfast.core.cgroups import parse_size
-from zfast.core.scaling import (
+from zfast.controllers.scaling import (
     CPU_HIGH, CPU_LOW, FLOWS_AFTER_SHRINK, FLOWS_HIGH, GROW_SETTLE_S, MEM_HIGH, MEM_LOW,
     MEM_TARGET, THROTTLED_HIGH, WINDOW, Bounds, Decision, Sample, Scaler, Sizes, bounds_from,
 )

@@ -18,8 +18,8 @@ if str(REPO) not in sys.path:
 
 from tools.sink import Sink  # noqa: E402
 from tools.trafficgen import FlowSpec, Generator, GenError, dev_info, run_pktgen  # noqa: E402
-from zfast.netns import Topology  # noqa: E402
-from zfast.progrun import run_xdp  # noqa: E402
+from zfast.lab.netns import Topology  # noqa: E402
+from zfast.dataplane.progrun import run_xdp  # noqa: E402
 
 SRC, DST = "10.77.0.1", "10.77.0.2"
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from zfast.reasons import reasons
+from zfast.dataplane.reasons import reasons
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
 

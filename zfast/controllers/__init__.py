@@ -1,6 +1,10 @@
-"""The node's controllers: loops that run beside the data plane and act on what it does.
+"""Every controller: a decision, taken from observations and a clock, that the daemon
+around it carries out.
 
-For example ``statistics.StatisticsController`` samples the counters every second into an
-embedded SQLite time-series store, and ``logger.LoggerController`` records every event
-(a rotated, fsynced file, optionally forwarded to syslog).
+activity    is this node's data plane healthy (the pair hands over when it is not)?
+health      backend health checks: UP, DOWN, draining
+repair      (core service) which instances are abnormal, and what replaces them
+scaling     (core service) CPU, memory and map sizes of each instance
+statistics  counters sampled into a time-series store, and their summaries
+logger      every event, to a rotated file and optionally syslog
 """

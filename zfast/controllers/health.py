@@ -43,7 +43,7 @@ The rules (docs/datapath.md, "Decisions", says what the data plane does with the
   receiver (``ServiceTable.set_health``) can therefore keep its own record without ever
   disagreeing with the controller for longer than one refresh.
 
-``for_node(node)`` wires a controller into a running ``zfast.node.Node``.
+``for_node(node)`` wires a controller into a running ``zfast.node.daemon.Node``.
 """
 
 from __future__ import annotations
@@ -590,7 +590,7 @@ class HealthController:
 # ---- the node's wiring ---------------------------------------------------------------------
 
 def for_node(node) -> HealthController:
-    """A health controller over a ``zfast.node.Node``'s services: its results go into the
+    """A health controller over a ``zfast.node.daemon.Node``'s services: its results go into the
     node's ServiceTable (set_health_many: each service's ring rebuilt once a round) and, for
     each backend whose state in the maps changed, into its event log as a ``backend`` event.
     Start it after the maps are filled; refresh() it after each apply; stop() it first."""

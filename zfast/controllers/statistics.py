@@ -124,8 +124,8 @@ def count_entries(map_fd: int, chunk: int = 4096) -> tuple[int, int]:
     """(entries, max_entries) of a BPF hash map by BPF_MAP_LOOKUP_BATCH: a few syscalls
     for the whole map (get_next_key would be one a key). For the flow table:
     ``count_entries(node.dp.table("flows").map_fd)``; a pinned map:
-    ``count_entries(zfast.bpflib.lib.bpf_obj_get(path.encode()))``."""
-    from zfast.mapbatch import lookup_batches
+    ``count_entries(zfast.dataplane.bpflib.lib.bpf_obj_get(path.encode()))``."""
+    from zfast.dataplane.mapbatch import lookup_batches
 
     info = {}
     with open(f"/proc/self/fdinfo/{map_fd}") as f:

@@ -234,8 +234,8 @@ class NetnsRuntime(Runtime):
             except ProcessLookupError:
                 pass
             inst.proc.wait()
-        from zfast import pins
-        from zfast.node import down
+        from zfast.dataplane import pins
+        from zfast.node.daemon import down
         from zfast.paths import pin_dir
         try:
             down(inst.spec.state_dir)   # its pinned maps

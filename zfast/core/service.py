@@ -28,7 +28,7 @@ import yaml
 
 from zfast import config
 from zfast.api import ApiError, Client, Server
-from zfast.core import scaling
+from zfast.controllers import scaling
 from zfast.core.cgroups import Cgroup, hierarchy_problem, parse_size
 from zfast.core.runtime import (Instance, InstanceSpec, Link, NetnsRuntime, Runtime, pin_bridge_mac,
                                 write_atomically)
@@ -311,7 +311,7 @@ class CoreService:
 
     def _commit(self, who: str, changes: list[str] | None = None) -> int:
         """The shared file as a store revision (balancers and routers follow the store)."""
-        from zfast.node import config_diff, shared_part
+        from zfast.node.daemon import config_diff, shared_part
         raw = shared_part(self.shared_raw())
         latest = self.store.latest(self.project.project)
         theirs = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}
@@ -455,7 +455,7 @@ class CoreService:
             return False
         try:
             from zfast import config
-            from zfast.datapath import is_cached
+            from zfast.dataplane.loader import is_cached
             from zfast.paths import pin_dir
             project = config.parse(spec.config, f"<{spec.name}>")
             return is_cached(project.datapath, pin_dir(project.node.name))
@@ -843,7 +843,7 @@ class CoreService:
         try:
             if inst.spec.kind != "balancer":
                 raise FileNotFoundError(path)   # routers have no flow table
-            from zfast.bpflib import lib   # not bcc: the core daemon never loads LLVM
+            from zfast.dataplane.bpflib import lib   # not bcc: the core daemon never loads LLVM
             fd = lib.bpf_obj_get(str(path).encode())
             if fd >= 0:
                 try:

@@ -17,8 +17,9 @@ import signal
 import threading
 from pathlib import Path
 
-from zfast import config, pins
-from zfast.datapath import Loaded
+from zfast import config
+from zfast.dataplane import pins
+from zfast.dataplane.loader import Loaded
 from zfast.paths import pin_dir
 
 PARKED = "parked"          # written in the state dir once the program is loaded

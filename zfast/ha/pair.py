@@ -20,7 +20,7 @@ import threading
 import time
 
 from zfast.config import HA
-from zfast.ha.activity import Activity
+from zfast.controllers.activity import Activity
 from zfast.ha.election import ACTIVE, INIT, STANDBY, Election
 from zfast.ha.heartbeat import Sender, Verifier, load_key
 from zfast.ha.sync import FlowReceiver, FlowSender

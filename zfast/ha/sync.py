@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zfast.datapath import NO_BACKEND, Loaded, get_addr
-from zfast.reasons import defines
+from zfast.dataplane.loader import NO_BACKEND, Loaded, get_addr
+from zfast.dataplane.reasons import defines
 
 log = logging.getLogger("zfast.ha.sync")
 
@@ -122,7 +122,7 @@ class FlowSender:
     def _full_table(self) -> list[bytes]:
         """Every forward entry of the flow table, as flow events (batch reads: a quarter
         million entries in well under a second, not one syscall an entry)."""
-        from zfast.mapbatch import read_all
+        from zfast.dataplane.mapbatch import read_all
         flows = self.dp.table("flows")
         ks, vs = ctypes.sizeof(flows.Key), ctypes.sizeof(flows.Leaf)
         keys, vals, n = read_all(flows.map_fd, ks, vs)

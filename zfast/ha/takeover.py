@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import time
 
-from zfast.datapath import AF, Loaded, set_addr
+from zfast.dataplane.loader import AF, Loaded, set_addr
 
 ETH_P_ALL = 0x0003
 

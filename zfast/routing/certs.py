@@ -428,7 +428,7 @@ class CertManager:
                             "(it needs DNS-01): it keeps a self-signed certificate")
         from acme import challenges, crypto_util, messages
 
-        from zfast.netns import in_ns
+        from zfast.lab.netns import in_ns
         url = self.acme["directory"]
         with self._acme_lock, in_ns(self.netns):
             try:

@@ -157,7 +157,7 @@ class ZfastCollector:
         for reason, v in st.get("verdicts", {}).items():
             vp.add_metric([reason], v["packets"])
             vb.add_metric([reason], v["bytes"])
-        # after us: what the kernel dropped (zfast.egress), never silent
+        # after us: what the kernel dropped (zfast.dataplane.egress), never silent
         kernel = CounterMetricFamily("zfast_kernel_drops", "Packets the kernel dropped after the "
                                      "program forwarded them", labels=["interface", "kind"])
         for ifname, counts in st.get("kernel_drops", {}).items():

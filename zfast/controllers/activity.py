@@ -7,7 +7,7 @@ Checked every few heartbeats, cheaply, from netlink and the maps:
     counters moved too;
   * no internal errors (drop_error: a map refused an update);
   * no XDP frame lost by the kernel after the program forwarded it (a redirect it could
-    not hand on, a frame the driver failed to send: zfast.egress.kernel_drops): packets
+    not hand on, a frame the driver failed to send: zfast.dataplane.egress.kernel_drops): packets
     zfast counted as forwarded and nobody received.
 The daemon's own responsiveness is the heartbeat itself: a frozen daemon
 sends none. The problems go out in every heartbeat; the election acts on them.
@@ -20,9 +20,9 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from zfast import bpflib
-from zfast.datapath import TC_HANDLE, TC_PRIO
-from zfast.egress import kernel_drops, proc_net_dev, xdp_lost
+from zfast.dataplane import bpflib
+from zfast.dataplane.loader import TC_HANDLE, TC_PRIO
+from zfast.dataplane.egress import kernel_drops, proc_net_dev, xdp_lost
 
 RX_WITHOUT_VERDICTS = 1000  # packets received with no verdict counted: the program is not running
 SIOCGIFFLAGS = 0x8913
@@ -39,7 +39,7 @@ class Activity:
     """Ten checks a second on a balancer that may have a quarter of a CPU: each is a
     syscall or two (an ioctl, a netlink query through libbpf, /proc/net/dev), asked in
     the daemon's own namespace, never a dump of every link parsed in Python."""
-    dp: object                  # zfast.datapath.Loaded
+    dp: object                  # zfast.dataplane.loader.Loaded
     interfaces: list[str]
     problems: list[str] = field(default_factory=list)
     _last: dict = field(default_factory=dict)

@@ -13,7 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from zfast.netns import in_ns
+from zfast.lab.netns import in_ns
 
 
 def _family(host: str) -> int:

@@ -27,13 +27,14 @@ from typing import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:         # numpy at first use: `zfast up` starts the kernel's work on
-    import numpy as np    # the data plane before it imports it (zfast/prestart.py)
+    import numpy as np    # the data plane before it imports it (zfast/node/prestart.py)
 
-from zfast import bpflib, progcache
-from zfast.background import Background
+from zfast.dataplane import bpflib
+from zfast.dataplane import progcache
+from zfast.dataplane.background import Background
 from zfast.config import Datapath as Sizes
 from zfast.paths import bpf_dir
-from zfast.reasons import defines, reasons
+from zfast.dataplane.reasons import defines, reasons
 
 # XDP attach flags (linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -504,7 +505,7 @@ class Loaded:
         """Ring number ``ring`` as written (None: no ring there)."""
         import numpy as np
 
-        from zfast.mapbatch import read_all
+        from zfast.dataplane.mapbatch import read_all
         try:
             inner_id = self.table("rings")[ctypes.c_uint32(ring)].value
         except KeyError:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from zfast.config import Datapath as Sizes
 from zfast.paths import bpf_dir
-from zfast.progrun import libbpf
+from zfast.dataplane.progrun import libbpf
 
 LAYOUT = "layout.json"
 INSTALLED = "installed.json"

@@ -3,7 +3,7 @@
 TCP: on connect, sends ``<name>\\n``, then echoes every line back.
 UDP: answers each datagram with ``<name> <datagram>``.
 
-    python -m zfast.echo --name be1 --port 8080 [--udp-port 5353]
+    python -m zfast.lab.echo --name be1 --port 8080 [--udp-port 5353]
 """
 
 from __future__ import annotations

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zfast import maglev
+from zfast.reconcile import maglev
 from zfast.config import PublicPort, Service
-from zfast.datapath import (AF, BACKEND_DOWN, BACKEND_UP, NO_BACKEND, PROTO, DatapathError,
+from zfast.dataplane.loader import (AF, BACKEND_DOWN, BACKEND_UP, NO_BACKEND, PROTO, DatapathError,
                             IPAddress, Loaded, get_addr, set_addr)
-from zfast.reasons import defines
+from zfast.dataplane.reasons import defines
 
 MAX_SERVICE_PORTS = defines()["ZF_MAX_SERVICE_PORTS"]
 

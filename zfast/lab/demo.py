@@ -1,6 +1,6 @@
 """`zfast demo`: the main job on an embedded default topology.
 
-Builds the pair lab (zfast/lab.py build_pair: a client; an active and a
+Builds the pair lab (zfast/lab/topology.py build_pair: a client; an active and a
 standby balancer sharing the public and the private network; three backends
 with weights 1, 1, 2), runs real traffic over IPv4 and IPv6 through the VIPs
 (new TCP connections, long-lived TCP streams, UDP), shows live per-backend
@@ -19,9 +19,10 @@ from collections import Counter
 
 import click
 
-from zfast import lab, probe
+from zfast.lab import topology
+from zfast.lab import probe
 from zfast.api import ApiError
-from zfast.netns import Topology, TopologyError, in_ns
+from zfast.lab.netns import Topology, TopologyError, in_ns
 
 
 class DemoError(Exception):
@@ -40,7 +41,7 @@ class _Traffic(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        vips = [lab.VIP4, lab.VIP6]
+        vips = [topology.VIP4, topology.VIP6]
         n = 0
         with in_ns(self.ns):
             while not self.stop.is_set():
@@ -50,9 +51,9 @@ class _Traffic(threading.Thread):
                     n += 1
                     try:
                         if n % 5 == 0:
-                            name = probe.udp_hello(vip, lab.UDP_PORT, timeout=1.0)
+                            name = probe.udp_hello(vip, topology.UDP_PORT, timeout=1.0)
                         else:
-                            name = probe.tcp_hello(vip, lab.TCP_PORT, timeout=2.0)
+                            name = probe.tcp_hello(vip, topology.TCP_PORT, timeout=2.0)
                         self.ok[name] += 1
                     except OSError:
                         self.failed += 1
@@ -107,7 +108,7 @@ def run(duration: float = 20.0, connections: int = 300) -> None:
         say("1/5 building the lab: client -> active + standby balancers (tc on these veths) -> 3 backends "
             "(weights 1, 1, 2)")
         try:
-            P = lab.build_pair(topo, 3, [1, 1, 2], name="demo")
+            P = topology.build_pair(topo, 3, [1, 1, 2], name="demo")
             P.start_servers()
             active = P.start_node(0)
             P.wait_role(0, "active")
@@ -119,13 +120,13 @@ def run(duration: float = 20.0, connections: int = 300) -> None:
             st = api.get("/status")
             itfs = ", ".join(f"{x['name']} ({x['mode']}, prog {x['prog_id']})" for x in st["interfaces"])
             click.echo(f"    {st['node']}: {st['role']:<7} on {itfs}")
-        click.echo(f"    VIPs {lab.VIP4}, {lab.VIP6}; ports {lab.TCP_PORT}/tcp and "
-                   f"{lab.UDP_PORT}/udp; heartbeat every {P.heartbeat_ms} ms")
+        click.echo(f"    VIPs {topology.VIP4}, {topology.VIP6}; ports {topology.TCP_PORT}/tcp and "
+                   f"{topology.UDP_PORT}/udp; heartbeat every {P.heartbeat_ms} ms")
 
         say(f"2/5 real traffic: TCP connections and UDP datagrams, 20 long-lived streams, IPv4 and IPv6")
         traffic = _Traffic(P.client, max(10, int(connections / max(duration, 1.0))))
         traffic.start()
-        streams = [probe.Stream(P.client, vip, lab.TCP_PORT) for vip in (lab.VIP4, lab.VIP6) * 10]
+        streams = [probe.Stream(P.client, vip, topology.TCP_PORT) for vip in (topology.VIP4, topology.VIP6) * 10]
         pinger = _Streams(streams)
         pinger.start()
 

@@ -1,7 +1,7 @@
 """BCC's own table classes (bcc/table.py) over map fds, without loading libbcc.so.0.
 
 bcc/table.py calls a handful of libbcc functions: the map syscalls (in libbcc_bpf.so.0 as
-well, see zfast.bpflib) and ``bpf_table_*_id(module, map_id)``, which ask the compiled
+well, see zfast.dataplane.bpflib) and ``bpf_table_*_id(module, map_id)``, which ask the compiled
 module about a map. Here table.py is loaded from BCC's installed package under a private
 name, with a ``libbcc`` of our own beside it: the syscalls go to libbcc_bpf, and the
 module questions are answered from the map definitions a cache entry recorded
@@ -22,7 +22,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from zfast import bpflib
+from zfast.dataplane import bpflib
 
 _PACKAGE = "zfast._bcc_nollvm"
 

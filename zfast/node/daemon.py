@@ -20,15 +20,16 @@ from pathlib import Path
 
 import yaml
 
-from zfast import config, egress
+from zfast import config
+from zfast.dataplane import egress
 from zfast.api import Server
-from zfast.datapath import DatapathError, Loaded, hooks_for, ifindex
-from zfast import pins
-from zfast.firewall import FirewallTable, explain, listener
+from zfast.dataplane.loader import DatapathError, Loaded, hooks_for, ifindex
+from zfast.dataplane import pins
+from zfast.reconcile.firewall import FirewallTable, explain, listener
 from zfast.paths import BPFFS, pin_dir
-from zfast.prestart import AlreadyRunning, take_node_lock
-from zfast.reasons import reasons
-from zfast.services import ServiceTable
+from zfast.node.prestart import AlreadyRunning, take_node_lock
+from zfast.dataplane.reasons import reasons
+from zfast.reconcile.services import ServiceTable
 from zfast.store import Revision, Store, StoreError, open_store
 
 log = logging.getLogger("zfast.node")
@@ -135,14 +136,14 @@ class Node:
         # A program compiled ahead by a parked spare (zfast/core/spare.py): start takes it
         # instead of compiling (seconds of BCC) when its pinned maps are fresh and of our layout.
         self.preloaded = preloaded
-        # zfast/prestart.py: the lock taken, and a fresh start's data plane loading, by `zfast up`
+        # zfast/node/prestart.py: the lock taken, and a fresh start's data plane loading, by `zfast up`
         self.prestart = prestart
         self.egress: dict[str, egress.TargetCheck] = {}   # per port, while XDP redirects
         self._egress_seen: tuple = ()
         self._egress_next = 0.0
         self._xmit_errors: dict[str, int] = {}
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
-        self._sweeper = None         # the idle-flow sweep's process (zfast/flowage.py)
+        self._sweeper = None         # the idle-flow sweep's process (zfast/dataplane/flowage.py)
 
     # ---- life cycle ---------------------------------------------------------
 
@@ -164,7 +165,7 @@ class Node:
             changes = self._reconcile(self.project)
             self._save_installed()
             self._refresh_tx_ports()
-            from zfast.nexthops import NextHopWatch
+            from zfast.dataplane.nexthops import NextHopWatch
             self.nexthops = NextHopWatch(self.dp)
             self.nexthops.start()
             try:
@@ -309,7 +310,7 @@ class Node:
         pins.write_json(self.state_dir / pins.LAYOUT, want)
 
     def _sweep_idle_flows(self) -> None:
-        """Idle flows leave the table (zfast/flowage.py). Not on a standby: its entries
+        """Idle flows leave the table (zfast/dataplane/flowage.py). Not on a standby: its entries
         are the active's, replicated, and see no packet until it takes over."""
         if self.pair and self.pair.role == "standby":
             return
@@ -317,12 +318,12 @@ class Node:
         import subprocess
         import sys
 
-        from zfast.flowage import layout_of
+        from zfast.dataplane.flowage import layout_of
         try:
             p = self._sweeper
             if p is None or p.poll() is not None:
                 p = self._sweeper = subprocess.Popen(
-                    [sys.executable, "-m", "zfast.flowage",
+                    [sys.executable, "-m", "zfast.dataplane.flowage",
                      json.dumps(layout_of(self.dp.table("flows"))), str(self.pin / "flows")],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             p.stdin.write("sweep\n")
@@ -427,7 +428,7 @@ class Node:
         self.dp.set_tx_ports([idx for idx, _ in socket.if_nameindex()])
 
     def _check_egress(self) -> None:
-        """While an XDP program redirects, every port must take its frames (zfast.egress):
+        """While an XDP program redirects, every port must take its frames (zfast.dataplane.egress):
         checked when links change, when the kernel loses XDP frames at a port (the symptom
         of a peer that lost its NAPI) and every EGRESS_RECHECK_S. The loss rising is an
         event; so is what zfast did about a port (GRO turned on at the peer every time;
@@ -454,7 +455,7 @@ class Node:
                 self.egress[name] = check
 
     def kernel_drops(self) -> dict[str, dict[str, int]]:
-        """What the kernel dropped after the program, per interface of the node (zfast.egress)."""
+        """What the kernel dropped after the program, per interface of the node (zfast.dataplane.egress)."""
         return {itf.name: egress.kernel_drops(itf.name) for itf in self.project.node.interfaces}
 
     # ---- apply ----------------------------------------------------------------
@@ -712,7 +713,7 @@ def down(state_dir: Path, timeout: float = 20.0) -> list[str]:
                 done.append(f"stopped daemon {pid}")
     installed = pins.read_json(state_dir / pins.INSTALLED)
     if installed:
-        from zfast.datapath import detach_interface
+        from zfast.dataplane.loader import detach_interface
         for ifname in installed.get("interfaces", []):
             try:
                 detach_interface(ifname)

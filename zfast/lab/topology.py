@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from zfast.api import ApiError, Client
-from zfast.netns import Topology
+from zfast.lab.netns import Topology
 
 VIP4 = "10.0.0.10"
 VIP6 = "fd00::10"
@@ -34,8 +34,8 @@ def backend_addrs(i: int) -> tuple[str, str]:
 
 
 def start_echo_servers(topo: Topology, backends: list[str]) -> list:
-    """zfast.echo in every backend namespace: TCP TARGET_TCP and UDP TARGET_UDP."""
-    return [topo.popen(ns, [sys.executable, "-m", "zfast.echo", "--name", f"be{i + 1}",
+    """zfast.lab.echo in every backend namespace: TCP TARGET_TCP and UDP TARGET_UDP."""
+    return [topo.popen(ns, [sys.executable, "-m", "zfast.lab.echo", "--name", f"be{i + 1}",
                             "--port", str(TARGET_TCP), "--udp-port", str(TARGET_UDP)],
                        stdout=open("/dev/null", "w"))
             for i, ns in enumerate(backends)]
@@ -139,7 +139,7 @@ def _remove_node_state(state_dir: Path) -> None:
     """What a lab node leaves: pinned maps of an unclean stop, its state dir."""
     import shutil
 
-    from zfast.node import down
+    from zfast.node.daemon import down
     try:
         down(state_dir)
     except Exception:

@@ -4,8 +4,8 @@ A start spends ~0.5 s in the kernel (making the maps, verifying the programs) an
 importing the control plane (netlink, numpy, the controllers); one after the other they
 are most of the time to the first datagram forwarded. So `zfast up` takes the node's lock
 and, on a fresh start, begins loading the data plane in a thread of its own as soon as the
-project file is read; Node.start takes the result (zfast/node.py) and fills the maps
-while the kernel verifies the programs (datapath.Loaded, background).
+project file is read; Node.start takes the result (zfast/node/daemon.py) and fills the maps
+while the kernel verifies the programs (loader.Loaded, background).
 
 Only a fresh start is begun early: with pinned maps of a previous daemon there (a restart
 that adopts the flows, or maps to be set aside), the node decides what to do with them,
@@ -18,8 +18,9 @@ import fcntl
 import os
 from pathlib import Path
 
-from zfast import config, pins
-from zfast.background import Background
+from zfast import config
+from zfast.dataplane import pins
+from zfast.dataplane.background import Background
 from zfast.paths import pin_dir
 
 
@@ -54,11 +55,11 @@ class Prestart:
             return                      # the node adopts or sets aside what is there
         # the start's own checks first: a start that fails them (a crash loop's) costs
         # no maps and no verifier
-        from zfast import datapath
+        from zfast.dataplane import loader
         try:
             for itf in node.interfaces:
-                datapath.ifindex(itf.name)
-        except datapath.DatapathError:
+                loader.ifindex(itf.name)
+        except loader.DatapathError:
             return                      # the node says which interface is missing
         if project.ha is not None:
             from zfast.ha.heartbeat import KeyError_, load_key
@@ -66,8 +67,8 @@ class Prestart:
                 load_key(project.ha.key_file)
             except KeyError_:
                 return                  # the node says what is wrong with the key
-        hooks = datapath.hooks_for((itf.name, itf.mode or node.mode) for itf in node.interfaces)
-        self._load = Background(lambda: datapath.Loaded(project.datapath, pin=self.pin,
+        hooks = loader.hooks_for((itf.name, itf.mode or node.mode) for itf in node.interfaces)
+        self._load = Background(lambda: loader.Loaded(project.datapath, pin=self.pin,
                                                         hooks=hooks, background=True),
                                 name="prestart")
 

@@ -5,10 +5,10 @@ and the process keeps LLVM mapped (~260 MiB resident). What the kernel finally r
 is small: per program function its instructions, in which every map reference is an
 ld_imm64 carrying the map's fd (BPF_PSEUDO_MAP_FD), and the maps' definitions. That is
 what an entry records, and a later start with the same key loads it through BCC's own
-loader library (libbcc_bpf.so.0, zfast.bpflib: bcc_create_map, bcc_prog_load), without
+loader library (libbcc_bpf.so.0, zfast.dataplane.bpflib: bcc_create_map, bcc_prog_load), without
 importing bcc and so without LLVM:
 
-- key: sha256 of the inlined source as zfast.datapath.inline_source makes it, the
+- key: sha256 of the inlined source as zfast.dataplane.loader.inline_source makes it, the
   compile-time cflags (the sizes are -D flags), the kernel (release and build version
   string, as BCC compiles against that kernel's headers), BCC's version, the program
   functions and their types, and FORMAT. The pin dir, a -D flag too, is replaced by a
@@ -30,7 +30,7 @@ importing bcc and so without LLVM:
 
 On a hit, maps are opened from their pins in the caller's pin dir when the program pins
 them (compiled with ZF_PIN_DIR), made and pinned there when missing, else created; the fds are patched into the ld_imm64 instructions, and each program loaded.
-The tables are BCC's own classes (zfast.bcctables) over those fds, behind a small
+The tables are BCC's own classes (zfast.dataplane.bcctables) over those fds, behind a small
 stand-in for bcc.BPF (`CachedBPF`: ``bpf[b"flows"]``, ring buffers, cleanup).
 """
 
@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from zfast.background import Background
-from zfast.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
+from zfast.dataplane.background import Background
+from zfast.dataplane.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
     """The entry for a compiled and loaded bcc.BPF: its maps as the kernel has them, and
     its programs' instructions with the map fds in them named; inner: inner_maps() of
     its source. Raises Uncacheable."""
-    from zfast import bpflib
+    from zfast.dataplane import bpflib
 
     lib = _bcc_lib()
     maps, by_fd, btf_ids = [], {}, set()
@@ -530,7 +530,7 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
 
 def _pinned_at(pin: Path, name: str, map_id: int) -> str | None:
     """name when pin/name is this very map (BPF_TABLE_PINNED, bpf/maps.h), else None."""
-    from zfast import bpflib
+    from zfast.dataplane import bpflib
 
     path = Path(pin) / name
     if not path.exists():
@@ -573,7 +573,7 @@ class CachedBPF:
         self._ringbuf_manager = None
 
     def get_table(self, name, keytype=None, leaftype=None, reducer=None):
-        from zfast.bcctables import table_module
+        from zfast.dataplane.bcctables import table_module
 
         name = name.encode() if isinstance(name, str) else name
         if name not in self._ids:
@@ -626,7 +626,7 @@ class CachedBPF:
 
     # ring buffers, as bcc.BPF's (RingBuf.open_ring_buffer calls _open_ring_buffer)
     def _open_ring_buffer(self, map_fd, fn, ctx=None):
-        from zfast.bpflib import lib
+        from zfast.dataplane.bpflib import lib
 
         if not self._ringbuf_manager:
             self._ringbuf_manager = lib.bpf_new_ringbuf(map_fd, fn, ctx)
@@ -636,14 +636,14 @@ class CachedBPF:
             raise Exception("Could not open ring buffer")
 
     def ring_buffer_poll(self, timeout=-1):
-        from zfast.bpflib import lib
+        from zfast.dataplane.bpflib import lib
 
         if not self._ringbuf_manager:
             raise Exception("No ring buffers to poll")
         lib.bpf_poll_ringbuf(self._ringbuf_manager, timeout)
 
     def ring_buffer_consume(self):
-        from zfast.bpflib import lib
+        from zfast.dataplane.bpflib import lib
 
         if not self._ringbuf_manager:
             raise Exception("No ring buffers to poll")
@@ -666,7 +666,7 @@ class CachedBPF:
 
     def cleanup(self):
         if self._ringbuf_manager:
-            from zfast.bpflib import lib
+            from zfast.dataplane.bpflib import lib
 
             lib.bpf_free_ringbuf(self._ringbuf_manager)
             self._ringbuf_manager = None
@@ -693,7 +693,7 @@ def _same(m: MapDef, info) -> bool:
 
 
 def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0, inner_fd: int = 0) -> int:
-    from zfast import bpflib
+    from zfast.dataplane import bpflib
 
     lib = bpflib.lib
     path = None
@@ -757,8 +757,8 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
     sizes map_sizes gives. The programs named in load are loaded now (all by default), the
     others on bpf.load_func. Raises HitError; whatever it opened is closed again (pins it
     made stay, as BCC's would)."""
-    from zfast import bpflib
-    from zfast.bcctables import table_module
+    from zfast.dataplane import bpflib
+    from zfast.dataplane.bcctables import table_module
 
     try:
         table_module()          # the tables will need it: find out now, while a compile can help
@@ -806,7 +806,7 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
 
 def _load_program(p: Program, map_fds: dict[str, int], license: str, kern_version: int) -> int:
     """The fd of program p loaded with these maps' fds patched in. Raises HitError."""
-    from zfast import bpflib
+    from zfast.dataplane import bpflib
 
     insns = _patched(p, map_fds)
     buf = ct.create_string_buffer(insns, len(insns))

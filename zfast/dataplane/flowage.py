@@ -22,8 +22,8 @@ import json
 import os
 import sys
 
-from zfast.mapbatch import read_all
-from zfast.reasons import defines
+from zfast.dataplane.mapbatch import read_all
+from zfast.dataplane.reasons import defines
 
 _C = defines()             # bpf/zfast_shared.h
 SEEN, AGED = _C["ZF_FLOW_SEEN"], _C["ZF_FLOW_AGED"]
@@ -92,7 +92,7 @@ class _Swap:
 
 def sweep_fd(fd: int, layout: dict) -> dict:
     """One sweep of the flows map behind fd."""
-    from zfast.bpflib import lib
+    from zfast.dataplane.bpflib import lib
     ks, vs = layout["key_size"], layout["value_size"]
     keys, vals, n = read_all(fd, ks, vs, CHUNK)
     if not n:
@@ -153,12 +153,12 @@ def sweep_fd(fd: int, layout: dict) -> dict:
 
 
 def main() -> None:
-    """`python -m zfast.flowage LAYOUT_JSON PINNED_MAP`: a sweeper process of its own.
+    """`python -m zfast.dataplane.flowage LAYOUT_JSON PINNED_MAP`: a sweeper process of its own.
 
     The daemon runs the sweep here, not in its own process: a quarter of a million entries
     take ~0.3 s of Python, and in the daemon's process that would hold the GIL
     (heartbeats, the API) that long. One sweep per line read ("sweep"), one JSON line back."""
-    from zfast.bpflib import lib
+    from zfast.dataplane.bpflib import lib
     layout, path = json.loads(sys.argv[1]), sys.argv[2]
     for line in sys.stdin:
         fd = lib.bpf_obj_get(path.encode())

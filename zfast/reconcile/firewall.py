@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zfast.config import IPNetwork, Project, PublicPort
-from zfast.datapath import DatapathError, Loaded
-from zfast.services import Slots
-from zfast.reasons import defines
+from zfast.dataplane.loader import DatapathError, Loaded
+from zfast.reconcile.services import Slots
+from zfast.dataplane.reasons import defines
 
 ALLOW, DENY = defines()["ZF_FW_ALLOW"], defines()["ZF_FW_DENY"]
 ACTION_NAME = {ALLOW: "allow", DENY: "deny"}

@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 
-log = logging.getLogger("zfast.nexthops")
+log = logging.getLogger("zfast.dataplane.nexthops")
 
 REFRESH_S = 5.0
 # rtnetlink multicast groups (linux/rtnetlink.h)
