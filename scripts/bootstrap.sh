@@ -110,9 +110,9 @@ if ! venv_ok; then
     "$SYS_PY" -m venv --system-site-packages "$VENV" || die "cannot create venv (is python3-venv installed?)"
 fi
 
-# Reinstall only when setup.py changed or zfast does not import from this
+# Reinstall only when pyproject.toml changed or zfast does not import from this
 # checkout (-I: the current directory must not make it importable by accident).
-want_hash="$(sha256sum "$REPO/setup.py" | cut -d' ' -f1)"
+want_hash="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 have_hash="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ $want_hash != "$have_hash" ]] || ! (cd / && "$VENV/bin/python" -I -c "
 import os, sys, zfast
