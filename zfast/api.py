@@ -1,7 +1,8 @@
 """The node's control API: HTTP with JSON bodies on a unix socket in its state dir.
 
 The daemon serves it (``Server``); the CLI and tests talk to it (``Client``).
-Endpoints are listed in docs/api.md.
+Endpoints are described in docs/openapi.yaml; the core daemon serves its own routes
+through the same Server, described in docs/openapi-core.yaml.
 """
 
 from __future__ import annotations
