@@ -1,4 +1,4 @@
-"""The logger controller: EventLog's format, rotation within bounds, reading and following
+"""The logger controller: the event format, rotation within bounds, reading and following
 across rotations, a SIGKILLed writer that loses nothing it logged, and a syslog target
 that is away never slowing or breaking log()."""
 
@@ -22,14 +22,17 @@ from zfast.controllers.logger import LoggerController
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_same_format_as_the_event_log(tmp_path):
-    old = events.EventLog(tmp_path, "lb-a").log("apply", revision=1, changes=["+ service app"])
+def test_the_event_format(tmp_path):
+    # a log left by an earlier daemon: the controller appends to it in the same format
+    old = {"time": events.rfc3339(time.time()), "node": "lb-a", "kind": "apply", "revision": 1,
+           "changes": ["+ service app"]}
+    (tmp_path / "events.jsonl").write_text(json.dumps(old) + "\n")
     new = LoggerController(tmp_path, "lb-a").log("apply", revision=2, changes=[])
     assert set(old) == set(new) == {"time", "node", "kind", "revision", "changes"}
     assert new["node"] == "lb-a" and new["kind"] == "apply"
     assert abs(events.parse_time(new["time"]) - time.time()) < 5
     assert new["time"].endswith("Z")
-    # the existing reader (zfast logs) reads both
+    # both readers read both lines: events.read and logger.read (zfast logs)
     assert [e["revision"] for e in events.read(tmp_path)] == [1, 2]
     assert [e["revision"] for e in logger.read(tmp_path)] == [1, 2]
     lines = (tmp_path / "events.jsonl").read_text().splitlines()

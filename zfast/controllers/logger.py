@@ -158,7 +158,7 @@ def follow(state_dir: Path, since: float | None = None, stop: threading.Event | 
 
 
 class LoggerController:
-    """Drop-in for zfast.events.EventLog: .log(kind, **fields) -> the event; plus rotation,
+    """The node's event log: .log(kind, **fields) -> the event; plus rotation,
     syslog forwarding, .read(since), .follow(), .status(), .close()."""
 
     def __init__(self, state_dir: Path, node: str, syslog: str | None = None,
