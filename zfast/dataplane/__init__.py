@@ -14,7 +14,7 @@ nexthops    next-hop MACs for the backends, from the kernel's neighbour table
 flowhash    the flow hash the C side uses, for choosing a backend from Python
 egress      can a port take XDP frames, and what the kernel dropped sending there
 egresswatch every redirect target checked again when links change or frames are lost
-links       the node's links as the kernel has them: the redirect targets
+links       the node's links as the kernel has them (the activity controller's source)
 bcctables   BCC's map classes, with what zfast needs beyond them
 bpflib      the bpf(2) calls BCC does not give us
 background  a kernel call in a thread of its own

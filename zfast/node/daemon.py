@@ -27,7 +27,7 @@ from zfast import config
 from zfast.api import Server
 from zfast.dataplane import adoption
 from zfast.dataplane.egresswatch import EgressWatch
-from zfast.dataplane.links import refresh_tx_ports
+from zfast.dataplane.links import LinkWatch, refresh_tx_ports
 from zfast.dataplane.loader import DatapathError, Loaded
 from zfast.dataplane.sweeper import FlowSweeper
 from zfast.node.checks import (NodeError, check_ha_key, check_interfaces, check_local,
@@ -88,6 +88,7 @@ class Node:
         self.prestart = prestart
         names = [itf.name for itf in project.node.interfaces]
         self.egress = EgressWatch(names, on_event=self.events.log)   # while XDP redirects
+        self.links: LinkWatch | None = None    # what the pair's activity controller observes
         self.keep_dataplane = False  # SIGUSR1: exit leaving the data plane forwarding
         self._sweeper: FlowSweeper | None = None   # the idle-flow sweeps' process
 
@@ -215,6 +216,7 @@ class Node:
         if opened.installed:
             self.table.restore(opened.installed["services"])
             self.fw.restore(opened.installed["firewall"])
+        self.links = LinkWatch(self.dp, [itf.name for itf in node.interfaces])
         self._sweeper = FlowSweeper(self.dp, self.pin)
 
     def _save_installed(self) -> None:
