@@ -311,7 +311,7 @@ class CoreService:
 
     def _commit(self, who: str, changes: list[str] | None = None) -> int:
         """The shared file as a store revision (balancers and routers follow the store)."""
-        from zfast.node.daemon import config_diff, shared_part
+        from zfast.node.revisions import config_diff, shared_part
         raw = shared_part(self.shared_raw())
         latest = self.store.latest(self.project.project)
         theirs = shared_part(yaml.safe_load(latest.config) or {}) if latest else {}

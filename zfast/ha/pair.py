@@ -47,7 +47,7 @@ class Pair:
         self.election = Election(node.name, ha.priority, self.dead_s, time.monotonic())
         self.links = [(ha.bind, ha.peer)] + list(ha.links)
         self.socks: list[socket.socket] = []
-        self.activity = Activity(node.dp, [i.name for i in node.project.node.interfaces])
+        self.activity = Activity(node.links)
         self.holder = VipHolder(node.dp, ha.vips, [i.name for i in node.project.node.interfaces])
         self.flow_sender = FlowSender(node.dp, self.key, (str(ha.peer), ha.sync_port), str(ha.bind))
         self.receiver = FlowReceiver(node.dp, self.key, (str(ha.bind), ha.sync_port), str(ha.peer),
