@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zfast.controllers import statistics  # noqa: E402
+from zfast.telemetry import seriesstore  # noqa: E402
+from zfast.telemetry.serieskeys import flatten  # noqa: E402
 
 
 def synthetic(services: int, backends: int, ports: int = 20, reasons: int = 30):
@@ -115,17 +116,17 @@ def main(argv=None) -> dict:
         per_tick = cpu / args.ticks
         names = len(ctl.store.layout(1)[0])
         # a week in the store: fine_keep/1 s rows + coarse_keep/60 s rows
-        fine_rows = int(statistics.FINE_KEEP_S)
-        coarse_rows = int(statistics.COARSE_KEEP_S // statistics.COARSE_STEP_S)
+        fine_rows = int(seriesstore.FINE_KEEP_S)
+        coarse_rows = int(seriesstore.COARSE_KEEP_S // seriesstore.COARSE_STEP_S)
         avg_row = row_bytes / args.ticks
         ctl.stop()
 
         # measure: a file with that many rows of these blobs (rows copied in SQL, fast)
         week_path = Path(tmp) / "week.sqlite"
-        fill = statistics.StatsStore(week_path)
+        fill = seriesstore.StatsStore(week_path)
         blobs = []
         for d in dicts:
-            names_, values, meta = statistics.flatten(d, {"self": (1, 2)}, {})
+            names_, values, meta = flatten(d, {"self": (1, 2)}, {})
             blobs.append((names_, values, meta))
         t = 1_700_000_000.0
         for k in range(len(blobs)):

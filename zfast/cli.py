@@ -269,9 +269,9 @@ def _print_stats(st: dict, prev: dict | None, interval: float) -> None:
 def stats(state_dir, config_file, node, as_json, watch, since):
     """Packets and bytes per service, backend and verdict reason."""
     if since:
-        from zfast.controllers import statistics
+        from zfast.telemetry import seriesstore  # numpy: loaded for this command only
         try:
-            summary = statistics.open_reader(_state_dir(state_dir, config_file, node)).summary(_since(since))
+            summary = seriesstore.open_reader(_state_dir(state_dir, config_file, node)).summary(_since(since))
         except FileNotFoundError as err:
             _fail(f"no statistics stored yet: {err}")
         if as_json:
@@ -314,12 +314,12 @@ def stats(state_dir, config_file, node, as_json, watch, since):
 def report(state_dir, config_file, node, since, output):
     """A PNG of packets, drops and flows over time."""
     from zfast.telemetry import report as rep
-    from zfast.controllers import statistics
+    from zfast.telemetry import seriesstore  # numpy: loaded for this command only
 
     directory = _state_dir(state_dir, config_file, node)
     start = _since(since)
     try:
-        reader = statistics.open_reader(directory)
+        reader = seriesstore.open_reader(directory)
     except FileNotFoundError as err:
         _fail(f"no statistics stored yet: {err}")
     series = reader.series(start, names=["service/*/packets", "backend/*/packets", "drop/*", "flows"])

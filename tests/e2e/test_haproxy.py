@@ -27,7 +27,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from zfast.lab.netns import Topology, in_ns
-from zfast.routing.haproxy import HAProxy, Route, Upstream, make_self_signed
+from zfast.routing.haproxy.errors import HAProxyError
+from zfast.routing.haproxy.instance import HAProxy
+from zfast.routing.haproxy.model import Route, Upstream
+from zfast.routing.haproxy.pem import make_self_signed
 
 pytestmark = pytest.mark.e2e
 
@@ -286,7 +289,7 @@ def summary(load: dict) -> dict:
 
 def test_started_with_listeners_and_api(lab):
     assert lab.h.alive() and lab.h.pid() == lab.h.show_proc()["master"]
-    assert int(lab.h.pidfile.read_text()) == lab.h.pid()
+    assert int(lab.h.workdir.pidfile.read_text()) == lab.h.pid()
     assert "Pid: " in lab.h.api.send("show info")
     kinds = {(s["proxy"], s["type"]) for s in lab.h.stats()}
     assert {("fe_http", "frontend"), ("fe_https", "frontend"), ("app", "backend")} <= kinds
@@ -355,7 +358,7 @@ def test_acme_challenge(lab):
         assert r.headers["Content-Type"].startswith("text/plain")
     assert get(lab, "app.example.org", "/.well-known/acme-challenge/bad.token").status == 404
     assert worker(lab) == pid                                             # no reload
-    assert lab.h.map_path("acme.map").read_text() == f"thumbprint {THUMB}\n"
+    assert lab.h.workdir.map_path("acme.map").read_text() == f"thumbprint {THUMB}\n"
 
 
 def websocket(lab: Lab) -> socket.socket:
@@ -389,7 +392,7 @@ def test_websocket_survives_a_reload(lab):
         assert "Stopping: 1" in lab.h.master.send(f"@!{old} show info")
         s.sendall(b"\x81\x05again")
         assert s.recv(100) == b"\x81\x05again"
-        assert lab.h._worker_pid_from_api() == procs["workers"][0]
+        assert lab.h.api.answering_pid() == procs["workers"][0]
     deadline = time.monotonic() + 5
     while old in lab.h.show_proc()["old_workers"]:                     # gone with its last connection
         assert time.monotonic() < deadline
@@ -413,7 +416,7 @@ def test_add_domain_and_cert_at_runtime_under_load(lab):
     lab.facts["load_during_runtime_update"] = summary(done)
     assert_no_failures(done)
     assert worker(lab) == pid
-    assert "new.example.org" in lab.h.crt_list.read_text()                # files in step
+    assert "new.example.org" in lab.h.workdir.crt_list.read_text()        # files in step
 
 
 def test_change_and_remove_cert_at_runtime(lab):
@@ -435,7 +438,7 @@ def test_change_and_remove_cert_at_runtime(lab):
     assert cn(served_cert(lab, "new.example.org")[0]) == "zfast router default"
     assert get(lab, "new.example.org").status == 404
     assert worker(lab) == pid
-    assert not lab.h.cert_path("new.example.org").exists()
+    assert not lab.h.workdir.cert_path("new.example.org").exists()
 
 
 def test_upstream_change_is_a_hitless_reload(lab):
@@ -452,7 +455,7 @@ def test_upstream_change_is_a_hitless_reload(lab):
     names = {get(lab, "app.example.org").name for _ in range(6)}
     assert names == {"a1", "a2"}
     # runtime state survived the reload: the thumbprint and the certificates are in the files
-    assert get(lab, "x.example.org", f"/.well-known/acme-challenge/t").body == f"t.{THUMB}".encode()
+    assert get(lab, "x.example.org", "/.well-known/acme-challenge/t").body == f"t.{THUMB}".encode()
     assert cn(served_cert(lab, "app.example.org")[0]) == "app.example.org"
 
 
@@ -483,13 +486,11 @@ def test_update_without_changes_does_nothing(lab):
 
 
 def test_failed_runtime_step_falls_back_to_a_reload(lab, monkeypatch):
-    from zfast.routing.haproxy import HAProxyError
-
     def refuse(path, entries):
         raise HAProxyError("runtime API refused (test)")
 
     pid = worker(lab)
-    monkeypatch.setattr(lab.h, "_runtime_swap_map", refuse)
+    monkeypatch.setattr(lab.h.api, "swap_map", refuse)
     lab.routes.append(Route("fallback.example.org", "wild"))
     result = lab.apply()
     assert result["reloaded"] is True and "refused (test)" in result["fallback"]
@@ -508,7 +509,7 @@ def test_start_stops_a_haproxy_left_by_an_earlier_daemon(lab, tmp_path):
         t0 = time.monotonic()
         second.start([Route("left.example.org", "u")], ups, {})
         assert time.monotonic() - t0 < 3
-        first._proc.wait(1)                       # a zombie until its parent (us) reaps it
+        first.process.proc.wait(1)                # a zombie until its parent (us) reaps it
         assert not os.path.exists(f"/proc/{left_pid}")
         sock = connect(lab.cli, HAP4, 8080)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: left.example.org\r\nConnection: close\r\n\r\n")

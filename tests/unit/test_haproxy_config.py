@@ -7,8 +7,12 @@ import shutil
 
 import pytest
 
-from zfast.routing.haproxy import (HAProxy, HAProxyError, Route, Upstream, make_self_signed,
-                                   normalize_pem, parse_stat_csv, render_maps, validate)
+from zfast.routing.haproxy.errors import HAProxyError
+from zfast.routing.haproxy.instance import HAProxy
+from zfast.routing.haproxy.model import Route, Upstream, validate
+from zfast.routing.haproxy.pem import make_self_signed, normalize_pem
+from zfast.routing.haproxy.render import render_maps
+from zfast.routing.haproxy.runtime import parse_stat_csv
 
 HTTP_CHECK = {"kind": "http", "interval_ms": 250, "fall": 2, "rise": 3, "path": "/healthz"}
 TCP_CHECK = {"kind": "tcp", "interval_ms": 1000, "fall": 3, "rise": 2}
@@ -52,8 +56,8 @@ def test_rendered_config_passes_haproxy_check(tmp_path, pems, with_certs):
     h = HAProxy(tmp_path / "hap")
     h.write_files(routes(), upstreams(), pems if with_certs else {}, "A" * 43)
     h.check_config()                                    # raises with haproxy's message
-    cfg = h.cfg.read_text()
-    w = h.workdir
+    cfg = h.workdir.cfg.read_text()
+    w = h.workdir.path
     assert f"stats socket {w}/api.sock mode 600 level admin expose-fd listeners" in cfg
     assert "bind 0.0.0.0:80\n" in cfg and "bind [::]:80 v6only\n" in cfg
     assert (f"bind [::]:443 v6only ssl crt {w}/default.pem crt-list {w}/certs.list "
@@ -66,7 +70,7 @@ def test_rendered_config_passes_haproxy_check(tmp_path, pems, with_certs):
     assert "    user haproxy\n" in cfg                   # workers do not run as root
     backend_plain = cfg.split("backend plain\n")[1].split("\n\n")[0]
     assert "check" not in backend_plain                  # no health settings: no checks
-    listed = h.crt_list.read_text()
+    listed = h.workdir.crt_list.read_text()
     if with_certs:
         assert listed == (f"{w}/certs/_wildcard.wild.example.org.pem *.wild.example.org\n"
                           f"{w}/certs/app.example.org.pem app.example.org\n")
@@ -74,15 +78,15 @@ def test_rendered_config_passes_haproxy_check(tmp_path, pems, with_certs):
         assert (w / "certs/app.example.org.pem").stat().st_mode & 0o077 == 0
     else:
         assert listed == "" and not list((w / "certs").iterdir())
-    assert "PRIVATE KEY" in h.default_cert.read_text()
+    assert "PRIVATE KEY" in h.workdir.default_cert.read_text()
 
 
 def test_default_cert_is_made_once(tmp_path):
     h = HAProxy(tmp_path)
     h.write_files([], [])
-    first = h.default_cert.read_text()
+    first = h.workdir.default_cert.read_text()
     h.write_files([], [])
-    assert h.default_cert.read_text() == first
+    assert h.workdir.default_cert.read_text() == first
     h.check_config()
 
 
@@ -117,7 +121,7 @@ def test_redirect_keeps_a_non_default_https_port(tmp_path):
     h = HAProxy(tmp_path, http_port=8080, https_port=8443)
     h.write_files(routes(), upstreams())
     h.check_config()
-    cfg = h.cfg.read_text()
+    cfg = h.workdir.cfg.read_text()
     assert "redirect location https://%[var(txn.host)]:8443%[pathq] code 301" in cfg
     assert "bind 0.0.0.0:8080\n" in cfg
 
@@ -145,7 +149,7 @@ def test_bad_input_refused(tmp_path, ups, rts, message):
     with pytest.raises(HAProxyError) as e:
         h.write_files(rts, ups)
     assert message in str(e.value)
-    assert not h.cfg.exists()                     # nothing written from bad input
+    assert not h.workdir.cfg.exists()                     # nothing written from bad input
 
 
 def test_bad_certificates_and_thumbprint(tmp_path, pems):
@@ -199,7 +203,7 @@ def test_constructor_checks(tmp_path):
         HAProxy(tmp_path, user="no-such-user-here")
     h = HAProxy(tmp_path, user=None)
     h.write_files([], [])
-    assert "user " not in h.cfg.read_text()
+    assert "user " not in h.workdir.cfg.read_text()
     h = HAProxy(tmp_path, haproxy_bin="no-such-haproxy-binary")
     h.write_files([], [])
     with pytest.raises(HAProxyError, match="not found"):

@@ -76,7 +76,10 @@ from typing import Any
 import yaml
 
 from zfast import config
-from zfast.routing.haproxy import HAProxy, HAProxyError, Route, Upstream, normalize_pem
+from zfast.routing.haproxy.errors import HAProxyError
+from zfast.routing.haproxy.instance import HAProxy
+from zfast.routing.haproxy.model import Route, Upstream
+from zfast.routing.haproxy.pem import normalize_pem
 
 log = logging.getLogger("zfast.routing.router")
 
@@ -85,7 +88,7 @@ DEFAULT_BINDS = ("0.0.0.0", "::")
 CERT_POLL_S = 0.5        # certificate documents and the ACME account: read this often
 TICK_S = 0.2             # the main loop: HAProxy alive? a revision waiting?
 EXIT_STOPPED, EXIT_HAPROXY_DIED, EXIT_START_FAILED = 0, 1, 2
-# HAProxy's own limits for health checks (zfast.routing.haproxy); the project file allows more.
+# HAProxy's own limits for health checks (zfast.routing.haproxy.model); the project file allows more.
 CHECK_INTERVAL_MS = (50, 3_600_000)
 CHECK_COUNT_MAX = 100
 _NAME_RE = re.compile(config.NAME_PATTERN + r"\Z")
@@ -537,7 +540,7 @@ class Router:
         next_poll = time.monotonic() + CERT_POLL_S
         while not self._stop.is_set():
             if not self.haproxy.alive():
-                code = self.haproxy._proc.returncode if self.haproxy._proc is not None else None
+                code = self.haproxy.exit_status()
                 self._error(error=f"haproxy exited (status {code}): the router stops",
                             haproxy_status=code)
                 self.shutdown()

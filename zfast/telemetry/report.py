@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zfast.controllers.statistics import Series
+from zfast.telemetry.series import Series
 
 MAX_LINES = 12   # per panel; the rest are summed into "other"
 
