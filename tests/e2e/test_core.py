@@ -28,7 +28,7 @@ import pytest
 import lbkit
 from corekit import Core, core_service
 from zfast.api import ApiError
-from zfast.core.service import STABLE_S, STOPPED
+from zfast.controllers.repair import STABLE_S, STOPPED
 from zfast.lab.probe import Stream, streams_alive
 
 PROJECT = "coretest"

@@ -1,7 +1,7 @@
 """The scaling controller's decisions: vertical sizes of an instance from its measured load.
 
 Pure logic (no cgroup, no map, no clock of its own), so a unit test drives it in
-milliseconds; zfast/core/service.py feeds it one sample a second per instance and carries
+milliseconds; zfast/core/resizer.py feeds it one sample a second per instance and carries
 out what it decides (cgroup limits at once; a flow-table size by a rolling replacement).
 
 Three resources, each with its own rule, all with hysteresis (grow above a high mark, shrink
@@ -81,6 +81,12 @@ def _round_cpu(value: float) -> float:
 STARVED = 0.5               # throttled in over half its periods while not answering: starved
 
 
+def starved(cpu: float, throttled: float, max_cpu: float) -> bool:
+    """Whether a daemon that does not answer at quota ``cpu`` is starved, not hung: its
+    quota ran out in most periods (a stopped process is never throttled) and may grow."""
+    return throttled > STARVED and cpu < max_cpu
+
+
 class Scaler:
     """One instance's load history and last changes."""
 
@@ -122,7 +128,7 @@ class Scaler:
         starved, not hung (a stopped process is never throttled): its quota grows now,
         without a full window. A successor with the same quota would starve as well."""
         hi = self.bounds.cpu[1]
-        if throttled <= STARVED or cpu >= hi:
+        if not starved(cpu, throttled, hi):
             return None
         self.changed["cpu"] = now
         self.too_small[cpu] = cpu         # starved: it would have used all of it and more
