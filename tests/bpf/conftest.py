@@ -29,6 +29,12 @@ from zfast.dataplane.progrun import RunResult, run_tc, run_xdp  # noqa: E402
 from zfast.reconcile.services import ServiceTable  # noqa: E402
 
 
+def pytest_itemcollected(item):
+    """Every test under tests/bpf is marked `bpf` here, not in each file (called through
+    the item's own hook proxy: only for items under this directory)."""
+    item.add_marker(pytest.mark.bpf)
+
+
 @dataclass
 class Balancer:
     dp: Loaded                   # compiled by BCC, or loaded from the program cache

@@ -26,8 +26,6 @@ from zfast.dataplane.loader import PROTO, get_addr, set_addr
 from zfast.dataplane.progrun import XDP_ACTIONS
 from zfast.dataplane.reasons import by_name, reasons
 
-pytestmark = pytest.mark.bpf
-
 ETH_HLEN = 14  # BPF_PROG_RUN refuses shorter XDP frames (EINVAL)
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from zfast.lab.netns import Topology, in_ns
 from zfast.routing.certs import CertError, CertManager
 from zfast.store.sqlite import SqliteStore
 
-pytestmark = pytest.mark.e2e
-
 PROJECT = "demo"
 HOST = "app.example.org"
 CHALLENGE = "/.well-known/acme-challenge/"

@@ -21,8 +21,6 @@ import lbkit
 from zfast.lab import topology
 from zfast.lab.probe import Stream, streams_alive
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = [1, 1, 2]
 # name, VIP, client address, backend addresses, service name in the file
 FAMILIES = {

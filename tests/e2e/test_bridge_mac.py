@@ -18,8 +18,6 @@ import pytest
 from zfast.core.runtime import pin_bridge_mac
 from zfast.lab.netns import Topology, in_ns
 
-pytestmark = pytest.mark.e2e
-
 LOWEST = "02:00:00:00:00:01"      # below any random locally administered MAC but 02:00:00:00:00:00
 
 

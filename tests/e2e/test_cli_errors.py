@@ -25,8 +25,6 @@ from zfast.lab import topology
 from zfast.api import ApiError
 from zfast.paths import pin_dir
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = [1, 1, 2]
 
 

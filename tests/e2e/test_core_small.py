@@ -17,8 +17,6 @@ from corekit import core_service
 from zfast.controllers import scaling
 from zfast.lab.probe import Stream, streams_alive
 
-pytestmark = pytest.mark.e2e
-
 PROJECT = "coresmall"
 STATE = Path("/run/zfast/test-core-small")
 PUBLIC_VIP, PUBLIC_PORT = "10.234.0.10", 2222

@@ -28,8 +28,6 @@ from zfast.lab import topology
 from zfast.api import ApiError
 from zfast.lab.probe import Stream, streams_alive
 
-pytestmark = pytest.mark.e2e
-
 POOL_WEIGHTS = [1, 1, 2, 1]          # the pool of four backends, and the base file's weights
 FAMILIES = ((topology.VIP4, topology.CLIENT4, 0, "app"), (topology.VIP6, topology.CLIENT6, 1, "app6"))
 

@@ -33,8 +33,6 @@ from zfast.lab.netns import Topology
 from zfast.paths import pin_dir
 from zfast.lab.probe import Stream
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = [1, 1, 1]
 FAMILIES = ((topology.VIP4, topology.CLIENT4, 0), (topology.VIP6, topology.CLIENT6, 1))
 CONVERGE_S = 1.0           # the acceptance bound: an apply is seen by both within a second

@@ -22,8 +22,6 @@ from lbkit import ensure_etcd  # noqa: E402  (Debian's etcd, installed if missin
 from zfast.store import StoreError, open_store
 from zfast.store.etcd import EtcdStore
 
-pytestmark = pytest.mark.e2e
-
 YAML = "project: demo\nservices: []\n"
 
 

@@ -25,8 +25,6 @@ if str(REPO) not in sys.path:
 
 from tools.starttime import measure  # noqa: E402
 
-pytestmark = pytest.mark.e2e
-
 REPEATS = 3
 FIRST_DATAGRAM_S = 1.0      # a repeat start, exec to the first datagram forwarded
 RESIDENT_MIB = 80           # the daemon and its children, RSS summed (shared pages twice)

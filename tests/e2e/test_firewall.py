@@ -49,8 +49,6 @@ from zfast.lab import topology
 from zfast.api import ApiError, Client
 from zfast.lab.netns import Topology, in_ns
 
-pytestmark = pytest.mark.e2e
-
 VIP = topology.VIP4
 TCP_PUB, UDP_PUB, LIMIT_PUB, OPEN_PUB = 2222, 2223, 2224, 2225
 RATE, BURST = 20, 40

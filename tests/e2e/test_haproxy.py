@@ -29,8 +29,6 @@ from cryptography.x509.oid import NameOID
 from zfast.lab.netns import Topology, in_ns
 from zfast.routing.haproxy import HAProxy, Route, Upstream, make_self_signed
 
-pytestmark = pytest.mark.e2e
-
 HAP4, HAP6 = "10.77.2.1", "fd77:2::1"          # haproxy as the client sees it
 CLI4, CLI6 = "10.77.2.2", "fd77:2::2"
 BE4, BE6 = "10.77.1.2", "fd77:1::2"

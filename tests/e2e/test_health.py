@@ -34,8 +34,6 @@ from zfast.lab import topology  # noqa: E402
 from zfast.api import ApiError, Client  # noqa: E402
 from zfast.lab.netns import Topology, in_ns  # noqa: E402
 
-pytestmark = pytest.mark.e2e
-
 INTERVAL_MS, FALL, RISE = 200, 3, 2
 INTERVAL = INTERVAL_MS / 1000
 SLACK = 0.3                      # scheduling slack on a busy 2-core machine

@@ -9,8 +9,6 @@ import pytest
 
 from zfast.lab.netns import Topology, cleanup_stale, in_ns, list_netns
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(autouse=True)
 def _need_root():

@@ -27,8 +27,6 @@ import lbkit
 from zfast.lab import topology
 from zfast.lab.netns import in_ns
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = [1, 1, 2]
 PROM = "127.0.0.1:9464"
 FAMILIES = {"v4": (topology.VIP4, "app", 0), "v6": (topology.VIP6, "app6", 1)}

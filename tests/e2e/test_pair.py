@@ -39,8 +39,6 @@ from zfast.lab import topology
 from zfast.events import parse_time
 from zfast.ha.heartbeat import Heartbeat, Sender, encode, load_key
 
-pytestmark = pytest.mark.e2e
-
 HB_MS = 50
 HB = HB_MS / 1000
 DEAD = 3 * HB

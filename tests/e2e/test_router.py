@@ -29,8 +29,6 @@ from zfast.lab.netns import Topology
 from zfast.routing.certs import CertManager
 from zfast.store.sqlite import SqliteStore
 
-pytestmark = pytest.mark.e2e
-
 PROJECT = "demo"
 RT = "10.77.1.1"                                  # the router as the client sees it
 BE = {"be2": "10.77.0.2", "be3": "10.77.0.3"}

@@ -38,8 +38,6 @@ from zfast.lab.netns import in_ns
 from zfast.paths import pin_dir
 from zfast.telemetry.prometheus import start_prometheus
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = (1, 1, 2)
 N_UDP = 300
 N_TCP = 200
