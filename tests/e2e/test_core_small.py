@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corekit import core_service
+from tests.e2e.kit.core import core_service
 from zfast.controllers import scaling
 from zfast.lab.probe import Stream, streams_alive
 

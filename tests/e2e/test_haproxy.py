@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from tests.e2e.kit.waiting import wait_tcp
 from zfast.lab.netns import Topology, in_ns
 from zfast.routing.haproxy import HAProxy, Route, Upstream, make_self_signed
 
@@ -148,20 +149,6 @@ def lab(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ clients
-
-def wait_tcp(ns: str, host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with in_ns(ns):
-                s = socket.create_connection((host, port), timeout=1)
-            s.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
 
 def connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
     with in_ns(ns):
@@ -450,7 +437,7 @@ def test_upstream_change_is_a_hitless_reload(lab):
     names = {get(lab, "app.example.org").name for _ in range(6)}
     assert names == {"a1", "a2"}
     # runtime state survived the reload: the thumbprint and the certificates are in the files
-    assert get(lab, "x.example.org", f"/.well-known/acme-challenge/t").body == f"t.{THUMB}".encode()
+    assert get(lab, "x.example.org", "/.well-known/acme-challenge/t").body == f"t.{THUMB}".encode()
     assert cn(served_cert(lab, "app.example.org")[0]) == "app.example.org"
 
 
