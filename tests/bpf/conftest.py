@@ -10,23 +10,23 @@ inside "lb": the ingress ifindex and the FIB are looked up in the caller's names
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-# tests/ is not a package; make `tests.fixtures` importable however pytest is started.
-_REPO = str(Path(__file__).resolve().parents[2])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+from tests.fixtures import packets as fx
+from zfast import config
+from zfast.dataplane.loader import Loaded
+from zfast.lab.netns import Topology, in_ns
+from zfast.dataplane.progrun import RunResult, run_tc, run_xdp
+from zfast.reconcile.services import ServiceTable
 
-from tests.fixtures import packets as fx  # noqa: E402
-from zfast import config  # noqa: E402
-from zfast.dataplane.loader import Loaded  # noqa: E402
-from zfast.lab.netns import Topology, in_ns  # noqa: E402
-from zfast.dataplane.progrun import RunResult, run_tc, run_xdp  # noqa: E402
-from zfast.reconcile.services import ServiceTable  # noqa: E402
+
+def pytest_itemcollected(item):
+    """Every test under tests/bpf is marked `bpf` here, not in each file (called through
+    the item's own hook proxy: only for items under this directory)."""
+    item.add_marker(pytest.mark.bpf)
 
 
 @dataclass

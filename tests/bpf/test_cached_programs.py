@@ -23,8 +23,6 @@ from zfast.dataplane import progcache
 from zfast.dataplane.loader import Loaded
 from zfast.paths import BPFFS, ensure_bpffs
 
-pytestmark = pytest.mark.bpf
-
 REPO = Path(__file__).resolve().parents[2]
 
 # Run in a fresh interpreter: Loaded(), then everything the daemon does with it, and what

@@ -26,8 +26,6 @@ from zfast.dataplane.loader import PROTO, get_addr, set_addr
 from zfast.dataplane.progrun import XDP_ACTIONS
 from zfast.dataplane.reasons import by_name, reasons
 
-pytestmark = pytest.mark.bpf
-
 ETH_HLEN = 14  # BPF_PROG_RUN refuses shorter XDP frames (EINVAL)
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -478,17 +476,3 @@ def test_rings_take_memory_for_the_services_in_use_only(lb):
         table.apply(tuple(specs))
     assert in_use() <= rings() and len(rings()) <= 2 * len(specs)
 
-
-def test_the_firewalls_numpy_views_are_the_c_structs_field_by_field(lb):
-    """firewall.py writes rules in bulk through numpy views of struct fw_key, fw_rule and
-    fw_port: each must agree with BCC's class of the C struct field by field, and a
-    field that moves is found."""
-    import numpy as np
-
-    from zfast.reconcile import firewall
-    pairs = ((firewall.FW_KEY, lb.dp.table("fw_rules0").Key),
-             (firewall.FW_RULE, lb.dp.table("fw_rules0").Leaf),
-             (firewall.FW_PORT, lb.dp.table("fw_ports").Leaf))
-    assert [firewall.layout_mismatch(d, c) for d, c in pairs] == [None, None, None]
-    moved = np.dtype([("action", "u1"), ("pad", "u1", 3), ("id", "<u2"), ("more", "<u2")])
-    assert "id" in firewall.layout_mismatch(moved, lb.dp.table("fw_rules0").Leaf)

@@ -7,7 +7,6 @@ answer), and the manager's ACME requests.
 
 import json
 import logging
-import os
 import subprocess
 import threading
 import time
@@ -16,22 +15,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from cryptography import x509
 
-from pebblekit import Pebble
+from tests.e2e.kit.pebble import Pebble
 from zfast.lab.netns import Topology, in_ns
 from zfast.routing.certs import CertError, CertManager
 from zfast.store.sqlite import SqliteStore
-
-pytestmark = pytest.mark.e2e
 
 PROJECT = "demo"
 HOST = "app.example.org"
 CHALLENGE = "/.well-known/acme-challenge/"
 
 
-@pytest.fixture(autouse=True)
-def _need_root():
-    # Fail, don't skip: a CI that silently skips these would test nothing.
-    assert os.geteuid() == 0, "e2e tests need root (network namespaces); run ./run.sh test as root"
+pytestmark = pytest.mark.usefixtures("need_root")   # tests/e2e/conftest.py
 
 
 class Responder:

@@ -3,10 +3,10 @@
 One lab for the module (client, balancer node, three backends of weights 1, 1, 2), built
 once and torn down whatever happens. Needs root: without it every test fails, none skips.
 
-Short connections bind fixed source ports (lbkit.PortPool), so every run sends the same
-5-tuples and gets the same answer. Each connection is also checked against the oracle of
-lbkit (bpf/flows.h's hash over zfast.reconcile.maglev's table): the data plane must send every new
-flow exactly where the control plane's table says.
+Short connections bind fixed source ports (tests/e2e/kit/traffic.py PortPool), so every
+run sends the same 5-tuples and gets the same answer. Each connection is also checked against
+the oracle (tests/e2e/kit/oracle.py: bpf/flows.h's hash over zfast.reconcile.maglev's table):
+the data plane must send every new flow exactly where the control plane's table says.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import time
 
 import pytest
 
-import lbkit
+from tests.e2e.kit import cli, lab, oracle, traffic
 from zfast.lab import topology
 from zfast.lab.probe import Stream, streams_alive
-
-pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 2]
 # name, VIP, client address, backend addresses, service name in the file
@@ -33,7 +31,7 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def env():
-    with lbkit.lab_env("zfbal", WEIGHTS) as e:
+    with lab.lab_env("zfbal", WEIGHTS) as e:
         yield e
 
 
@@ -47,7 +45,7 @@ def _stable_stats(env, settle: float = 0.3, tries: int = 20) -> dict:
     prev = None
     for _ in range(tries):
         time.sleep(settle)
-        cur = lbkit.stats_json(env.state_dir)
+        cur = cli.stats_json(env.state_dir)
         if prev is not None and cur["services"] == prev["services"]:
             return cur
         prev = cur
@@ -59,7 +57,7 @@ def _oracle_misses(env, spread, vip, client, backends, weights):
     table = list(zip(backends, weights))
     misses = {}
     for port, name in spread.by_port.items():
-        want = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
+        want = env.names[oracle.expected_backend(table, client, port, vip, topology.TCP_PORT)]
         if want != name:
             misses[port] = (name, want)
     return misses
@@ -67,7 +65,7 @@ def _oracle_misses(env, spread, vip, client, backends, weights):
 
 def _apply(env, project: dict, name: str):
     path = env.lab.write_config(project, env.state_dir / name)
-    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    p = cli.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
     assert p.returncode == 0, f"zfast apply failed ({p.returncode}): {p.stderr}"
     return p
 
@@ -76,9 +74,9 @@ def _apply(env, project: dict, name: str):
 
 def test_weighted_spread_and_stats(env, fam):
     vip, client, backends, service = fam
-    before = lbkit.service_stats(_stable_stats(env), service)
+    before = cli.service_stats(_stable_stats(env), service)
     count = 1000
-    spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
+    spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
 
     assert not spread.failures, (f"{len(spread.failures)} of {count} connections failed, e.g. "
                                  f"{list(spread.failures.items())[:5]}")
@@ -91,7 +89,7 @@ def test_weighted_spread_and_stats(env, fam):
     misses = _oracle_misses(env, spread, vip, client, backends, WEIGHTS)
     assert not misses, (f"{len(misses)} connections did not reach the table's backend "
                         f"(port: (got, expected)): {dict(list(misses.items())[:5])} -- if "
-                        f"zf_flow_hash changed on purpose, update lbkit.flow_hash")
+                        f"zf_flow_hash changed on purpose, update tests/e2e/kit/oracle.py")
 
     # The weights, within 10% of each backend's share. 1,000 flows are too few to judge
     # that (a perfect balancer lands outside 10% on ~10% of 1,000-flow samples: the band is
@@ -103,7 +101,7 @@ def test_weighted_spread_and_stats(env, fam):
     many = 20000
     shares = {}
     for port in range(40000, 40000 + many):
-        name = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
+        name = env.names[oracle.expected_backend(table, client, port, vip, topology.TCP_PORT)]
         shares[name] = shares.get(name, 0) + 1
     for i, weight in enumerate(WEIGHTS):
         name, p = f"be{i + 1}", weight / total
@@ -114,7 +112,7 @@ def test_weighted_spread_and_stats(env, fam):
     print(f"{vip}: 20,000 5-tuples -> {dict(sorted(shares.items()))}")
 
     # Counters: `zfast stats --json` of the CLI, as deltas over this test.
-    after = lbkit.service_stats(_stable_stats(env), service)
+    after = cli.service_stats(_stable_stats(env), service)
     svc_delta = after["packets"] - before["packets"]
     be_delta = {a: after["backends"][a] - before["backends"].get(a, 0) for a in after["backends"]}
     print(f"{vip}: stats delta service {svc_delta} packets, backends {be_delta}")
@@ -189,7 +187,7 @@ def test_remove_backend_mid_stream_then_readd(env, fam):
         assert not broken, [(s.backend, s.error) for s in broken]
 
         # New connections never reach the removed backend, and go where the new table says.
-        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
+        spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
         assert not spread.failures, list(spread.failures.items())[:5]
         print(f"new connections without be1: {dict(sorted(spread.backends.items()))}")
         assert "be1" not in spread.backends
@@ -201,7 +199,7 @@ def test_remove_backend_mid_stream_then_readd(env, fam):
         print(f"apply with be1 again:\n{p.stdout}")
         assert any(line.startswith("+ backend") and backends[0] in line
                    for line in p.stdout.splitlines()), p.stdout
-        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
+        spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(200))
         assert not spread.failures, list(spread.failures.items())[:5]
         print(f"new connections with be1 again: {dict(sorted(spread.backends.items()))}")
         assert spread.backends["be1"] > 0
@@ -220,11 +218,11 @@ def test_reused_tuple_never_reaches_removed_backend(env):
     sent to a backend removed since its last connection: that one may be gone for good."""
     vip = topology.VIP4
     ports = env.ports.take(200)
-    first = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
+    first = traffic.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
     assert not first.failures and first.backends["be1"] > 0
     _apply(env, env.lab.project(backends=[1, 2]), "without-be1.yaml")
     try:
-        again = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
+        again = traffic.connections(env.lab.client, vip, topology.TCP_PORT, ports, reset=True)
         assert not again.failures
         to_removed = sorted(p for p, name in again.by_port.items() if name == "be1")
         assert not to_removed, (f"{len(to_removed)} new connections reached removed be1 "
@@ -237,7 +235,7 @@ def test_reused_tuple_never_reaches_removed_backend(env):
 
 def test_udp_datagrams_answered(env, fam):
     vip = fam[0]
-    answered, failures, resent = lbkit.udp_answers(env.lab.client, vip, topology.UDP_PORT, 200)
+    answered, failures, resent = traffic.udp_answers(env.lab.client, vip, topology.UDP_PORT, 200)
     print(f"\n{vip} udp: {dict(sorted(answered.items()))}, resent {resent}")
     assert not failures, failures[:5]
     assert sum(answered.values()) == 200

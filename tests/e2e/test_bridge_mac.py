@@ -9,31 +9,22 @@ the MAC of the bridges it plugs into (zfast.core.runtime.pin_bridge_mac); the la
 have a MAC of their own from the start.
 """
 
-import json
-import os
 import subprocess
 
 import pytest
 
+from tests.e2e.kit.kernel import mac_of
 from zfast.core.runtime import pin_bridge_mac
 from zfast.lab.netns import Topology, in_ns
-
-pytestmark = pytest.mark.e2e
 
 LOWEST = "02:00:00:00:00:01"      # below any random locally administered MAC but 02:00:00:00:00:00
 
 
-@pytest.fixture(autouse=True)
-def _need_root():
-    assert os.geteuid() == 0, "e2e tests need root (network namespaces); run ./run.sh test as root"
+pytestmark = pytest.mark.usefixtures("need_root")   # tests/e2e/conftest.py
 
 
 def ip(ns: str, *args: str) -> str:
     return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
-
-
-def mac_of(ns: str, dev: str) -> str:
-    return json.loads(ip(ns, "-j", "link", "show", "dev", dev))[0]["address"]
 
 
 def plug_lowest(ns: str, bridge: str) -> None:

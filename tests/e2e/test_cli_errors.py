@@ -20,19 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lbkit
+from tests.e2e.kit import cli, kernel, lab, oracle, traffic
 from zfast.lab import topology
 from zfast.api import ApiError
 from zfast.paths import pin_dir
-
-pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 2]
 
 
 @pytest.fixture(scope="module")
 def env():
-    with lbkit.lab_env("zfcli", WEIGHTS, start_node=False) as e:
+    with lab.lab_env("zfcli", WEIGHTS, start_node=False) as e:
         yield e
 
 
@@ -44,8 +42,8 @@ def idle(env):
         env.api = None
         assert code == 0, f"zfast up exited {code} on SIGTERM (0 expected)"
     lb = env.lab.lb
-    assert lbkit.programs_on(lb) == {}, "XDP still attached after the node stopped"
-    assert lbkit.pids_in(lb) == []
+    assert kernel.programs_on(lb) == {}, "XDP still attached after the node stopped"
+    assert kernel.pids_in(lb) == []
     return env
 
 
@@ -117,11 +115,11 @@ def test_up_refuses_bad_file(idle, tmp_path, kind):
     text, fragments = _bad(env.lab.project(), kind)
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text)
-    p = lbkit.zfast("up", "-c", str(path), ns=env.lab.lb, timeout=60)
+    p = cli.zfast("up", "-c", str(path), ns=env.lab.lb, timeout=60)
     line = _one_line_error(p, fragments)
     print(f"\nup {kind}: {line}")
-    assert lbkit.programs_on(env.lab.lb) == {}, "zfast up left an XDP program attached"
-    assert lbkit.pids_in(env.lab.lb) == [], "zfast up left a process behind"
+    assert kernel.programs_on(env.lab.lb) == {}, "zfast up left an XDP program attached"
+    assert kernel.pids_in(env.lab.lb) == [], "zfast up left a process behind"
     assert not (env.state_dir / "api.sock").exists()
     assert not pin_dir(env.lab.node_name).exists(), "zfast up left pinned maps behind"
 
@@ -135,11 +133,11 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text)
     status = _steady(env.api.get("/status"))
-    served = _services(lbkit.stats_json(env.state_dir))
-    attached = lbkit.programs_on(env.lab.lb)
+    served = _services(cli.stats_json(env.state_dir))
+    attached = kernel.programs_on(env.lab.lb)
     assert len(attached) == 2
 
-    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    p = cli.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
     if kind == "unknown_interface":   # a valid file: the node itself refuses it
         fragments = ["interfaces differ"]
     line = _one_line_error(p, fragments)
@@ -152,18 +150,18 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
 
     # Nothing changed: status (revision included), services, programs...
     assert _steady(env.api.get("/status")) == status
-    status_cli = lbkit.zfast("status", "--json", "--state-dir", str(env.state_dir))
+    status_cli = cli.zfast("status", "--json", "--state-dir", str(env.state_dir))
     assert status_cli.returncode == 0 and _steady(json.loads(status_cli.stdout)) == status
-    assert _services(lbkit.stats_json(env.state_dir)) == served
-    assert lbkit.programs_on(env.lab.lb) == attached
+    assert _services(cli.stats_json(env.state_dir)) == served
+    assert kernel.programs_on(env.lab.lb) == attached
     # ... and new connections go exactly where the running table sends them.
     for vip, client, backends in ((topology.VIP4, topology.CLIENT4, env.lab.backend4),
                                   (topology.VIP6, topology.CLIENT6, env.lab.backend6)):
-        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(100))
+        spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(100))
         assert not spread.failures, list(spread.failures.items())[:5]
         table = list(zip(backends, WEIGHTS))
         wrong = {port: name for port, name in spread.by_port.items()
-                 if env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)] != name}
+                 if env.names[oracle.expected_backend(table, client, port, vip, topology.TCP_PORT)] != name}
         assert not wrong, f"connections that went elsewhere than before: {wrong}"
         assert set(spread.backends) == {"be1", "be2", "be3"}
 
@@ -171,7 +169,7 @@ def test_apply_refuses_bad_file(running, tmp_path, kind):
 # ---------------------------------------------------------------- no node, no interface
 
 def test_stats_without_node():
-    p = lbkit.zfast("stats", "--state-dir", "/nonexistent")
+    p = cli.zfast("stats", "--state-dir", "/nonexistent")
     line = _one_line_error(p, ["/nonexistent"])
     print(f"\n{line}")
     assert re.search(r"no zfast node|not running|cannot", line), line
@@ -179,10 +177,10 @@ def test_stats_without_node():
 
 @pytest.mark.parametrize("command", ["attach", "detach"])
 def test_attach_detach_unknown_interface(env, command):
-    p = lbkit.zfast(command, "nosuch0", ns=env.lab.client)
+    p = cli.zfast(command, "nosuch0", ns=env.lab.client)
     line = _one_line_error(p, ["nosuch0"])
     print(f"\n{command}: {line}")
-    assert lbkit.programs_on(env.lab.client) == {}
+    assert kernel.programs_on(env.lab.client) == {}
 
 
 def test_attach_generic_then_detach(env):
@@ -190,26 +188,26 @@ def test_attach_generic_then_detach(env):
     ns = topo.add_ns("att")
     topo.veth(ns, "vx0", ns, "vx1")
 
-    p = lbkit.zfast("attach", "vx0", "--mode", "generic", ns=ns)
+    p = cli.zfast("attach", "vx0", "--mode", "generic", ns=ns)
     assert p.returncode == 0, p.stderr
     m = re.search(r"prog (\d+)\b.*\bgeneric\b", p.stdout)
     assert m, p.stdout
     prog = int(m.group(1))
     assert prog > 0
-    assert lbkit.programs_on(ns) == {"vx0": prog}
+    assert kernel.programs_on(ns) == {"vx0": prog}
     link = json.loads(subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "vx0"],
                                      capture_output=True, text=True, check=True).stdout)[0]
     assert link["xdp"]["mode"] == 2, link["xdp"]          # XDP_ATTACHED_SKB: generic
-    assert lbkit.pids_in(ns) == [], "attach left a process running"
+    assert kernel.pids_in(ns) == [], "attach left a process running"
     # it stays attached without a process: ip link shows it, bpftool knows the id
     assert str(prog) in subprocess.run(["bpftool", "prog", "show", "id", str(prog)],
                                        capture_output=True, text=True).stdout
 
-    p = lbkit.zfast("detach", "vx0", ns=ns)
+    p = cli.zfast("detach", "vx0", ns=ns)
     assert p.returncode == 0, p.stderr
     assert str(prog) in p.stdout, p.stdout
-    assert lbkit.programs_on(ns) == {}
-    p = lbkit.zfast("detach", "vx0", ns=ns)       # again: nothing to do, not an error
+    assert kernel.programs_on(ns) == {}
+    p = cli.zfast("detach", "vx0", ns=ns)       # again: nothing to do, not an error
     assert p.returncode == 0 and "no XDP program" in p.stdout, (p.stdout, p.stderr)
 
 
@@ -243,7 +241,7 @@ def test_core_up_under_ip_netns_exec_says_there_is_no_cgroup_hierarchy(env, tmp_
     cgroups = [Path("/sys/fs/cgroup") / c / "zfast" / prefix for c in ("", "cpu", "cpuacct", "memory")]
     assert not any(p.exists() for p in cgroups), "a cgroup of an earlier run is in the way"
 
-    p = lbkit.zfast("core", "up", "-c", str(cfg), "--state-dir", str(state), ns=ns, timeout=60)
+    p = cli.zfast("core", "up", "-c", str(cfg), "--state-dir", str(state), ns=ns, timeout=60)
     assert p.returncode == 1, (p.returncode, p.stderr)
     line = _one_line_error(p, ["no cgroup hierarchy at /sys/fs/cgroup", "ip netns exec",
                                f"nsenter --net=/var/run/netns/{ns}"])
@@ -256,7 +254,7 @@ def test_core_up_under_ip_netns_exec_says_there_is_no_cgroup_hierarchy(env, tmp_
                           check=True).stdout
     assert prefix not in left, f"core up left instances: {left}"
     assert not [str(p) for p in cgroups if p.exists()], "core up left a cgroup"
-    assert lbkit.pids_in(ns) == [], "core up left a process behind"
+    assert kernel.pids_in(ns) == [], "core up left a process behind"
 
 
 def _steady(status: dict) -> dict:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-import lbkit
-from corekit import Core, core_service
+from tests.e2e.kit import kernel
+from tests.e2e.kit.core import Core, core_service
 from zfast.api import ApiError
 from zfast.controllers.repair import STABLE_S, STOPPED
 from zfast.lab.probe import Stream, streams_alive
@@ -178,9 +178,9 @@ def test_detaching_the_actives_program_fails_over_then_repairs_it_as_standby(cor
     streams = _streams(core)
     active = core.by_role("active")
     netns = active["netns"]
-    assert lbkit.hooks_on(netns) == {"pub0": "tc", "priv0": "tc"}, "default veths: tc"
+    assert kernel.hooks_on(netns) == {"pub0": "tc", "priv0": "tc"}, "default veths: tc"
     for ifname in ("pub0", "priv0"):
-        lbkit.detach_program(netns, ifname)
+        kernel.detach_program(netns, ifname)
     took, inst = _replaced(core, active["name"], active["restarts"], timeout=20)
     others = [i for i in core.instances().values() if i["name"] != active["name"]]
     assert others[0]["role"] == "active"

@@ -24,16 +24,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import corekit
-from corekit import plug, start_core
+from tests.e2e.kit.cli import REPO
+from tests.e2e.kit.core import Core as KitCore, plug, start_core
+from tests.e2e.kit.traffic import Pinger
 from zfast.api import ApiError
 from zfast.lab.netns import Topology, in_ns
 from zfast.lab.probe import Stream, streams_alive, udp_hello
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lbkit import Pinger  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 PROJECT = "coreflows"
 STATE = Path("/run/zfast/test-core-flows")
 PUB_BRIDGE, PRIV_BRIDGE = "zfpub1", "zfpriv1"
@@ -70,7 +67,7 @@ def _config() -> dict:
     }
 
 
-class Core(corekit.Core):
+class Core(KitCore):
     def active_mac(self) -> str | None:
         try:
             active = [i for i in self.status()["instances"] if i["role"] == "active"]
@@ -103,7 +100,7 @@ def core():
             topo.popen(ns, [sys.executable, "-m", "zfast.lab.echo", "--name", f"be{i}", "--port", "8080"])
             topo.popen(ns, ["nice", "-n", "19", sys.executable, "-m", "zfast.lab.echo",
                             "--name", f"be{i}", "--port", "8081", "--udp-port", "5353"])
-        cli = plug(topo, host, "cli", "ch", PUB_BRIDGE, [f"{a}/24" for a in GEN_SOURCES])
+        plug(topo, host, "cli", "ch", PUB_BRIDGE, [f"{a}/24" for a in GEN_SOURCES])
         topo.gro_on(host, "ch")      # the generator's frames arrive on ch by XDP redirect
         c = Core(STATE, topo, proc, topo.ns("cli"))
         c.wait_pair(90)

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from corekit import core_service
+from tests.e2e.kit.core import core_service
 from zfast.controllers import scaling
 from zfast.lab.probe import Stream, streams_alive
-
-pytestmark = pytest.mark.e2e
 
 PROJECT = "coresmall"
 STATE = Path("/run/zfast/test-core-small")

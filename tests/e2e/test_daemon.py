@@ -17,18 +17,15 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
 import yaml
 
-import lbkit
+from tests.e2e.kit import cli, kernel, lab, maps, oracle, traffic
 from zfast.lab import topology
 from zfast.api import ApiError
 from zfast.lab.probe import Stream, streams_alive
-
-pytestmark = pytest.mark.e2e
 
 POOL_WEIGHTS = [1, 1, 2, 1]          # the pool of four backends, and the base file's weights
 FAMILIES = ((topology.VIP4, topology.CLIENT4, 0, "app"), (topology.VIP6, topology.CLIENT6, 1, "app6"))
@@ -36,7 +33,7 @@ FAMILIES = ((topology.VIP4, topology.CLIENT4, 0, "app"), (topology.VIP6, topolog
 
 @pytest.fixture(scope="module")
 def env():
-    with lbkit.lab_env("zfdmn", POOL_WEIGHTS) as e:
+    with lab.lab_env("zfdmn", POOL_WEIGHTS) as e:
         yield e
 
 
@@ -58,7 +55,7 @@ def text_of(p: dict) -> str:
 
 def cli_apply(env, p: dict, name: str):
     path = env.lab.write_config(p, env.state_dir / name)
-    return lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    return cli.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
 
 
 def api_apply(env, p: dict) -> dict:
@@ -66,19 +63,19 @@ def api_apply(env, p: dict) -> dict:
 
 
 def verdicts(env) -> dict[str, int]:
-    return {k: v["packets"] for k, v in lbkit.stats_json(env.state_dir)["verdicts"].items()}
+    return {k: v["packets"] for k, v in cli.stats_json(env.state_dir)["verdicts"].items()}
 
 
 def check_new_connections(env, chosen: dict[int, int], count: int = 100) -> dict:
     """New connections on both VIPs go exactly where the table of `chosen` says."""
     seen = {}
     for vip, client, fam, _ in FAMILIES:
-        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
+        spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(count))
         assert not spread.failures, list(spread.failures.items())[:5]
         table = [(topology.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
         wrong = {}
         for port, name in spread.by_port.items():
-            want = env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)]
+            want = env.names[oracle.expected_backend(table, client, port, vip, topology.TCP_PORT)]
             if want != name:
                 wrong[port] = (name, want)
         assert not wrong, f"{vip}: connections off the table (port: (got, want)): {wrong}"
@@ -105,12 +102,10 @@ def stream_key(s: Stream) -> tuple:
 
 def flow_of_streams(env, streams: list[Stream]) -> dict[tuple, str]:
     """Each stream's backend name, as its forward flow entry in the pinned map says."""
-    flows = lbkit.flow_backends(env.lab.node_name)
+    flows = maps.flow_backends(env.lab.node_name)
     return {stream_key(s): env.names.get(flows.get(stream_key(s)), "<no flow entry>")
             for s in streams}
 
-
-Pinger = lbkit.Pinger   # pings every stream, round after round
 
 
 def broken(streams):
@@ -200,8 +195,8 @@ BAD_KINDS = ["unknown_fields", "wrong_types", "duplicate_names", "port_ranges",
 def _node_state(env) -> tuple:
     st = env.api.get("/status")
     hist = env.api.get("/history")
-    return (st["revision"], [h["rev"] for h in hist], lbkit.maps_state(env.lab.node_name),
-            lbkit.programs_on(env.lab.lb))
+    return (st["revision"], [h["rev"] for h in hist], maps.maps_state(env.lab.node_name),
+            kernel.programs_on(env.lab.lb))
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -213,7 +208,7 @@ def test_bad_file_lists_every_problem_and_changes_nothing(env, tmp_path, kind):
     # through the CLI: exit non-zero, one line, every problem in it
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text_of(f))
-    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    p = cli.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
     assert p.returncode != 0, (p.stdout, p.stderr)
     assert p.stdout == "" and "Traceback" not in p.stderr, (p.stdout, p.stderr)
     assert p.stderr.startswith("zfast: error: "), p.stderr
@@ -233,7 +228,7 @@ def test_bad_file_lists_every_problem_and_changes_nothing(env, tmp_path, kind):
     after = _node_state(env)
     assert after[0] == before[0], "the revision changed"
     assert after[1] == before[1], "history changed"
-    for name in lbkit.STATE_MAPS:
+    for name in maps.STATE_MAPS:
         assert after[2][name] == before[2][name], f"map {name} changed"
     assert after[3] == before[3], "XDP programs changed"
 
@@ -262,13 +257,13 @@ def test_valid_file_the_node_cannot_take_changes_nothing(env, tmp_path, kind):
     before = _node_state(env)
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text_of(f))
-    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
+    p = cli.zfast("apply", "-c", str(path), "--state-dir", str(env.state_dir))
     assert p.returncode != 0 and fragment in p.stderr, (p.returncode, p.stderr)
     assert len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     print(f"\n{kind}: {p.stderr.strip()}")
     after = _node_state(env)
     assert after[:2] == before[:2]
-    for name in lbkit.STATE_MAPS:
+    for name in maps.STATE_MAPS:
         assert after[2][name] == before[2][name], f"map {name} changed"
 
 
@@ -287,7 +282,7 @@ def test_history_and_rollback_through_the_cli(env):
     assert first < rev12 < rev34
     check_new_connections(env, only34)
 
-    p = lbkit.zfast("history", "--json", *sd)
+    p = cli.zfast("history", "--json", *sd)
     assert p.returncode == 0, p.stderr
     hist = json.loads(p.stdout)
     revs = [h["rev"] for h in hist]
@@ -298,14 +293,14 @@ def test_history_and_rollback_through_the_cli(env):
     assert by_rev[rev34]["source"].endswith("only34.yaml"), by_rev[rev34]
     assert any("backends" in line for line in by_rev[rev34]["changes"]), by_rev[rev34]
     assert "@" in by_rev[rev34]["who"], by_rev[rev34]   # user@host of the CLI
-    p = lbkit.zfast("history", *sd)
+    p = cli.zfast("history", *sd)
     assert p.returncode == 0, p.stderr
     marked = [line for line in p.stdout.splitlines() if line.startswith("*")]
     assert len(marked) == 1 and f"{rev34}" in marked[0], p.stdout
     print(f"\nzfast history:\n{p.stdout}")
 
     # roll back to the two-backend revision: a new revision, new connections follow it
-    p = lbkit.zfast("rollback", str(rev12), *sd)
+    p = cli.zfast("rollback", str(rev12), *sd)
     assert p.returncode == 0, p.stderr
     st = env.api.get("/status")
     assert st["revision"] == rev34 + 1, st
@@ -313,18 +308,18 @@ def test_history_and_rollback_through_the_cli(env):
     print(f"zfast rollback {rev12}: {p.stdout.strip()}")
     seen = check_new_connections(env, only12)
     assert all(set(s) == {"be1", "be2"} for s in seen.values()), seen
-    hist = json.loads(lbkit.zfast("history", "--json", *sd).stdout)
+    hist = json.loads(cli.zfast("history", "--json", *sd).stdout)
     assert hist[0]["rev"] == rev34 + 1 and hist[0]["source"] == f"rollback to {rev12}", hist[0]
     assert hist[0]["applied"]
 
     # a revision that does not exist: an error, nothing changes
     before = _node_state(env)
-    p = lbkit.zfast("rollback", "9999", *sd)
+    p = cli.zfast("rollback", "9999", *sd)
     assert p.returncode != 0 and "9999" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert _node_state(env)[:3] == before[:3]
 
     # back to the file `zfast up` started with
-    p = lbkit.zfast("rollback", str(first), *sd)
+    p = cli.zfast("rollback", str(first), *sd)
     assert p.returncode == 0, p.stderr
     seen = check_new_connections(env, dict(enumerate(POOL_WEIGHTS)))
     assert all(set(s) == {"be1", "be2", "be3", "be4"} for s in seen.values()), seen
@@ -361,7 +356,7 @@ def test_100_applies_while_200_streams_flow(env):
         v0 = verdicts(env)
         plans = _plans(random.Random(20261125), 100)
         api_times, cli_times = [], []
-        with Pinger(streams) as pinger:
+        with traffic.Pinger(streams) as pinger:   # round after round
             pinger.wait_rounds(1)
             for n, plan in enumerate(plans):
                 t = time.monotonic()
@@ -432,11 +427,11 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
     try:
         assert not streams_alive(streams)
         st0 = env.api.get("/status")
-        attached = lbkit.programs_on(env.lab.lb)
+        attached = kernel.programs_on(env.lab.lb)
         assert len(attached) == 2
         time.sleep(0.3)
-        stats0 = lbkit.stats_json(env.state_dir)
-        with Pinger(streams) as pinger:
+        stats0 = cli.stats_json(env.state_dir)
+        with traffic.Pinger(streams) as pinger:   # round after round
             pinger.wait_rounds(1)
             pid = env.lab.node_proc.pid
             lock_pid = int((env.state_dir / "node.lock").read_text().split()[0])
@@ -449,13 +444,13 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
                 env.api.get("/status")
 
             # no daemon: the programs stay, streams echo, new connections are balanced
-            assert lbkit.programs_on(env.lab.lb) == attached
-            c_dead0 = lbkit.reason_counters(node)
+            assert kernel.programs_on(env.lab.lb) == attached
+            c_dead0 = maps.reason_counters(node)
             pinger.wait_rounds(3)
             assert not broken(streams), broken(streams)[:5]
             check_new_connections(env, full)
             assert not broken(streams), broken(streams)[:5]
-            c_dead1 = lbkit.reason_counters(node)
+            c_dead1 = maps.reason_counters(node)
             assert c_dead1["fwd_flow"] > c_dead0["fwd_flow"], "nothing forwarded without a daemon"
             assert c_dead1["fwd_new"] >= c_dead0["fwd_new"] + 200
             rounds_dead = pinger.rounds
@@ -468,7 +463,7 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
             assert st1["adopted"] is True, st1
             assert st1["revision"] == st0["revision"], (st0["revision"], st1["revision"])
             assert st1["pin_dir"] == st0["pin_dir"]
-            assert set(lbkit.programs_on(env.lab.lb)) == set(attached)
+            assert set(kernel.programs_on(env.lab.lb)) == set(attached)
             pinger.wait_rounds(2)
             assert not broken(streams), broken(streams)[:5]
             rounds_total = pinger.rounds
@@ -479,7 +474,7 @@ def test_kill9_keeps_forwarding_and_restart_adopts(env):
 
         # counters continue: nothing restarted from zero
         time.sleep(0.3)
-        stats1 = lbkit.stats_json(env.state_dir)
+        stats1 = cli.stats_json(env.state_dir)
         for name, v in stats0["verdicts"].items():
             assert stats1["verdicts"][name]["packets"] >= v["packets"], name
         assert stats1["verdicts"]["fwd_flow"]["packets"] > stats0["verdicts"]["fwd_flow"]["packets"]

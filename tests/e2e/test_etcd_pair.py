@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-import lbkit
+from tests.e2e.kit import cli, lab, maps, oracle, traffic
+from tests.e2e.kit.etcd import EtcdServer
 from zfast.lab import topology
 from zfast.api import ApiError, Client
 from zfast.lab.netns import Topology
 from zfast.paths import pin_dir
 from zfast.lab.probe import Stream
-
-pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 1]
 FAMILIES = ((topology.VIP4, topology.CLIENT4, 0), (topology.VIP6, topology.CLIENT6, 1))
@@ -46,7 +45,7 @@ class Node:
     lab: topology.Lab
     api: Client
     endpoint: str
-    ports: lbkit.PortPool = field(default_factory=lbkit.PortPool)
+    ports: traffic.PortPool = field(default_factory=traffic.PortPool)
 
     def project(self, chosen: dict[int, int] | None = None) -> dict:
         chosen = chosen if chosen is not None else dict(enumerate(WEIGHTS))
@@ -63,7 +62,7 @@ class Node:
 class Pair:
     a: Node
     b: Node
-    etcd: lbkit.NsEtcd
+    etcd: EtcdServer
 
     @property
     def nodes(self) -> tuple[Node, Node]:
@@ -73,7 +72,7 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     # Fail, never skip: a run without root must not look like a green one.
-    assert os.geteuid() == 0, lbkit.NEED_ROOT
+    assert os.geteuid() == 0, lab.NEED_ROOT
     workdir = tmp_path_factory.mktemp("etcd-pair")
     with ExitStack() as stack:
         store_topo = stack.enter_context(Topology(prefix="zfpst"))
@@ -85,17 +84,17 @@ def pair(tmp_path_factory):
             store_topo.veth(st, f"s{n}", lab_.lb, "st0", [f"10.250.{n}.1/24"],
                             [f"10.250.{n}.2/24"])
             labs.append(lab_)
-        etcd = lbkit.NsEtcd(store_topo, st, workdir / "etcd", ["10.250.1.1", "10.250.2.1"])
+        etcd = EtcdServer(workdir / "etcd", ["10.250.1.1", "10.250.2.1"], store_topo, st)
         nodes = []
         try:
             etcd.start()
             for lab_ in labs:
                 lab_.start_servers()
             for lab_ in labs:
-                lbkit.wait_servers(lab_)
+                lab.wait_servers(lab_)
             for n, (label, lab_) in enumerate(zip("AB", labs), start=1):
                 node = Node(label, lab_, None, etcd.url(f"10.250.{n}.1"))
-                node.api = lbkit.start_node(lab_, node.project())
+                node.api = lab.start_node(lab_, node.project())
                 nodes.append(node)
             yield Pair(nodes[0], nodes[1], etcd)
         finally:
@@ -104,7 +103,7 @@ def pair(tmp_path_factory):
                     lab_.stop_node()
                 finally:
                     if pin_dir(lab_.node_name).exists():
-                        lbkit.zfast("down", "--state-dir", str(lab_.state_dir))
+                        cli.zfast("down", "--state-dir", str(lab_.state_dir))
             etcd.stop()
 
 
@@ -165,15 +164,15 @@ def converge(pair: Pair, apply, timeout: float = 10.0) -> tuple[int, dict[str, f
 
 def check_new_connections(node: Node, chosen: dict[int, int], count: int = 60) -> dict:
     """New connections through this node go exactly where the table of `chosen` says."""
-    names = lbkit.backend_names(node.lab)
+    names = lab.backend_names(node.lab)
     seen = {}
     for vip, client, fam in FAMILIES:
-        spread = lbkit.connections(node.lab.client, vip, topology.TCP_PORT, node.ports.take(count))
+        spread = traffic.connections(node.lab.client, vip, topology.TCP_PORT, node.ports.take(count))
         assert not spread.failures, (node.name, list(spread.failures.items())[:5])
         table = [(topology.backend_addrs(i)[fam], w) for i, w in sorted(chosen.items())]
-        wrong = {p: (got, names[lbkit.expected_backend(table, client, p, vip, topology.TCP_PORT)])
+        wrong = {p: (got, names[oracle.expected_backend(table, client, p, vip, topology.TCP_PORT)])
                  for p, got in spread.by_port.items()
-                 if names[lbkit.expected_backend(table, client, p, vip, topology.TCP_PORT)] != got}
+                 if names[oracle.expected_backend(table, client, p, vip, topology.TCP_PORT)] != got}
         assert not wrong, f"node {node.name} {vip}: off the table (port: (got, want)): {wrong}"
         seen[vip] = dict(sorted(spread.backends.items()))
     return seen
@@ -188,8 +187,9 @@ def open_streams(node: Node, per_family: int = 20) -> list[Stream]:
             for vip, _, _ in FAMILIES for _ in range(per_family)]
 
 
-def Pinger(streams):  # noqa: N802  (reads as the class it makes)
-    return lbkit.Pinger(streams, pause=0.01, timeout=60.0)
+def stream_pinger(streams) -> traffic.Pinger:
+    """Every stream pinged round after round, 10 ms apart; a minute to wait for rounds."""
+    return traffic.Pinger(streams, pause=0.01, timeout=60.0)
 
 
 def broken(streams):
@@ -204,11 +204,11 @@ def api_apply(node: Node, chosen: dict[int, int]) -> int:
 
 def cli_apply(node: Node, chosen: dict[int, int], name: str):
     path = node.lab.write_config(node.project(chosen), node.lab.state_dir / name)
-    return lbkit.zfast("apply", "-c", str(path), "--state-dir", str(node.lab.state_dir))
+    return cli.zfast("apply", "-c", str(path), "--state-dir", str(node.lab.state_dir))
 
 
 def store_health(node: Node) -> dict:
-    p = lbkit.zfast("status", "--json", "--state-dir", str(node.lab.state_dir))
+    p = cli.zfast("status", "--json", "--state-dir", str(node.lab.state_dir))
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)["store"]
 
@@ -257,7 +257,7 @@ def test_apply_to_either_is_seen_by_both_within_1s(pair):
     streams = {n.name: open_streams(n) for n in pair.nodes}
     all_streams = streams["A"] + streams["B"]
     try:
-        with Pinger(all_streams) as pinger:
+        with stream_pinger(all_streams) as pinger:
             pinger.wait_rounds(1)
             # A (API): be1 goes away
             without1 = {1: 1, 2: 2}
@@ -308,7 +308,7 @@ def test_etcd_outage_keeps_forwarding_then_resyncs(pair):
     assert lag["B"] is not None and lag["B"] <= CONVERGE_S, lag
     streams = open_streams(pair.a) + open_streams(pair.b)
     try:
-        with Pinger(streams) as pinger:
+        with stream_pinger(streams) as pinger:
             pinger.wait_rounds(1)
             pair.etcd.stop()
             t_down = time.monotonic()
@@ -328,7 +328,7 @@ def test_etcd_outage_keeps_forwarding_then_resyncs(pair):
             assert not broken(streams), broken(streams)[:5]
 
             # an apply cannot be stored: it fails, clearly, and changes nothing anywhere
-            before = {n.name: lbkit.maps_state(n.lab.node_name) for n in pair.nodes}
+            before = {n.name: maps.maps_state(n.lab.node_name) for n in pair.nodes}
             p = cli_apply(pair.a, {0: 1}, "during-outage.yaml")
             assert p.returncode != 0, p.stdout
             assert "nothing changed" in p.stderr and "unreachable" in p.stderr, p.stderr
@@ -339,12 +339,12 @@ def test_etcd_outage_keeps_forwarding_then_resyncs(pair):
             assert refused.value.status == 409 and "unreachable" in str(refused.value)
             for node in pair.nodes:
                 assert node.status()["revision"] == rev0
-                after = lbkit.maps_state(node.lab.node_name)
-                for name in lbkit.STATE_MAPS:
+                after = maps.maps_state(node.lab.node_name)
+                for name in maps.STATE_MAPS:
                     assert after[name] == before[node.name][name], (node.name, name)
                 check_new_connections(node, last)
             # the history still answers, from the node's cache
-            p = lbkit.zfast("history", "--json", "--state-dir", str(pair.b.lab.state_dir))
+            p = cli.zfast("history", "--json", "--state-dir", str(pair.b.lab.state_dir))
             assert p.returncode == 0, p.stderr
             assert json.loads(p.stdout)[0]["rev"] == rev0
 
@@ -386,11 +386,11 @@ def test_node_restarted_during_outage(pair):
     b = pair.b
     streams = open_streams(b)
     try:
-        with Pinger(streams) as pinger:
+        with stream_pinger(streams) as pinger:
             pinger.wait_rounds(1)
             pair.etcd.stop()
             wait_store_ok(b, False)
-            maps0 = lbkit.maps_state(b.lab.node_name)
+            maps0 = maps.maps_state(b.lab.node_name)
             b.lab.node_proc.kill()
             b.lab.node_proc.wait(30)
             b.lab.node_proc = None
@@ -400,11 +400,11 @@ def test_node_restarted_during_outage(pair):
             # Restarted onto its own running data plane with an older file while etcd is
             # away: the node keeps the store's latest revision (from its cache), so the
             # stale file changes nothing and the node comes up forwarding as before.
-            b.api = lbkit.start_node(b.lab, b.project(base))
+            b.api = lab.start_node(b.lab, b.project(base))
             st = b.status()
             assert st["adopted"] is True and st["revision"] == rev0, st
             assert st["store"]["ok"] is False, st["store"]
-            maps1 = lbkit.maps_state(b.lab.node_name)
+            maps1 = maps.maps_state(b.lab.node_name)
             # (services entries may point at the other ring of a pair: an adopting daemon
             # rewrites every table into its spare ring and flips; where new connections go
             # is checked right below)
@@ -429,7 +429,7 @@ def test_node_restarted_during_outage(pair):
         if pair.etcd.proc is None:
             pair.etcd.start()
         if b.lab.node_proc is None:
-            b.api = lbkit.start_node(b.lab, b.project(base))
+            b.api = lab.start_node(b.lab, b.project(base))
         api_apply(pair.a, base)
 
 

@@ -5,85 +5,19 @@ installed, the fixture installs etcd-server with apt-get; if that fails the test
 skip: a CI that skips them tests nothing).
 """
 
-import json
-import os
-import platform
-import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from lbkit import ensure_etcd  # noqa: E402  (Debian's etcd, installed if missing)
+from tests.e2e.kit.etcd import EtcdServer
+from tests.e2e.kit.traffic import free_port
 from zfast.store import StoreError, open_store
 from zfast.store.etcd import EtcdStore
 
-pytestmark = pytest.mark.e2e
-
 YAML = "project: demo\nservices: []\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Etcd:
-    """One etcd member on loopback; stop()/start() keep its data dir (a restart, not a reset)."""
-
-    def __init__(self, binary: str, workdir: Path):
-        self.binary, self.workdir = binary, workdir
-        self.data = workdir / "etcd-data"
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / "etcd.log"
-
-    def start(self, timeout: float = 15.0) -> None:
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
-        if platform.machine() in ("aarch64", "arm64"):
-            env["ETCD_UNSUPPORTED_ARCH"] = "arm64"
-        with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, "--name", "default", "--data-dir", str(self.data),
-                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"default={peer}"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                pytest.fail(f"etcd exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if json.load(r).get("health") in ("true", True):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"etcd did not become healthy within {timeout} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # a crash, not a clean shutdown
-            self.proc.wait(10)
-        self.proc = None
-
-    def version(self) -> str:
-        with urllib.request.urlopen(self.url + "/version", timeout=2) as r:
-            return json.load(r)["etcdserver"]
-
-    def tail(self) -> str:
-        try:
-            return self.log.read_text()[-3000:]
-        except OSError:
-            return ""
+START_S = 15.0      # etcd on loopback is healthy well within this
 
 
 class Proxy:
@@ -149,9 +83,9 @@ class Proxy:
 
 @pytest.fixture
 def etcd(tmp_path):
-    server = Etcd(ensure_etcd(), tmp_path)
+    server = EtcdServer(tmp_path, port=free_port(), peer_port=free_port())
     try:
-        server.start()
+        server.start(START_S)
         yield server
     finally:
         server.stop()
@@ -160,7 +94,7 @@ def etcd(tmp_path):
 @pytest.fixture
 def nodes(etcd, tmp_path):
     """Two stores on one etcd, each with its own state dir (local cache and events)."""
-    spec = {"kind": "etcd", "endpoints": [etcd.url]}
+    spec = {"kind": "etcd", "endpoints": [etcd.local]}
     a = open_store(spec, tmp_path / "lb-a", "lb-a")
     b = open_store(spec, tmp_path / "lb-b", "lb-b")
     try:
@@ -190,7 +124,7 @@ def test_version_gateway_and_health(etcd, nodes):
     assert isinstance(a, EtcdStore)
     h = a.health()
     assert h["ok"] is True and h["error"] is None and h["kind"] == "etcd"
-    assert h["endpoints"] == [etcd.url] and h["last_ok"] > 0
+    assert h["endpoints"] == [etcd.local] and h["last_ok"] > 0
     assert h["version"] == etcd.version() and h["version"].startswith("3.")
     assert h["prefix"] in ("/v3", "/v3beta")
 
@@ -246,9 +180,9 @@ def test_concurrent_commits_never_share_a_number(nodes):
 
 
 def test_outage_keeps_last_state_and_resyncs(etcd, tmp_path):
-    proxy = Proxy(etcd.client_port)
+    proxy = Proxy(etcd.port)
     proxy.up()
-    a = open_store({"kind": "etcd", "endpoints": [etcd.url]}, tmp_path / "lb-a", "lb-a")
+    a = open_store({"kind": "etcd", "endpoints": [etcd.local]}, tmp_path / "lb-a", "lb-a")
     b = open_store({"kind": "etcd", "endpoints": [f"http://127.0.0.1:{proxy.port}"]},
                    tmp_path / "lb-b", "lb-b")
     try:
@@ -273,7 +207,7 @@ def test_outage_keeps_last_state_and_resyncs(etcd, tmp_path):
 
         # etcd comes back, but lb-b is still cut off: lb-a commits rev 2 without it.
         proxy.down()
-        etcd.start()
+        etcd.start(START_S)
         r2 = a.commit("demo", YAML + "# 2\n", "alice", ["~ during b's outage"], "cli")
         assert r2.rev == 2
         assert seen_a.wait_for(2, 3.0), "lb-a's watch did not resync after etcd restarted"
@@ -298,7 +232,7 @@ def test_outage_keeps_last_state_and_resyncs(etcd, tmp_path):
 
 
 def test_cache_survives_a_restart_with_etcd_down(etcd, tmp_path):
-    spec = {"kind": "etcd", "endpoints": [etcd.url]}
+    spec = {"kind": "etcd", "endpoints": [etcd.local]}
     a = open_store(spec, tmp_path / "lb-a", "lb-a")
     a.commit("demo", YAML, "alice", [], "cli")
     a.close()

@@ -12,20 +12,9 @@ Needs root: without it the test fails, it does not skip.
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
-import pytest
-
-import lbkit
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tools.starttime import measure  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.kit import lab
+from tools.starttime import measure     # tools/ is a package at the repo root (pytest.ini)
 
 REPEATS = 3
 FIRST_DATAGRAM_S = 1.0      # a repeat start, exec to the first datagram forwarded
@@ -33,7 +22,7 @@ RESIDENT_MIB = 80           # the daemon and its children, RSS summed (shared pa
 
 
 def test_a_repeat_start_forwards_within_a_second_in_80_mib():
-    with lbkit.lab_env("zffs", start_node=False) as env:
+    with lab.lab_env("zffs", start_node=False) as env:
         rows = measure(env.lab, repeats=REPEATS)
     table = "\n".join(f"{r['run']:<9} {r['cache']:<5} first datagram {r['first_datagram_s']:.3f} s, "
                       f"RSS {r['rss_mib']:.0f} MiB (PSS {r['pss_mib']:.0f}) in {r['processes']} "

@@ -44,12 +44,11 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-import lbkit
+from tests.e2e.kit.cli import zfast
+from tests.e2e.kit.lab import NEED_ROOT, wait_servers
 from zfast.lab import topology
 from zfast.api import ApiError, Client
 from zfast.lab.netns import Topology, in_ns
-
-pytestmark = pytest.mark.e2e
 
 VIP = topology.VIP4
 TCP_PUB, UDP_PUB, LIMIT_PUB, OPEN_PUB = 2222, 2223, 2224, 2225
@@ -114,12 +113,12 @@ def api_apply(env: Env, project: dict) -> dict:
 @pytest.fixture(scope="module")
 def env():
     # Fail, never skip: a run without root must not look like a green one.
-    assert os.geteuid() == 0, lbkit.NEED_ROOT
+    assert os.geteuid() == 0, NEED_ROOT
     with Topology(prefix="zffw") as topo:
         lab_ = topology.build(topo, 2, [1, 1], extra_clients=1)
         try:
             lab_.start_servers()
-            lbkit.wait_servers(lab_)
+            wait_servers(lab_)
             api = lab_.start_node()
             e = Env(lab_, api)
             api_apply(e, base_project(lab_))
@@ -174,7 +173,7 @@ def udp_ask(ns: str, port: int, payload: bytes, timeout: float = 2.0) -> tuple[s
         return data.decode(), source
 
 
-class Pinger(threading.Thread):
+class PingedStream(threading.Thread):
     """A long-lived TCP connection through VIP:port that sends numbered lines and waits for
     each echo, back to back. It stops at the first ping that fails and remembers when that
     ping was sent, so the moment of a cut is known to within one round trip."""
@@ -293,7 +292,7 @@ class UdpFlow(threading.Thread):
 # ---------------------------------------------------------------- the CLI and counters
 
 def cli(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = lbkit.zfast(*args, "--state-dir", str(env.state_dir))
+    p = zfast(*args, "--state-dir", str(env.state_dir))
     if check:
         assert p.returncode == 0, f"zfast {' '.join(args)} exited {p.returncode}: {p.stderr}"
     return p
@@ -490,8 +489,8 @@ def test_fw_allow_deny_remove_apply_at_once_and_are_events(base):
 
 def test_removing_the_allow_cuts_an_established_connection_within_one_second(base):
     env = base
-    guarded = Pinger(env.main, TCP_PUB)
-    bystander = Pinger(env.main, topology.TCP_PORT)      # a service port: not firewalled
+    guarded = PingedStream(env.main, TCP_PUB)
+    bystander = PingedStream(env.main, topology.TCP_PORT)      # a service port: not firewalled
     try:
         guarded.start()
         bystander.start()
@@ -535,7 +534,7 @@ def test_a_policy_change_also_cuts_established_connections(base):
     """Allow -> deny of a port's default policy (no rule changes) is a firewall change
     like any other: a source no longer allowed is cut off within one second."""
     env = base
-    pinger = Pinger(env.main, OPEN_PUB)
+    pinger = PingedStream(env.main, OPEN_PUB)
     try:
         pinger.start()
         time.sleep(0.3)
@@ -772,7 +771,7 @@ def test_100k_rules_load_fast_and_are_replaced_without_losing_a_packet(base, tmp
     assert fw_test(env, "100.64.0.9", TCP_PUB)["verdict"] == "allow"
 
     # Replace while traffic runs: a TCP stream and a UDP flow through the public ports.
-    stream = Pinger(env.main, TCP_PUB, timeout=5.0, pause=0.002)
+    stream = PingedStream(env.main, TCP_PUB, timeout=5.0, pause=0.002)
     udp = UdpFlow(env.main, UDP_PUB)
     try:
         stream.start()

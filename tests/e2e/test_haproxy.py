@@ -26,13 +26,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from tests.e2e.kit.waiting import wait_tcp
 from zfast.lab.netns import Topology, in_ns
 from zfast.routing.haproxy.errors import HAProxyError
 from zfast.routing.haproxy.instance import HAProxy
 from zfast.routing.haproxy.model import Route, Upstream
 from zfast.routing.haproxy.pem import make_self_signed
-
-pytestmark = pytest.mark.e2e
 
 HAP4, HAP6 = "10.77.2.1", "fd77:2::1"          # haproxy as the client sees it
 CLI4, CLI6 = "10.77.2.2", "fd77:2::2"
@@ -153,20 +152,6 @@ def lab(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ clients
-
-def wait_tcp(ns: str, host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with in_ns(ns):
-                s = socket.create_connection((host, port), timeout=1)
-            s.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
 
 def connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
     with in_ns(ns):

@@ -9,13 +9,14 @@ One lab for the module (client, balancer, three backends). Each backend runs the
 VIP port 8000, http checks of /health, whose status code a file per backend sets).
 
 The node is `zfast up` with the health controller wired in the way zfast.controllers.health
-documents for zfast.node.daemon.Node: this file, run as a script, is that node (see _node_main;
-once Node wires the controller itself the subclass below does nothing). Needs root:
-without it every test fails, none skips.
+documents for zfast.node.daemon.Node: tests/e2e/kit/health_node.py is that node (once Node
+wires the controller itself its subclass does nothing). Needs root: without it every test
+fails, none skips.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -28,13 +29,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lbkit  # noqa: E402
-from zfast.lab import topology  # noqa: E402
-from zfast.api import ApiError, Client  # noqa: E402
-from zfast.lab.netns import Topology, in_ns  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.kit import cli, lab, maps, oracle, traffic
+from tests.e2e.kit.waiting import wait_tcp
+from zfast.lab import topology
+from zfast.api import ApiError, Client
+from zfast.lab.netns import Topology, in_ns
+from zfast.paths import pin_dir
 
 INTERVAL_MS, FALL, RISE = 200, 3, 2
 INTERVAL = INTERVAL_MS / 1000
@@ -86,7 +86,7 @@ Server(("::", port), Handler).serve_forever()
 class Env:
     lab: topology.Lab
     api: Client
-    ports: lbkit.PortPool
+    ports: traffic.PortPool
     names: dict[str, str]
     status_dir: Path
     http_servers: list = field(default_factory=list)
@@ -119,25 +119,15 @@ def start_echo(L: topology.Lab, i: int):
 
 def wait_accepts(L: topology.Lab, address: str, port: int, timeout: float = 20.0) -> float:
     """Until address:port accepts a connection from the balancer's namespace; when it did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with in_ns(L.topo.ns(L.lb)):
-                s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
-            with s:
-                s.settimeout(1)
-                s.connect((address, port))
-            return time.monotonic()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{address}:{port} does not answer") from None
-            time.sleep(0.01)
+    wait_tcp(L.topo.ns(L.lb), address, port, timeout, every=0.01)
+    return time.monotonic()
 
 
 def start_node(L: topology.Lab, timeout: float = 120.0) -> Client:
     L.write_config(project(L))
-    L.node_proc = L.topo.popen(L.lb, [sys.executable, str(Path(__file__).resolve()),
-                                      str(L.config_path)], cwd=lbkit.REPO)
+    # -m from the repo root: tests.e2e.kit is importable there
+    L.node_proc = L.topo.popen(L.lb, [sys.executable, "-m", "tests.e2e.kit.health_node",
+                                      str(L.config_path)], cwd=cli.REPO)
     client = Client(L.state_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -153,19 +143,19 @@ def start_node(L: topology.Lab, timeout: float = 120.0) -> Client:
 
 @pytest.fixture(scope="module")
 def env():
-    assert os.geteuid() == 0, lbkit.NEED_ROOT
+    assert os.geteuid() == 0, lab.NEED_ROOT
     status_dir = Path(tempfile.mkdtemp(prefix="zfhc-"))
     with Topology(prefix="zfhc") as topo:
         L = topology.build(topo, 3, [1, 1, 1])
         try:
             L.start_servers()
-            e = Env(L, None, lbkit.PortPool(), lbkit.backend_names(L), status_dir)
+            e = Env(L, None, traffic.PortPool(), lab.backend_names(L), status_dir)
             for i, ns in enumerate(L.backends):
                 e.set_http_status(i, 200)
                 e.http_servers.append(topo.popen(ns, [
                     sys.executable, "-c", HTTP_SERVER, f"be{i + 1}", str(WEB_TARGET),
                     str(status_dir / f"be{i + 1}.status")]))
-            lbkit.wait_servers(L)
+            lab.wait_servers(L)
             for address in L.backend4:
                 wait_accepts(L, address, WEB_TARGET)
             e.api = start_node(L)
@@ -175,8 +165,8 @@ def env():
             try:
                 L.stop_node()
             finally:
-                if lbkit.pin_dir(L.node_name).exists():
-                    lbkit.zfast("down", "--state-dir", str(L.state_dir))
+                if pin_dir(L.node_name).exists():
+                    cli.zfast("down", "--state-dir", str(L.state_dir))
                 shutil.rmtree(L.state_dir, ignore_errors=True)
                 shutil.rmtree(status_dir, ignore_errors=True)
 
@@ -223,7 +213,7 @@ def oracle_misses(e: Env, by_port: dict[int, str], table: list[tuple[str, int]],
                   vip: str, port: int) -> dict:
     misses = {}
     for sport, name in by_port.items():
-        want = e.names[lbkit.expected_backend(table, client, sport, vip, port)]
+        want = e.names[oracle.expected_backend(table, client, sport, vip, port)]
         if want != name:
             misses[sport] = (name, want)
     return misses
@@ -265,8 +255,8 @@ class Background:
                 if self.http:
                     name = http_get(self.e.lab.client, self.vip, self.port, sport, timeout=2.0)
                 else:
-                    name = lbkit.hello_from(self.e.lab.client, self.vip, self.port, sport,
-                                            timeout=2.0, reset=True)
+                    name = traffic.hello_from(self.e.lab.client, self.vip, self.port, sport,
+                                              timeout=2.0, reset=True)
                 self.attempts.append(Attempt(t0, time.monotonic(), name))
             except OSError as err:
                 self.attempts.append(Attempt(t0, time.monotonic(), None,
@@ -293,9 +283,9 @@ def http_get(ns: str, host: str, port: int, sport: int, timeout: float = 5.0) ->
     return body.decode().strip()
 
 
-def http_spread(e: Env, sports, workers: int = 16) -> lbkit.Spread:
-    return lbkit.spread(sports, lambda sport: http_get(e.lab.client, topology.VIP4, WEB_PORT, sport),
-                        workers)
+def http_spread(e: Env, sports, workers: int = 16) -> traffic.Spread:
+    return traffic.spread(sports, lambda sport: http_get(e.lab.client, topology.VIP4, WEB_PORT, sport),
+                          workers)
 
 
 class KeepAlive:
@@ -335,7 +325,7 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
     be1_4, be1_6 = L.backend4[0], L.backend6[0]
     full = [(a, 1) for a in L.backend4]
     without = [(a, 1) for a in L.backend4[1:]]
-    before = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(60), reset=True)
+    before = traffic.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(60), reset=True)
     assert not before.failures and set(before.backends) == {"be1", "be2", "be3"}
 
     with Background(e, topology.VIP4, topology.TCP_PORT) as bg:
@@ -349,15 +339,15 @@ def test_stopped_server_out_within_fall_and_back_within_rise(env):
         # no new connection is sent to it once it is out: 100 of them, every one answered by
         # the backend the table without be1 names
         time.sleep(max(0.0, t_kill + OUT_BOUND - time.monotonic()))
-        after = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
-        after6 = lbkit.connections(L.client, topology.VIP6, topology.TCP_PORT, e.ports.take(100), reset=True)
+        after = traffic.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
+        after6 = traffic.connections(L.client, topology.VIP6, topology.TCP_PORT, e.ports.take(100), reset=True)
         time.sleep(0.3)
         L.servers[0] = start_echo(L, 0)
         t_listen = wait_accepts(L, be1_4, topology.TARGET_TCP)
         in_sent, t_in = wait_health(e.api, "app", be1_4, True)
         in_s = t_in - t_listen
         time.sleep(0.3)
-    back = lbkit.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
+    back = traffic.connections(L.client, topology.VIP4, topology.TCP_PORT, e.ports.take(100), reset=True)
 
     failed = [a for a in bg.attempts if a.error]
     window = [a for a in bg.attempts if t_kill <= a.start < t_out]
@@ -450,7 +440,7 @@ def _sport_for(e: Env, name: str) -> int:
     table = [(a, 1) for a in e.lab.backend4]
     while True:
         sport = e.ports.take(1)[0]
-        if e.names[lbkit.expected_backend(table, topology.CLIENT4, sport, topology.VIP4, WEB_PORT)] == name:
+        if e.names[oracle.expected_backend(table, topology.CLIENT4, sport, topology.VIP4, WEB_PORT)] == name:
             return sport
 
 
@@ -465,7 +455,7 @@ def test_established_flows_of_an_unhealthy_backend_move(env):
         assert moving.get() == "be3" and staying.get() == "be1"
         e.set_http_status(2, 500)
         wait_health(e.api, "web", L.backend4[2], False)
-        flows = lbkit.flow_backends(L.node_name)
+        flows = maps.flow_backends(L.node_name)
         assert flows[(topology.CLIENT4, moved_sport, topology.VIP4, WEB_PORT)] == L.backend4[2]
         try:
             answer = moving.get()
@@ -474,7 +464,7 @@ def test_established_flows_of_an_unhealthy_backend_move(env):
         print(f"\nestablished flow on be3 after be3 went down: {answer}")
         assert answer in ("ConnectionResetError", "ConnectionError", "BrokenPipeError"), (
             f"the connection carried on ({answer!r}): the flow was not moved")
-        flows = lbkit.flow_backends(L.node_name)
+        flows = maps.flow_backends(L.node_name)
         new = flows[(topology.CLIENT4, moved_sport, topology.VIP4, WEB_PORT)]
         assert new in (L.backend4[0], L.backend4[1]), f"the flow still goes to {new}"
         assert staying.get() == "be1" and staying.get() == "be1"
@@ -508,13 +498,12 @@ def test_all_down_fails_open(env):
         wait_health(e.api, "web", address, True)
     svc = next(s for s in e.api.get("/stats")["services"] if s["name"] == "web")
     assert svc["fail_open"] is False
-    events = [ev for ev in lbkit_events(L) if ev["kind"] == "backend" and ev["service"] == "web"]
+    events = [ev for ev in node_events(L) if ev["kind"] == "backend" and ev["service"] == "web"]
     assert any("fail open" in c for ev in events for c in ev["changes"]), events[-3:]
 
 
-def lbkit_events(L: topology.Lab) -> list[dict]:
-    import json
-    p = lbkit.zfast("logs", "--json", "--state-dir", str(L.state_dir))
+def node_events(L: topology.Lab) -> list[dict]:
+    p = cli.zfast("logs", "--json", "--state-dir", str(L.state_dir))
     assert p.returncode == 0, p.stderr
     return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 
@@ -523,7 +512,7 @@ def lbkit_events(L: topology.Lab) -> list[dict]:
 
 def _apply(e: Env, web_weights, name: str) -> None:
     path = e.lab.write_config(project(e.lab, web_weights), e.lab.state_dir / name)
-    p = lbkit.zfast("apply", "-c", str(path), "--state-dir", str(e.lab.state_dir))
+    p = cli.zfast("apply", "-c", str(path), "--state-dir", str(e.lab.state_dir))
     assert p.returncode == 0, f"zfast apply failed: {p.stderr}"
 
 
@@ -550,61 +539,10 @@ def test_apply_keeps_a_down_backend_out_and_a_drained_one_drained(env):
                                  topology.VIP4, WEB_PORT)
         st = e.api.get("/status")["controllers"]["health"]
         assert st["targets"] == 9 and st["healthy"]
-        events = [ev for ev in lbkit_events(L) if ev["kind"] == "backend"]
+        events = [ev for ev in node_events(L) if ev["kind"] == "backend"]
         assert any(ev["address"] == be3 and ev["healthy"] is True for ev in events)
     finally:
         e.set_http_status(2, 200)
         _apply(e, (1, 1, 1), "restore.yaml")
     wait_all_healthy(e)
 
-
-# ---------------------------------------------------------------- the node of these tests
-
-def _node_main(config_path: str) -> None:
-    """`zfast up -c FILE` with the health controller wired as zfast.controllers.health
-    documents for zfast.node.daemon.Node (a no-op shim once Node wires it itself)."""
-    import logging
-
-    from zfast import config
-    from zfast.controllers import health
-    from zfast.node.daemon import Node
-
-    class HealthNode(Node):
-        shim = False
-
-        def start(self):
-            changes = super().start()
-            if getattr(self, "health", None) is None:      # Node does not wire it (yet)
-                self.shim = True
-                self.health = health.for_node(self)
-                self.health.start()
-            return changes
-
-        def stop(self):
-            if self.shim and self.health is not None:
-                self.health.stop()
-                self.health = None
-            super().stop()
-
-        def _install(self, project, rev):
-            changes = super()._install(project, rev)
-            if self.shim and self.health is not None:
-                self.health.refresh()
-            return changes
-
-        def status(self):
-            st = super().status()
-            if self.shim and self.health is not None:
-                st["controllers"]["health"] = self.health.status()
-            return st
-
-    logging.basicConfig(level=logging.WARNING)
-    node = HealthNode(config.load(config_path), source=f"test_health -c {config_path}")
-    node.start()
-    print(f"health node {node.name} up ({'test shim' if node.shim else 'Node wires the controller'})",
-          file=sys.stderr, flush=True)
-    node.run()
-
-
-if __name__ == "__main__":
-    _node_main(sys.argv[1])

@@ -9,13 +9,8 @@ import pytest
 
 from zfast.lab.netns import Topology, cleanup_stale, in_ns, list_netns
 
-pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture(autouse=True)
-def _need_root():
-    # Fail, don't skip: a CI that silently skips these would test nothing.
-    assert os.geteuid() == 0, "e2e tests need root (network namespaces); run ./run.sh test as root"
+pytestmark = pytest.mark.usefixtures("need_root")   # tests/e2e/conftest.py
 
 
 @pytest.fixture

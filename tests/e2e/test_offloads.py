@@ -23,11 +23,9 @@ from contextlib import contextmanager
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import lbkit
+from tests.e2e.kit import cli, lab, oracle, traffic
 from zfast.lab import topology
 from zfast.lab.netns import in_ns
-
-pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1, 1, 2]
 PROM = "127.0.0.1:9464"
@@ -37,10 +35,10 @@ FAMILIES = {"v4": (topology.VIP4, "app", 0), "v6": (topology.VIP6, "app6", 1)}
 @contextmanager
 def _env(prefix: str, offloads: bool):
     """The lab with a node that serves /metrics too."""
-    with lbkit.lab_env(prefix, WEIGHTS, start_node=False, offloads=offloads) as env:
+    with lab.lab_env(prefix, WEIGHTS, start_node=False, offloads=offloads) as env:
         project = env.lab.project()
         project["telemetry"] = {"prometheus": PROM}
-        env.api = lbkit.start_node(env.lab, project)
+        env.api = lab.start_node(env.lab, project)
         yield env
 
 
@@ -67,7 +65,7 @@ def _metrics(env) -> dict[tuple, float]:
 
 def _backend_packets(env, service: str) -> tuple[Counter, Counter]:
     """Per backend name: packets in `zfast stats --json`, and in /metrics."""
-    st = lbkit.stats_json(env.state_dir)
+    st = cli.stats_json(env.state_dir)
     svc = next(s for s in st["services"] if s["name"] == service)
     stats = Counter({env.names[b["address"]]: b["packets"] for b in svc["backends"]})
     prom = Counter()
@@ -102,8 +100,8 @@ def _udp_exact(env, vip: str, service: str, flows: int = 50, each: int = 20) -> 
     before_stats, before_prom = _settled(env, service)
     got, failures, resent = Counter(), [], 0
     for _ in range(each):
-        answered, failed, again = lbkit.udp_answers(env.lab.client, vip, topology.UDP_PORT, flows,
-                                                    workers=flows, tries=1)
+        answered, failed, again = traffic.udp_answers(env.lab.client, vip, topology.UDP_PORT, flows,
+                                                      workers=flows, tries=1)
         got.update(answered)
         failures += failed
         resent += again
@@ -123,12 +121,12 @@ def test_the_lab_keeps_linux_defaults(default_env):
     for ns in (lb.client, *lb.backends):
         assert "tx-checksumming: on" in _features(lb.topo.ns(ns), "eth0"), ns
     assert "generic-receive-offload: off" in _features(lb.topo.ns(lb.switch), "lbp")
-    st = lbkit.zfast("status", "--json", "--state-dir", str(env.state_dir))
+    st = cli.zfast("status", "--json", "--state-dir", str(env.state_dir))
     itfs = {i["name"]: i for i in json.loads(st.stdout)["interfaces"]}
     assert {n: (i["hook"], i["mode"]) for n, i in itfs.items()} == \
         {"pub0": ("tc", "tc"), "priv0": ("tc", "tc")}, itfs
     assert all("veth" in i["why"] and "partial checksums" in i["why"] for i in itfs.values())
-    text = lbkit.zfast("status", "--state-dir", str(env.state_dir)).stdout
+    text = cli.zfast("status", "--state-dir", str(env.state_dir)).stdout
     assert "pub0" in text and "tc" in text and "veth" in text, text
 
 
@@ -136,8 +134,8 @@ def test_the_lab_keeps_linux_defaults(default_env):
 def test_tcp_connections_answered_and_spread_by_weight(default_env, fam):
     vip, _, family = FAMILIES[fam]
     count = 300
-    spread = lbkit.connections(default_env.lab.client, vip, topology.TCP_PORT,
-                               default_env.ports.take(count))
+    spread = traffic.connections(default_env.lab.client, vip, topology.TCP_PORT,
+                                 default_env.ports.take(count))
     assert not spread.failures, list(spread.failures.items())[:5]
     got = spread.backends
     assert sum(got.values()) == count
@@ -146,7 +144,7 @@ def test_tcp_connections_answered_and_spread_by_weight(default_env, fam):
     client = topology.CLIENT4 if family == 0 else topology.CLIENT6
     table = list(zip(backends, WEIGHTS))
     for port, name in spread.by_port.items():
-        assert default_env.names[lbkit.expected_backend(table, client, port, vip, topology.TCP_PORT)] == name
+        assert default_env.names[oracle.expected_backend(table, client, port, vip, topology.TCP_PORT)] == name
     assert got["be3"] > got["be1"] and got["be3"] > got["be2"], got
 
 
@@ -161,7 +159,7 @@ def test_udp_from_50_flows_counted_exactly_where_it_arrived(default_env, fam):
 
 
 def test_kernel_drops_are_shown_per_interface(default_env):
-    st = lbkit.stats_json(default_env.state_dir)
+    st = cli.stats_json(default_env.state_dir)
     assert set(st["kernel_drops"]) == {"pub0", "priv0"}
     for counts in st["kernel_drops"].values():
         assert counts == {"xdp_redirect_errors": 0, "xdp_xmit_errors": 0, "tx_dropped": 0}, st
@@ -178,7 +176,7 @@ def xdp_env():
 
 
 def _events(env, kind: str) -> list[dict]:
-    out = lbkit.zfast("logs", "--json", "--state-dir", str(env.state_dir)).stdout
+    out = cli.zfast("logs", "--json", "--state-dir", str(env.state_dir)).stdout
     return [e for e in map(json.loads, out.splitlines()) if e.get("kind") == kind]
 
 
@@ -189,7 +187,7 @@ def _gro(env, ns: str, ifname: str) -> bool:
 def test_native_xdp_gives_its_veth_peers_napi_and_forwards(xdp_env):
     env = xdp_env
     assert "tx-checksumming: off" in _features(env.lab.topo.ns(env.lab.client), "eth0")
-    st = json.loads(lbkit.zfast("status", "--json", "--state-dir", str(env.state_dir)).stdout)
+    st = json.loads(cli.zfast("status", "--json", "--state-dir", str(env.state_dir)).stdout)
     assert {i["name"]: (i["hook"], i["mode"]) for i in st["interfaces"]} == \
         {"pub0": ("xdp", "native"), "priv0": ("xdp", "native")}, st["interfaces"]
     # the peers of pub0 (the client's eth0) and priv0 (the switch's lbp) had no NAPI
@@ -198,7 +196,7 @@ def test_native_xdp_gives_its_veth_peers_napi_and_forwards(xdp_env):
     assert _gro(env, env.lab.client, "eth0") and _gro(env, env.lab.switch, "lbp")
     for fam in sorted(FAMILIES):
         vip, service, _ = FAMILIES[fam]
-        spread = lbkit.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(300))
+        spread = traffic.connections(env.lab.client, vip, topology.TCP_PORT, env.ports.take(300))
         assert not spread.failures, list(spread.failures.items())[:5]
         _udp_exact(env, vip, service)
 
@@ -212,13 +210,13 @@ def test_a_peer_losing_napi_is_counted_then_repaired(xdp_env):
     ns = env.lab.topo.ns(env.lab.switch)
 
     def lost() -> int:
-        return lbkit.stats_json(env.state_dir)["kernel_drops"]["pub0"]["xdp_redirect_errors"]
+        return cli.stats_json(env.state_dir)["kernel_drops"]["pub0"]["xdp_redirect_errors"]
 
     before = lost()
     subprocess.run(["ip", "netns", "exec", ns, "ethtool", "-K", "lbp", "gro", "off"], check=True)
     # datagrams now: lost in the kernel after zfast redirected them
-    answered, _, _ = lbkit.udp_answers(env.lab.client, topology.VIP4, topology.UDP_PORT, 20, workers=20,
-                                       timeout=0.5, tries=1)
+    answered, _, _ = traffic.udp_answers(env.lab.client, topology.VIP4, topology.UDP_PORT, 20, workers=20,
+                                         timeout=0.5, tries=1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not _gro(env, env.lab.switch, "lbp"):
         time.sleep(0.5)

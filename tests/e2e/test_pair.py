@@ -31,15 +31,16 @@ import time
 import pytest
 import yaml
 
-import lbkit
-import pairkit
-from pairkit import (BackendTap, HeartbeatTap, Pinger, RoleWatch, UdpFlow, arp_answers,
-                     forward_flows, mac_of, neighbour, open_streams, send_udp, summary)
+from tests.e2e.kit.cli import zfast
+from tests.e2e.kit.kernel import detach_program, mac_of, neighbour, programs_on
+from tests.e2e.kit.maps import forward_flows
+from tests.e2e.kit.pair import HA_PORT, RoleWatch, open_streams, pair_env
+from tests.e2e.kit.traffic import Pinger, UdpFlow, send_udp, summary
+from tests.e2e.kit.wire import BackendTap, HeartbeatTap, arp_answers
 from zfast.lab import topology
 from zfast.events import parse_time
 from zfast.ha.heartbeat import Heartbeat, Sender, encode, load_key
-
-pytestmark = pytest.mark.e2e
+from zfast.paths import pin_dir
 
 HB_MS = 50
 HB = HB_MS / 1000
@@ -50,7 +51,7 @@ GAP_MEDIAN_MAX = 0.300        # the acceptance bound on the median gap, at a 50 
 
 @pytest.fixture(scope="module")
 def env():
-    with pairkit.pair_env("zfpr", heartbeat_ms=HB_MS) as e:
+    with pair_env("zfpr", heartbeat_ms=HB_MS) as e:
         yield e
 
 
@@ -62,6 +63,12 @@ def settle(env) -> int:
         if st is None or not st["controllers"]["activity"]["healthy"]:
             env.restart(i)
     return env.wait_pair()
+
+
+def stream_pinger(streams) -> Pinger:
+    """Every stream pinged from a thread of its own, 20 ms apart: a stream stalled by the
+    failover delays no other, so each stream's gap is its own."""
+    return Pinger(streams, pause=0.02, timeout=30.0, thread_per_stream=True)
 
 
 def report(name: str, **values) -> None:
@@ -108,7 +115,7 @@ def test_active_dies_streams_and_udp_continue(env):
     streams = open_streams(env, STREAMS)
     try:
         env.wait_replicated(b, received0 + STREAMS)
-        with BackendTap(env) as tap, Pinger(streams) as pinger, \
+        with BackendTap(env) as tap, stream_pinger(streams) as pinger, \
                 UdpFlow(env.lab.client, topology.VIP4) as u4, UdpFlow(env.lab.client, topology.VIP6) as u6, \
                 RoleWatch(env) as watch:
             pinger.wait_rounds(5)
@@ -150,7 +157,7 @@ def test_killed_node_returns_as_standby_gets_the_flows_and_failback_works(env):
     assert env.roles()[y] == "active"
     streams = open_streams(env, STREAMS)
     try:
-        with BackendTap(env) as tap, Pinger(streams) as pinger, \
+        with BackendTap(env) as tap, stream_pinger(streams) as pinger, \
                 UdpFlow(env.lab.client, topology.VIP4) as u4, RoleWatch(env) as watch:
             pinger.wait_rounds(3)
             t_back = time.monotonic()
@@ -196,11 +203,11 @@ def test_program_detached_on_the_active_the_standby_takes_over(env, how):
     streams = open_streams(env, STREAMS)
     try:
         env.wait_replicated(b, STREAMS)
-        with BackendTap(env) as tap, Pinger(streams) as pinger, \
+        with BackendTap(env) as tap, stream_pinger(streams) as pinger, \
                 UdpFlow(env.lab.client, topology.VIP6) as u6, RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             t_off = time.monotonic()
-            lbkit.detach_program(env.lab.nodes[a].ns, "pub0", how)
+            detach_program(env.lab.nodes[a].ns, "pub0", how)
             env.lab.wait_role(b, "active")
             env.lab.wait_role(a, "standby")
             pinger.wait_rounds(10)
@@ -251,7 +258,7 @@ def test_sigstopped_active_loses_its_lease_and_returns_as_standby(env):
     proc = env.lab.nodes[a].proc
     try:
         env.wait_replicated(b, STREAMS)
-        with BackendTap(env) as tap, Pinger(streams) as pinger, UdpFlow(client, topology.VIP4) as u4, \
+        with BackendTap(env) as tap, stream_pinger(streams) as pinger, UdpFlow(client, topology.VIP4) as u4, \
                 RoleWatch(env) as watch:
             pinger.wait_rounds(5)
             t_stop = time.monotonic()
@@ -320,9 +327,9 @@ def test_forged_and_replayed_heartbeats_are_counted_and_ignored(env):
         for claim, dest in ((a, nodes[b].priv4), (b, nodes[a].priv4)):
             for prio in (255, 1):
                 fake = Sender(env.name(claim), b"not the pair's key at all!!")
-                send_udp(backend, dest, fake.make(role="active", priority=prio, healthy=True))
-        send_udp(backend, nodes[b].priv4, genuine)           # replayed on the link it came by
-        send_udp(backend, nodes[b].priv4, stale)             # an old boot's, right key
+                send_udp(backend, dest, fake.make(role="active", priority=prio, healthy=True), HA_PORT)
+        send_udp(backend, nodes[b].priv4, genuine, HA_PORT)           # replayed on the link it came by
+        send_udp(backend, nodes[b].priv4, stale, HA_PORT)             # an old boot's, right key
         time.sleep(0.5)
     after = [env.status(i)["peer"] for i in range(2)]
     delta = [{k: after[i]["heartbeats"][k] - before[i][k] for k in before[i]} for i in range(2)]
@@ -345,7 +352,7 @@ def _up_with(env, tmp_path, ns: str, key_file, name: str) -> subprocess.Complete
     p["ha"]["key_file"] = str(key_file)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(p))
-    return pairkit.zfast("up", "-c", str(path), ns=ns, timeout=180)
+    return zfast("up", "-c", str(path), ns=ns, timeout=180)
 
 
 def test_missing_or_short_key_file_stops_zfast_up_with_one_line(env, tmp_path):
@@ -364,11 +371,11 @@ def test_missing_or_short_key_file_stops_zfast_up_with_one_line(env, tmp_path):
         assert len(lines) == 1, f"{kind}: {lines}"
         assert lines[0].startswith("zfast: error: ha.key_file ")
         assert ("No such file" if kind == "missing" else "at least 16") in lines[0]
-        assert not pairkit.pin_dir(f"keytest-{kind}").exists()
+        assert not pin_dir(f"keytest-{kind}").exists()
     attached = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "dev", "pub0"],
                               capture_output=True, text=True, check=True).stdout
     assert "xdp" not in json.loads(attached)[0], "a failed start left XDP attached"
-    assert lbkit.programs_on(ns) == {}, "a failed start left a program attached"
+    assert programs_on(ns) == {}, "a failed start left a program attached"
 
 
 def test_mismatched_keys_show_auth_failed_and_an_error_event(env, tmp_path):
@@ -394,7 +401,7 @@ def test_mismatched_keys_show_auth_failed_and_an_error_event(env, tmp_path):
     err = env.events(b, "error")[-1]
     assert "key_file" in err["error"] and parse_time(err["time"]) >= t0 - 1
     assert any("key_file" in e["error"] for e in env.events(a, "error"))
-    cli = pairkit.zfast("logs", "--json", "--state-dir", str(env.lab.nodes[b].state_dir))
+    cli = zfast("logs", "--json", "--state-dir", str(env.lab.nodes[b].state_dir))
     assert any(json.loads(line)["kind"] == "error" for line in cli.stdout.splitlines())
 
     # The right key again: b joins as standby, a stays active and takes the VIPs back
@@ -490,7 +497,7 @@ def test_status_json_and_role_events_tell_the_story(env):
     b = 1 - a
     out = []
     for i in range(2):
-        p = pairkit.zfast("status", "--json", "--state-dir", str(env.lab.nodes[i].state_dir))
+        p = zfast("status", "--json", "--state-dir", str(env.lab.nodes[i].state_dir))
         assert p.returncode == 0, p.stderr
         out.append(json.loads(p.stdout))
     for i, st in enumerate(out):
@@ -511,7 +518,7 @@ def test_status_json_and_role_events_tell_the_story(env):
     # Every role change of the module is an event, in order: each one starts where the
     # previous one ended (or at init: a daemon started), and the last is the current role.
     for i in range(2):
-        p = pairkit.zfast("logs", "--json", "--state-dir", str(env.lab.nodes[i].state_dir))
+        p = zfast("logs", "--json", "--state-dir", str(env.lab.nodes[i].state_dir))
         events = [json.loads(line) for line in p.stdout.splitlines()]
         roles = [e for e in events if e["kind"] == "role"]
         assert roles, f"{env.name(i)}: no role events"

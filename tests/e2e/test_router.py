@@ -23,13 +23,12 @@ import pytest
 import yaml
 from cryptography.x509.oid import NameOID
 
-from routerkit import (BACKEND_SERVER, RouterProc, get, haproxy_pids, served_cert,
-                       served_serial, wait_for, wait_tcp)
+from tests.e2e.kit.router import BACKEND_SERVER, RouterProc, haproxy_pids
+from tests.e2e.kit.waiting import wait_for, wait_tcp
+from tests.e2e.kit.web import get, served_cert, served_serial
 from zfast.lab.netns import Topology
 from zfast.routing.certs import CertManager
 from zfast.store.sqlite import SqliteStore
-
-pytestmark = pytest.mark.e2e
 
 PROJECT = "demo"
 RT = "10.77.1.1"                                  # the router as the client sees it

@@ -28,9 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corekit import plug
-from pebblekit import Pebble
-from routerkit import BACKEND_SERVER, get, wait_for
+from tests.e2e.kit.cli import zfast
+from tests.e2e.kit.core import plug
+from tests.e2e.kit.pebble import Pebble
+from tests.e2e.kit.router import BACKEND_SERVER
+from tests.e2e.kit.waiting import wait_for
+from tests.e2e.kit.web import get
 from zfast.api import Client
 from zfast.lab.netns import Topology, in_ns
 
@@ -61,13 +64,6 @@ def project_file(pebble: Pebble, extra_domains: list | None = None) -> dict:
                  "balancer": {"cpu": 1, "memory": "512Mi"},
                  "routers": {"count": 2, "cpu": 0.5, "memory": "256Mi"}},
     }
-
-
-def zfast(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "zfast.cli", *args], capture_output=True, text=True)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 class Env:
@@ -192,7 +188,7 @@ def test_https_reaches_each_domains_service_with_a_certificate_from_pebble(env):
     finally:
         hosts.unlink()
         hosts.parent.rmdir()
-    rows = json.loads(zfast("certs", "--json", "--state-dir", str(STATE)).stdout)
+    rows = json.loads(zfast("certs", "--json", "--state-dir", str(STATE), check=True).stdout)
     assert {r["host"]: r["source"] for r in rows} == {"app.example.org": "acme",
                                                      "api.example.org": "acme"}
     assert all({"issuer", "serial", "not_after", "renew_at"} <= set(r) for r in rows)
@@ -225,12 +221,12 @@ def test_adding_a_domain_renewing_and_killing_a_router_fail_no_request(env):
                                       "tls": "acme"})
     path = STATE.parent / "test-routing-core-new.yaml"
     path.write_text(yaml.safe_dump(new))
-    zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE))
+    zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE), check=True)
     wait_for("new.example.org's ACME certificate", lambda: env.acme_for("new.example.org"), 30, 0.3)
     wait_for("new.example.org served", lambda: https_get(env, "new.example.org")[1].get("name") == "app", 10, 0.2)
     # 2. a renewal
     before = env.certs()["app.example.org"]["serial"]
-    zfast("certs", "renew", "app.example.org", "--state-dir", str(STATE))
+    zfast("certs", "renew", "app.example.org", "--state-dir", str(STATE), check=True)
     assert env.certs()["app.example.org"]["serial"] != before
     wait_for("the renewed certificate served",
              lambda: format(int(https_get(env, "app.example.org")[2]["serialNumber"], 16), "x") ==
@@ -262,11 +258,11 @@ def test_bad_input_is_refused_and_existing_domains_keep_working(env):
         bad["routing"]["domains"].append(domain)
         path = STATE.parent / "test-routing-core-bad.yaml"
         path.write_text(yaml.safe_dump(bad))
-        r = zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE), check=False)
+        r = zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE))
         assert r.returncode != 0 and word in r.stderr, (what, r.stderr)
     status, body, _ = https_get(env, "api.example.org")
     assert status == 200 and body["name"] == "api"
-    r = zfast("certs", "renew", "nobody.example.org", "--state-dir", str(STATE), check=False)
+    r = zfast("certs", "renew", "nobody.example.org", "--state-dir", str(STATE))
     assert r.returncode != 0 and "not one of routing.domains" in r.stderr
 
     # An ACME directory that does not answer: a logged retry with back-off, a self-signed
@@ -278,13 +274,13 @@ def test_bad_input_is_refused_and_existing_domains_keep_working(env):
     path = STATE.parent / "test-routing-core-dead.yaml"
     path.write_text(yaml.safe_dump(dead))
     try:
-        zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE))
+        zfast("core", "apply", "-c", str(path), "--state-dir", str(STATE), check=True)
         wait_for("a logged ACME retry", lambda: [
             e for e in map(json.loads, (STATE / "events.jsonl").read_text().splitlines())
             if e["kind"] == "error" and e.get("host") == "late.example.org"
             and "14999" in e.get("error", "") and e.get("retry_in_s", 0) > 0], 20, 0.3)
         assert env.certs()["late.example.org"]["source"] == "self-signed"
-        r = zfast("certs", "renew", "late.example.org", "--state-dir", str(STATE), check=False)
+        r = zfast("certs", "renew", "late.example.org", "--state-dir", str(STATE))
         assert r.returncode != 0 and "14999" in r.stderr
         wait_for("late.example.org served", lambda: https_get_insecure(env, "late.example.org") == "app", 10, 0.2)
         for host, service in (("app.example.org", "app"), ("api.example.org", "api")):
@@ -292,7 +288,7 @@ def test_bad_input_is_refused_and_existing_domains_keep_working(env):
             assert status == 200 and body["name"] == service
     finally:
         env.cfg.write_text(yaml.safe_dump(base))
-        zfast("core", "apply", "-c", str(env.cfg), "--state-dir", str(STATE))
+        zfast("core", "apply", "-c", str(env.cfg), "--state-dir", str(STATE), check=True)
 
 
 def https_get_insecure(env: Env, host: str) -> str | None:
@@ -300,12 +296,12 @@ def https_get_insecure(env: Env, host: str) -> str | None:
 
 
 def test_core_status_and_stats_show_the_routers(env):
-    st = json.loads(zfast("core", "status", "--json", "--state-dir", str(STATE)).stdout)
+    st = json.loads(zfast("core", "status", "--json", "--state-dir", str(STATE), check=True).stdout)
     routers = [i for i in st["instances"] if i["kind"] == "router"]
     assert len(routers) == 2 and all(r["healthy"] and r["pid"] for r in routers)
     for _ in range(6):
         assert https_get(env, "api.example.org")[0] == 200
-    stats = json.loads(zfast("core", "stats", "--json", "--state-dir", str(STATE)).stdout)["instances"]
+    stats = json.loads(zfast("core", "stats", "--json", "--state-dir", str(STATE), check=True).stdout)["instances"]
     served = sum(u["requests"] for r in routers
                  for name, u in stats[r["name"]]["upstreams"].items() if name.startswith("api"))
     assert served >= 6

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import lbkit
+from tests.e2e.kit import lab, traffic
 from zfast.lab import topology
 from zfast.api import Client
 from zfast.controllers import statistics
@@ -38,8 +38,6 @@ from zfast.lab.netns import in_ns
 from zfast.paths import pin_dir
 from zfast.telemetry.prometheus import start_prometheus
 
-pytestmark = pytest.mark.e2e
-
 WEIGHTS = (1, 1, 2)
 N_UDP = 300
 N_TCP = 200
@@ -47,7 +45,7 @@ N_TCP = 200
 
 @pytest.fixture(scope="module")
 def env():
-    with lbkit.lab_env("zftel", WEIGHTS) as e:
+    with lab.lab_env("zftel", WEIGHTS) as e:
         yield e
 
 
@@ -166,7 +164,7 @@ def test_counters_match_what_was_sent(env, tmp_path):
         # ---- TCP: exactly N_TCP connections, every segment the client sent counted
         client0 = snmp(env.lab.client)
         backends0 = {f"be{i + 1}": snmp(ns) for i, ns in enumerate(env.lab.backends)}
-        spread = lbkit.connections(env.lab.client, topology.VIP4, topology.TCP_PORT, env.ports.take(N_TCP))
+        spread = traffic.connections(env.lab.client, topology.VIP4, topology.TCP_PORT, env.ports.take(N_TCP))
         assert not spread.failures, list(spread.failures.items())[:5]
         assert sum(spread.backends.values()) == N_TCP
         after_tcp = settle(ctl)

@@ -1,8 +1,9 @@
 """The firewall's control plane without a kernel: `zfast fw test`'s explain(), the rule set
 it derives from a project, and what FirewallTable writes into the maps.
 
-The maps are a fake that keeps the bytes written (struct fw_key / fw_rule / fw_port as numpy
-lays them out); a small Python model of bpf/firewall.h's zf_firewall() reads them back
+The maps are the shared fake data plane (tests/fakes: the C structs of bpf/zfast_shared.h,
+the bytes FirewallTable writes through its numpy views); a small Python model of
+bpf/firewall.h's zf_firewall() reads them back
 (project-wide slot 0 first, then the longest prefix of the port's slot, then the port's
 policy). For random rule sets that model and explain() must agree on every source: what
 `zfast fw test` says is what the data plane would do.
@@ -10,16 +11,16 @@ policy). For random rule sets that model and explain() must agree on every sourc
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import random
 
 import numpy as np
 import pytest
 
+from tests.fakes.dataplane import FakeDataplane
 from zfast.reconcile import firewall
-from zfast.config import Datapath, parse
-from zfast.reconcile.firewall import (ALLOW, DENY, FW_KEY, FW_PORT, FW_RULE, FirewallTable, _keys,
+from zfast.config import parse
+from zfast.reconcile.firewall import (ALLOW, DENY, FW_KEY, FW_RULE, FirewallTable, _keys,
                             desired_rules, explain, key_network, listener, rule_key)
 
 
@@ -140,94 +141,46 @@ def test_rule_key_round_trip_and_struct_layout():
 
 # ---------------------------------------------------------------- FirewallTable on fake maps
 
-class _Map(dict):
-    def __init__(self, key, leaf):
-        super().__init__()
-        self.Key, self.Leaf = key, leaf
-
-    def __setitem__(self, key, value):
-        super().__setitem__(getattr(key, "value", key), value)
+def fw_state(dp: FakeDataplane) -> tuple[int, int]:
+    """(live trie, rule generation) as struct zf_config holds them."""
+    c = dp.config()
+    return c.fw_trie, c.fw_gen
 
 
-class _Config(ctypes.Structure):
-    _fields_ = [("fw_trie", ctypes.c_uint32), ("fw_gen", ctypes.c_uint32)]
+def trie(dp: FakeDataplane, number: int) -> dict[tuple, tuple[int, int]]:
+    """{(prefixlen, slot, family, addr bytes): (action, id)} of one trie, read through the
+    product's numpy views of struct fw_key / fw_rule."""
+    out = {}
+    for k, v in dp.table(f"fw_rules{number}").raw().items():
+        key = np.frombuffer(k, dtype=FW_KEY)[0]
+        rule = np.frombuffer(v, dtype=FW_RULE)[0]
+        out[(int(key["prefixlen"]), int(key["slot"][0]) << 8 | int(key["slot"][1]),
+             int(key["family"]), bytes(key["addr"]))] = (int(rule["action"]), int(rule["id"]))
+    return out
 
 
-def _blob(n: int):
-    return ctypes.c_uint8 * n
+def verdict(dp: FakeDataplane, src: str, slot: int, rules: dict | None = None) -> str:
+    """bpf/firewall.h zf_firewall() over the fake's maps (rules: the live trie, decoded)."""
+    rules = trie(dp, fw_state(dp)[0]) if rules is None else rules
+    addr = ipaddress.ip_address(src)
+    data = addr.packed.ljust(16, b"\0")
 
+    def lookup(s):
+        want = s.to_bytes(2, "big") + bytes([addr.version]) + data
+        best = None
+        for (plen, kslot, fam, kaddr), value in rules.items():
+            have = kslot.to_bytes(2, "big") + bytes([fam]) + kaddr
+            if _prefix_equal(want, have, plen) and (best is None or plen > best[0]):
+                best = (plen, value)
+        return best[1] if best else None
 
-class FakeDP:
-    """The maps FirewallTable writes, as {key bytes: value bytes}."""
-
-    def __init__(self, sizes: Datapath):
-        self.sizes = sizes
-        self.maps = {"fw_rules0": _Map(_blob(FW_KEY.itemsize), _blob(FW_RULE.itemsize)),
-                     "fw_rules1": _Map(_blob(FW_KEY.itemsize), _blob(FW_RULE.itemsize)),
-                     "fw_ports": _Map(ctypes.c_uint32, _blob(FW_PORT.itemsize)),
-                     "config": _Map(ctypes.c_uint32, _Config)}
-        self.writes = 0
-
-    def table(self, name):
-        return self.maps[name]
-
-    def update_batch(self, name, keys, values):
-        assert len(keys) == len(values)
-        for k, v in zip(keys, values):
-            dict.__setitem__(self.maps[name], bytes(k.tobytes()) if name != "fw_ports" else int(k),
-                             bytes(v.tobytes()))
-        self.writes += len(keys)
-
-    def update_config(self, **fields):
-        """Datapath.update_config: some fields of struct zf_config, the others kept."""
-        value = self.maps["config"].get(0) or _Config()
-        for name, v in fields.items():
-            setattr(value, name, v)
-        self.maps["config"][0] = value
-
-    def delete_batch(self, name, keys):
-        for k in keys:
-            del self.maps[name][k.tobytes()]    # deleting what is not there is a bug
-
-    # -- the data plane's view
-
-    def config(self) -> tuple[int, int]:
-        c = self.maps["config"][0]
-        return c.fw_trie, c.fw_gen
-
-    def trie(self, number: int) -> dict[tuple, tuple[int, int]]:
-        """{(prefixlen, slot, family, addr bytes): (action, id)} of one trie."""
-        out = {}
-        for k, v in self.maps[f"fw_rules{number}"].items():
-            key = np.frombuffer(k, dtype=FW_KEY)[0]
-            rule = np.frombuffer(v, dtype=FW_RULE)[0]
-            out[(int(key["prefixlen"]), int(key["slot"][0]) << 8 | int(key["slot"][1]),
-                 int(key["family"]), bytes(key["addr"]))] = (int(rule["action"]), int(rule["id"]))
-        return out
-
-    def verdict(self, src: str, slot: int, trie: dict | None = None) -> str:
-        """bpf/firewall.h zf_firewall() over these maps (trie: the live one, decoded)."""
-        trie = self.trie(self.config()[0]) if trie is None else trie
-        addr = ipaddress.ip_address(src)
-        data = addr.packed.ljust(16, b"\0")
-
-        def lookup(s):
-            want = s.to_bytes(2, "big") + bytes([addr.version]) + data
-            best = None
-            for (plen, kslot, fam, kaddr), value in trie.items():
-                have = kslot.to_bytes(2, "big") + bytes([fam]) + kaddr
-                if _prefix_equal(want, have, plen) and (best is None or plen > best[0]):
-                    best = (plen, value)
-            return best[1] if best else None
-
-        r = lookup(firewall.PROJECT_SLOT)
-        if r and r[0] == DENY:
-            return "deny"
-        r = lookup(slot)
-        if r:
-            return "allow" if r[0] == ALLOW else "deny"
-        policy = np.frombuffer(self.maps["fw_ports"][slot], dtype=FW_PORT)[0]["policy"]
-        return "deny" if policy == DENY else "allow"
+    r = lookup(firewall.PROJECT_SLOT)
+    if r and r[0] == DENY:
+        return "deny"
+    r = lookup(slot)
+    if r:
+        return "allow" if r[0] == ALLOW else "deny"
+    return "deny" if dp.table("fw_ports")[slot].policy == DENY else "allow"
 
 
 def _prefix_equal(a: bytes, b: bytes, bits: int) -> bool:
@@ -240,19 +193,19 @@ def _prefix_equal(a: bytes, b: bytes, bits: int) -> bool:
     return True
 
 
-def table_for(proj) -> tuple[FirewallTable, FakeDP]:
-    dp = FakeDP(proj.datapath)
+def table_for(proj) -> tuple[FirewallTable, FakeDataplane]:
+    dp = FakeDataplane(proj.datapath)
     return FirewallTable(dp), dp
 
 
-def agree(fw: FirewallTable, dp: FakeDP, proj, sources: list[str]) -> None:
-    live = dp.trie(dp.config()[0])
+def agree(fw: FirewallTable, dp: FakeDataplane, proj, sources: list[str]) -> None:
+    live = trie(dp, fw_state(dp)[0])
     for pp in proj.public_ports:
         slot = fw.slots.used[listener(pp)]
         for src in sources:
             if ipaddress.ip_address(src).version != pp.address.version:
                 continue        # such a packet never reaches this port's service
-            model = dp.verdict(src, slot, live)
+            model = verdict(dp, src, slot, live)
             said = explain(proj, src, pp)
             assert model == said["verdict"], (src, str(pp.address), pp.port, model, said)
 
@@ -269,9 +222,9 @@ def test_apply_writes_what_explain_says():
     agree(fw, dp, q, ["198.51.100.8", "198.51.100.7", "10.9.3.3", "192.0.2.9", "203.0.113.5",
                       "2001:db8:bad::1", "2001:db8::1"])
     # the same project again: nothing to write, no new generation
-    gen, writes = dp.config()[1], dp.writes
+    gen, writes = fw_state(dp)[1], dp.batch_writes
     assert fw.apply(q) == []
-    assert dp.config()[1] == gen and dp.writes - writes == len(q.public_ports)  # fw_ports only
+    assert fw_state(dp)[1] == gen and dp.batch_writes - writes == len(q.public_ports)  # fw_ports only
 
 
 def _random_project(rnd: random.Random, max_rules: int) -> dict:
@@ -326,11 +279,11 @@ def test_random_rule_sets_model_and_explain_agree_across_replacements(seed):
     agree(fw, dp, first, _sources(rnd, first))
     for _ in range(3):   # replaced whole, again and again: the tries alternate
         nxt = parse(_random_project(rnd, max_rules))
-        live_before = dp.config()[0]
+        live_before = fw_state(dp)[0]
         fw.apply(nxt)
-        assert dp.config()[0] == 1 - live_before
+        assert fw_state(dp)[0] == 1 - live_before
         agree(fw, dp, nxt, _sources(rnd, nxt))
-        ids = [i for _, i in dp.trie(dp.config()[0]).values()]
+        ids = [i for _, i in trie(dp, fw_state(dp)[0]).values()]
         assert len(ids) == len(set(ids)), "two live rules share a counter"
         assert all(0 <= i < max_rules for i in ids)
 
@@ -348,9 +301,9 @@ def test_a_full_rule_set_is_replaced_by_another_full_one():
     changes = fw.apply(b)
     assert any("firewall rules: 16 (16 added, 16 removed)" in c for c in changes), changes
     slot = fw.slots.used[listener(b.public_ports[0])]
-    assert dp.verdict("11.0.0.3", slot) == "allow" and dp.verdict("10.0.0.3", slot) == "deny"
+    assert verdict(dp, "11.0.0.3", slot) == "allow" and verdict(dp, "10.0.0.3", slot) == "deny"
     fw.apply(a)
-    assert dp.verdict("10.0.0.3", slot) == "allow" and dp.verdict("11.0.0.3", slot) == "deny"
+    assert verdict(dp, "10.0.0.3", slot) == "allow" and verdict(dp, "11.0.0.3", slot) == "deny"
 
 
 def test_a_policy_change_alone_makes_established_flows_ask_again():
@@ -361,14 +314,14 @@ def test_a_policy_change_alone_makes_established_flows_ask_again():
     closed = parse(project([port(2222, {"policy": "deny"})]))
     fw, dp = table_for(open_)
     fw.apply(open_)
-    gen = dp.config()[1]
+    gen = fw_state(dp)[1]
     slot = fw.slots.used[listener(open_.public_ports[0])]
     fw.apply(closed)
-    assert dp.config()[1] != gen, "policy allow -> deny, but the rule generation did not change"
-    assert dp.verdict("198.51.100.1", slot) == "deny"
-    gen = dp.config()[1]
+    assert fw_state(dp)[1] != gen, "policy allow -> deny, but the rule generation did not change"
+    assert verdict(dp, "198.51.100.1", slot) == "deny"
+    gen = fw_state(dp)[1]
     fw.apply(closed)
-    assert dp.config()[1] == gen, "nothing changed, yet a new generation"
+    assert fw_state(dp)[1] == gen, "nothing changed, yet a new generation"
 
 
 def test_export_restore_then_apply_keeps_the_maps_right():
@@ -387,5 +340,5 @@ def test_export_restore_then_apply_keeps_the_maps_right():
     fw2.apply(a)
     agree(fw2, dp, a, _sources(rnd, a))
     # the idle trie is the previous set exactly, nothing stale left behind
-    assert len(dp.trie(1 - dp.config()[0])) == len(desired_rules(
+    assert len(trie(dp, 1 - fw_state(dp)[0])) == len(desired_rules(
         b, {listener(pp): fw2.slots.used[listener(pp)] for pp in b.public_ports}))

@@ -4,7 +4,6 @@ ServiceTable.set_health against a fake data plane (rings, flags, fail open, appl
 
 from __future__ import annotations
 
-import ctypes
 import http.server
 import ipaddress
 import socket
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tests.fakes.dataplane import FakeDataplane
 from zfast import config
 from zfast.controllers import health
 from zfast.controllers.health import HealthController, SocketProber, Target, judge_http
@@ -483,67 +483,8 @@ def test_judge_http():
 
 # ---------------------------------------------------------------- ServiceTable.set_health
 
-class Addr(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_uint32 * 4)]
-
-
-class SvcKey(ctypes.Structure):
-    _fields_ = [("vip", Addr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
-                ("family", ctypes.c_uint8)]
-
-
-class SvcValue(ctypes.Structure):
-    _fields_ = [("index", ctypes.c_uint32), ("ring", ctypes.c_uint32),
-                ("target_port", ctypes.c_uint16), ("fw_port", ctypes.c_uint16)]
-
-
-class BackendValue(ctypes.Structure):
-    _fields_ = [("addr", Addr), ("family", ctypes.c_uint8), ("flags", ctypes.c_uint8)]
-
-
-class Counter(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
-
-
-class FakeMap:
-    def __init__(self, key, leaf):
-        self.Key, self.Leaf, self.data = key, leaf, {}
-
-    def __setitem__(self, k, v):
-        self.data[bytes(k)] = v
-
-    def __getitem__(self, k):
-        return self.data[bytes(k)]
-
-    def __delitem__(self, k):
-        del self.data[bytes(k)]
-
-    def getvalue(self, k):
-        return [self.Leaf(), self.Leaf()]
-
-
-class FakeDatapath:
-    def __init__(self):
-        self.sizes = config.Datapath(maglev_size=251, max_services=8, max_backends=64)
-        self.maps = {"services": FakeMap(SvcKey, SvcValue),
-                     "backends": FakeMap(ctypes.c_uint32, BackendValue),
-                     "service_stats": FakeMap(ctypes.c_uint32, Counter),
-                     "backend_stats": FakeMap(ctypes.c_uint32, Counter)}
-        self.rings: dict[int, np.ndarray] = {}
-        self.ring_writes = 0
-
-    def table(self, name):
-        return self.maps[name]
-
-    def write_ring(self, ring, ids):
-        self.rings[ring] = np.array(ids)
-        self.ring_writes += 1
-
-    def clear_ring(self, ring):
-        self.rings.pop(ring, None)
-
-    def percpu_sum(self, name, index):
-        return 0, 0
+def fake_dataplane() -> FakeDataplane:
+    return FakeDataplane(config.Datapath(maglev_size=251, max_services=8, max_backends=64))
 
 
 def service(weights=(1, 1, 1), health=True, name="app"):
@@ -560,13 +501,13 @@ class View:
     def __init__(self, dp, table, name="app"):
         inst = table.services[name]
         key = table._service_key(ip("10.0.0.10"), 80, "tcp")
-        entry = dp.maps["services"][key]
+        entry = dp.table("services")[key]
         self.ring_no = entry.ring
-        ring = dp.rings[entry.ring]
+        ring = dp.read_ring(entry.ring)
         by_slot = {slot: str(a) for a, slot in inst.backends.items()}
         self.in_ring = {by_slot[s] for s in set(ring.tolist()) if s != NO_BACKEND}
         self.empty = bool((ring == NO_BACKEND).all())
-        self.flags = {str(a): dp.maps["backends"][ctypes.c_uint32(slot)].flags
+        self.flags = {str(a): dp.table("backends")[slot].flags
                       for a, slot in inst.backends.items()}
 
 
@@ -574,7 +515,7 @@ B1, B2, B3 = (ip(f"10.1.0.{i}") for i in (2, 3, 4))
 
 
 def test_unhealthy_backend_leaves_the_ring_through_the_spare_and_is_flagged_down():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(),))
     v0 = View(dp, table)
@@ -601,13 +542,13 @@ def test_unhealthy_backend_leaves_the_ring_through_the_spare_and_is_flagged_down
     assert v3.in_ring == {"10.1.0.2", "10.1.0.3", "10.1.0.4"}
     assert set(v3.flags.values()) == {BACKEND_UP}
     # Maglev: the same set of backends gives the same table as before it left
-    fresh = ServiceTable(FakeDatapath())
+    fresh = ServiceTable(fake_dataplane())
     fresh.apply((service((2, 1, 1)),))
-    assert np.array_equal(dp.rings[v3.ring_no], fresh.dp.rings[View(fresh.dp, fresh).ring_no])
+    assert np.array_equal(dp.read_ring(v3.ring_no), fresh.dp.read_ring(View(fresh.dp, fresh).ring_no))
 
 
 def test_drained_backend_stays_drained():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service((0, 1, 1)),))
     assert View(dp, table).flags["10.1.0.2"] == 0
@@ -621,7 +562,7 @@ def test_drained_backend_stays_drained():
 
 
 def test_all_down_fails_open():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(),))
     table.set_health("app", B1, False)
@@ -642,7 +583,7 @@ def test_all_down_fails_open():
 
 
 def test_health_counts_only_where_the_service_has_checks():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(),))
     table.set_health("app", B1, False)
@@ -661,7 +602,7 @@ def test_removed_backend_record_until_forgotten():
     """The table keeps a down record until the controller says otherwise (it forgets a
     backend with on_change(True)), so a backend removed and added back between two
     refreshes of the controller is not back in rotation behind its back."""
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(),))
     table.set_health("app", B1, False)
@@ -677,7 +618,7 @@ def test_removed_backend_record_until_forgotten():
 
 
 def test_many_reports_rebuild_each_ring_once():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(name="app"), service(name="web")))
     writes = dp.ring_writes
@@ -688,7 +629,7 @@ def test_many_reports_rebuild_each_ring_once():
 
 
 def test_a_failed_map_update_is_not_taken():
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     table.apply((service(),))
     real = dp.write_ring
@@ -707,7 +648,7 @@ def test_a_failed_map_update_is_not_taken():
 
 def test_for_node_wiring():
     """health.for_node: reports go to the node's table, map changes to its event log."""
-    dp = FakeDatapath()
+    dp = fake_dataplane()
     table = ServiceTable(dp)
     svc = service()
     table.apply((svc,))

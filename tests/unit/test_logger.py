@@ -137,9 +137,8 @@ def test_an_absent_syslog_never_blocks_nor_raises(tmp_path):
     log.close()
 
 
+# Run with PYTHONPATH at this checkout: it imports the zfast under test.
 CHILD = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {repo!r})
     from zfast.controllers.logger import LoggerController
     log = LoggerController({state!r}, "lb-a", max_bytes=20000, keep=100)
     i = 0
@@ -151,8 +150,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_sigkill_loses_no_logged_event(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), state=str(tmp_path))],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(state=str(tmp_path))],
+                             stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     acknowledged = -1
     try:
         for line in child.stdout:

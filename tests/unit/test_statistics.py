@@ -323,9 +323,9 @@ def test_start_samples_every_interval(tmp_path, fake):
     reader.close()
 
 
+# Run with PYTHONPATH at this checkout: it imports the zfast under test.
 CHILD = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {repo!r})
+    import time
     from zfast.controllers.statistics import StatisticsController
     n = [0]
     def collect():
@@ -342,8 +342,9 @@ CHILD = textwrap.dedent("""
 
 def test_sigkill_loses_no_finished_tick(tmp_path):
     path = tmp_path / "s.sqlite"
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), path=str(path))],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(path=str(path))],
+                             stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     done = []
     try:
         for line in child.stdout:

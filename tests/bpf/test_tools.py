@@ -1,25 +1,21 @@
-"""tools/: the XDP traffic generator, the sink and the benchmark's command line.
+"""tools/: the XDP traffic generator and the sink (the benchmark's command line:
+tests/unit/test_bench_cli.py).
 
-Needs root (namespaces, XDP, BPF_PROG_RUN): fails, never skips, without it.
+Needs root (namespaces, XDP, BPF_PROG_RUN): fails, never skips, without it. tools/ is a
+package, imported from the repo root that pytest.ini's `pythonpath` puts on sys.path.
 """
 
 import ipaddress
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tools.sink import Sink  # noqa: E402
-from tools.trafficgen import FlowSpec, Generator, GenError, dev_info, run_pktgen  # noqa: E402
-from zfast.lab.netns import Topology  # noqa: E402
-from zfast.dataplane.progrun import run_xdp  # noqa: E402
+from tools.sink import Sink
+from tools.trafficgen import FlowSpec, Generator, GenError, dev_info, run_pktgen
+from zfast.lab.netns import Topology
+from zfast.dataplane.progrun import run_xdp
 
 SRC, DST = "10.77.0.1", "10.77.0.2"
 
@@ -108,9 +104,3 @@ def test_pktgen_mode_is_clear(pair):
             res = run_pktgen(spec, t.ns(gen_ns), "g0", 1.0, [0])
             assert res.sent > 0 and sink.counts().packets > 0
 
-
-def test_bench_help():
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "--help"],
-                       capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    assert "--quick" in p.stdout and "--plot" in p.stdout

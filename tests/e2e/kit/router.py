@@ -1,26 +1,22 @@
-"""Helpers for router daemon tests: backends that say their name, a router process started the
-way the core starts one (``ip netns exec NS python -m zfast.routing.router -c FILE``), and
-HTTP/HTTPS clients that run in a namespace."""
+"""A routing daemon for the router tests: backends that say their name, and a router process
+started the way the core starts one (``ip netns exec NS python -m zfast.routing.router -c
+FILE``). Requests to it: tests/e2e/kit/web.py."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-from cryptography import x509
 
+from tests.e2e.kit.cli import REPO
 from zfast.api import ApiError, Client
 from zfast.controllers.logger import read as read_events
-from zfast.lab.netns import Topology, in_ns
+from zfast.lab.netns import Topology
 
 # A backend: answers every GET with {"name", "host", "path"} (HTTP/1.1, keep-alive).
 BACKEND_SERVER = r'''
@@ -50,89 +46,6 @@ class Server(ThreadingHTTPServer):
 Server((host, port), Handler).serve_forever()
 '''
 
-
-def wait_for(what: str, check, timeout: float, every: float = 0.05):
-    """Poll check() until it returns something truthy; its value, or AssertionError after
-    timeout with the last value or exception."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-            last = value
-        except Exception as e:     # noqa: BLE001 - reported on timeout
-            last = f"{type(e).__name__}: {e}"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
-        time.sleep(every)
-
-
-def wait_tcp(ns: str, host: str, port: int, timeout: float = 10.0) -> None:
-    def ok():
-        with in_ns(ns):
-            socket.create_connection((host, port), timeout=1).close()
-        return True
-    wait_for(f"{host}:{port} in {ns}", ok, timeout)
-
-
-# ------------------------------------------------------------------------------ clients
-
-class Response:
-    def __init__(self, r: http.client.HTTPResponse):
-        self.status, self.headers, self.body = r.status, r.headers, r.read()
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-    @property
-    def name(self) -> str | None:
-        """The backend that answered (None for an answer of HAProxy's own)."""
-        try:
-            return self.json().get("name")
-        except ValueError:
-            return None
-
-
-def tls_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE          # self-signed test certificates
-    return ctx
-
-
-def _connect(ns: str, addr: str, port: int, timeout: float) -> socket.socket:
-    with in_ns(ns):
-        return socket.create_connection((addr, port), timeout=timeout)
-
-
-def get(ns: str, addr: str, host: str, path: str = "/", port: int = 80, tls: bool = False,
-        sni: str | None = None, timeout: float = 3.0) -> Response:
-    """One request on a new connection from namespace ns."""
-    sock = _connect(ns, addr, port, timeout)
-    if tls:
-        sock = tls_context().wrap_socket(sock, server_hostname=sni or host)
-    conn = http.client.HTTPConnection(addr, port, timeout=timeout)
-    conn.sock = sock
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        return Response(conn.getresponse())
-    finally:
-        conn.close()
-
-
-def served_cert(ns: str, addr: str, sni: str, port: int = 443) -> x509.Certificate:
-    with tls_context().wrap_socket(_connect(ns, addr, port, 3.0), server_hostname=sni) as s:
-        return x509.load_der_x509_certificate(s.getpeercert(binary_form=True))
-
-
-def served_serial(ns: str, addr: str, sni: str, port: int = 443) -> str:
-    """The served certificate's serial as CertManager writes it (hex, no leading zeros)."""
-    return format(served_cert(ns, addr, sni, port).serial_number, "x")
-
-
-# ------------------------------------------------------------------------------- router
 
 def haproxy_pids(cfg: Path) -> list[int]:
     """Processes running haproxy with this configuration file (master, workers, old ones)."""
@@ -178,7 +91,7 @@ class RouterProc:
             self.proc = self.topo.popen(self.ns, [sys.executable, "-m", "zfast.routing.router",
                                                   "-c", str(self.file)],
                                         stdout=logf, stderr=logf,
-                                        cwd=str(Path(__file__).resolve().parents[2]))
+                                        cwd=str(REPO))
         t0 = time.monotonic()
         while True:
             if self.proc.poll() is not None:

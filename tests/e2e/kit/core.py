@@ -1,5 +1,6 @@
-"""What the core-service tests share: a handle on a running `zfast core up` (status,
-instances, events, waiting for a complete pair)."""
+"""A running `zfast core up` for the core-service tests: core_service() starts it in a
+namespace of its own with backends and a client on its bridges; Core is a handle on it
+(status, instances, events, waiting for a complete pair)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Iterator
 
 import yaml
 
-from zfast.lab.netns import Topology
-
 from zfast.api import ApiError, Client
+from zfast.lab.netns import Topology
 
 
 class Core:
