@@ -197,8 +197,8 @@ class Bench:
     # -- topology -----------------------------------------------------------------
 
     def build(self) -> None:
-        from zfast.lab.netns import Topology
         from tools.trafficgen import dev_info
+        from zfast.lab.netns import Topology
         t = self.t = Topology(prefix="zfb")
         self.gen_ns, self.lb_ns, self.sink_ns = t.add_ns("gen"), t.add_ns("lb", router=True), \
             t.add_ns("sink")
@@ -659,8 +659,8 @@ class Bench:
     def per_packet_rules(self) -> None:
         """The firewall's cost as its rules grow (issue: 100k within 20% of 10): a known
         flow (rules are asked only again after a change) and a new flow (LPM lookups)."""
-        from zfast.reconcile.firewall import FirewallTable
         from zfast.lab.netns import in_ns
+        from zfast.reconcile.firewall import FirewallTable
         dp, svc = self.zdp, self.zsvc
         fw = FirewallTable(dp)
         got = {n: {"hot": [], "new": []} for n in self.rule_counts}
@@ -841,6 +841,7 @@ def source_id() -> str:
     """Which data plane was measured: git commit of bpf/, dirty or not, and a hash of the
     inlined source (what BCC compiles)."""
     import hashlib
+
     from zfast.dataplane.loader import inline_source
     from zfast.paths import bpf_dir
     digest = hashlib.sha256(inline_source(bpf_dir() / "zfast.c").encode()).hexdigest()[:12]

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     full = next((r for r in rows if r["variant"] == "full"), None)
     f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-    print(f"### Where zfast's time goes (net ns/packet; harness + trivial subtracted)\n")
+    print("### Where zfast's time goes (net ns/packet; harness + trivial subtracted)\n")
     print(f"data plane: {B.source_id()}\n")
     print(f"repeat={bench.repeat} (new flows: {bench.repeat_new}); each round measures every "
           f"variant once (order alternating), medians of {rounds} rounds. "

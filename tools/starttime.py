@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zfast.lab import topology as zlab  # noqa: E402
 from zfast.api import ApiError, Client  # noqa: E402
+from zfast.lab import topology as zlab  # noqa: E402
 from zfast.lab.netns import Topology, in_ns  # noqa: E402
 
 SEND_EVERY_S = 0.001

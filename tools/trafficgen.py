@@ -39,8 +39,8 @@ REPO = TOOLS.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zfast.lab.netns import in_ns  # noqa: E402
 from zfast.dataplane.progrun import BPF_F_TEST_XDP_LIVE_FRAMES, run_xdp  # noqa: E402
+from zfast.lab.netns import in_ns  # noqa: E402
 
 HDR_MAX = 96  # as in trafficgen.c
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -434,7 +434,7 @@ def run_pktgen(spec: FlowSpec, ns: str | None, dev: str, duration: float,
             path.write_text(cmd + "\n")
             result = path.read_text()
             if "Result: OK" not in result and "Result:" in result and path.name != "pgctrl":
-                line = next(l for l in result.splitlines() if l.startswith("Result:"))
+                line = next(x for x in result.splitlines() if x.startswith("Result:"))
                 raise GenError(f"pktgen refused {cmd!r} on {path.name}: {line}")
 
         devs = []

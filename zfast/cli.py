@@ -361,7 +361,8 @@ def rollback(rev, state_dir, config_file, node):
 @node_options
 def down(state_dir, config_file, node):
     """Remove everything a node made: its daemon, XDP programs, pinned maps."""
-    from zfast.node.daemon import NodeError, down as node_down
+    from zfast.node.daemon import NodeError
+    from zfast.node.daemon import down as node_down
 
     directory = Path(state_dir) if state_dir else _state_dir(None, config_file, node) \
         if (config_file or node) else None

@@ -18,8 +18,8 @@ import pytest
 from tests.fixtures import packets as fx
 from zfast import config
 from zfast.dataplane.loader import Loaded
-from zfast.lab.netns import Topology, in_ns
 from zfast.dataplane.progrun import RunResult, run_tc, run_xdp
+from zfast.lab.netns import Topology, in_ns
 from zfast.reconcile.services import ServiceTable
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from zfast.dataplane import bpflib
-from zfast.dataplane import progcache
+from zfast.dataplane import bpflib, progcache
 from zfast.dataplane.loader import Loaded
 from zfast.paths import BPFFS, ensure_bpffs
 

@@ -14,8 +14,8 @@ import pytest
 
 from tools.sink import Sink
 from tools.trafficgen import FlowSpec, Generator, GenError, dev_info, run_pktgen
-from zfast.lab.netns import Topology
 from zfast.dataplane.progrun import run_xdp
+from zfast.lab.netns import Topology
 
 SRC, DST = "10.77.0.1", "10.77.0.2"
 

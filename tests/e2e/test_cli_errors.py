@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from tests.e2e.kit import cli, kernel, lab, oracle, traffic
-from zfast.lab import topology
 from zfast.api import ApiError
+from zfast.lab import topology
 from zfast.paths import pin_dir
 
 WEIGHTS = [1, 1, 2]
@@ -249,7 +249,7 @@ def test_core_up_under_ip_netns_exec_says_there_is_no_cgroup_hierarchy(env, tmp_
     assert not state.exists(), f"core up left {sorted(state.rglob('*'))}"
     links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True,
                                       text=True, check=True).stdout)
-    assert [l["ifname"] for l in links] == ["lo"], f"core up left links: {links}"
+    assert [link["ifname"] for link in links] == ["lo"], f"core up left links: {links}"
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                           check=True).stdout
     assert prefix not in left, f"core up left instances: {left}"

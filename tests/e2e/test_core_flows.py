@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from tests.e2e.kit.cli import REPO
-from tests.e2e.kit.core import Core as KitCore, plug, start_core
+from tests.e2e.kit.core import Core as KitCore
+from tests.e2e.kit.core import plug, start_core
 from tests.e2e.kit.traffic import Pinger
 from zfast.api import ApiError
 from zfast.lab.netns import Topology, in_ns

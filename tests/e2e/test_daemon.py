@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from tests.e2e.kit import cli, kernel, lab, maps, oracle, traffic
-from zfast.lab import topology
 from zfast.api import ApiError
+from zfast.lab import topology
 from zfast.lab.probe import Stream, streams_alive
 
 POOL_WEIGHTS = [1, 1, 2, 1]          # the pool of four backends, and the base file's weights

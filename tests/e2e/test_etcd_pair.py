@@ -28,11 +28,11 @@ import yaml
 
 from tests.e2e.kit import cli, lab, maps, oracle, traffic
 from tests.e2e.kit.etcd import EtcdServer
-from zfast.lab import topology
 from zfast.api import ApiError, Client
+from zfast.lab import topology
 from zfast.lab.netns import Topology
-from zfast.paths import pin_dir
 from zfast.lab.probe import Stream
+from zfast.paths import pin_dir
 
 WEIGHTS = [1, 1, 1]
 FAMILIES = ((topology.VIP4, topology.CLIENT4, 0), (topology.VIP6, topology.CLIENT6, 1))

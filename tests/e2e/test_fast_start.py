@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 
 from tests.e2e.kit import lab
-from tools.starttime import measure     # tools/ is a package at the repo root (pytest.ini)
+from tools.starttime import measure  # tools/ is a package at the repo root (pytest.ini)
 
 REPEATS = 3
 FIRST_DATAGRAM_S = 1.0      # a repeat start, exec to the first datagram forwarded

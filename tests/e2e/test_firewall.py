@@ -46,8 +46,8 @@ import yaml
 
 from tests.e2e.kit.cli import zfast
 from tests.e2e.kit.lab import NEED_ROOT, wait_servers
-from zfast.lab import topology
 from zfast.api import ApiError, Client
+from zfast.lab import topology
 from zfast.lab.netns import Topology, in_ns
 
 VIP = topology.VIP4

@@ -31,8 +31,8 @@ import pytest
 
 from tests.e2e.kit import cli, lab, maps, oracle, traffic
 from tests.e2e.kit.waiting import wait_tcp
-from zfast.lab import topology
 from zfast.api import ApiError, Client
+from zfast.lab import topology
 from zfast.lab.netns import Topology, in_ns
 from zfast.paths import pin_dir
 

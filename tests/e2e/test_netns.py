@@ -9,7 +9,6 @@ import pytest
 
 from zfast.lab.netns import Topology, cleanup_stale, in_ns, list_netns
 
-
 pytestmark = pytest.mark.usefixtures("need_root")   # tests/e2e/conftest.py
 
 

@@ -163,7 +163,7 @@ def test_kernel_drops_are_shown_per_interface(default_env):
     assert set(st["kernel_drops"]) == {"pub0", "priv0"}
     for counts in st["kernel_drops"].values():
         assert counts == {"xdp_redirect_errors": 0, "xdp_xmit_errors": 0, "tx_dropped": 0}, st
-    kinds = {dict(l)["kind"] for n, l in _metrics(default_env) if n == "zfast_kernel_drops_total"}
+    kinds = {dict(labels)["kind"] for n, labels in _metrics(default_env) if n == "zfast_kernel_drops_total"}
     assert kinds == {"xdp_redirect_errors", "xdp_xmit_errors", "tx_dropped"}
 
 
@@ -223,8 +223,8 @@ def test_a_peer_losing_napi_is_counted_then_repaired(xdp_env):
     assert _gro(env, env.lab.switch, "lbp"), "zfast did not give lbp its NAPI back"
     after = lost()
     assert after - before >= 20 - sum(answered.values()) > 0, (before, after, answered)
-    prom = {dict(l)["interface"]: v for (n, l), v in _metrics(env).items()
-            if n == "zfast_kernel_drops_total" and dict(l)["kind"] == "xdp_redirect_errors"}
+    prom = {dict(labels)["interface"]: v for (n, labels), v in _metrics(env).items()
+            if n == "zfast_kernel_drops_total" and dict(labels)["kind"] == "xdp_redirect_errors"}
     assert prom["pub0"] == after
     errs = [e for e in _events(env, "kernel_drops") if e["interface"] == "pub0"]
     assert errs and errs[-1]["xdp_lost"] > 0, errs

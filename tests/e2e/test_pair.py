@@ -37,9 +37,9 @@ from tests.e2e.kit.maps import forward_flows
 from tests.e2e.kit.pair import HA_PORT, RoleWatch, open_streams, pair_env
 from tests.e2e.kit.traffic import Pinger, UdpFlow, send_udp, summary
 from tests.e2e.kit.wire import BackendTap, HeartbeatTap, arp_answers
-from zfast.lab import topology
 from zfast.events import parse_time
 from zfast.ha.heartbeat import Heartbeat, Sender, encode, load_key
+from zfast.lab import topology
 from zfast.paths import pin_dir
 
 HB_MS = 50

@@ -30,10 +30,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.kit import lab, traffic
-from zfast.lab import topology
 from zfast.api import Client
 from zfast.controllers import statistics
 from zfast.controllers.statistics import StatisticsController
+from zfast.lab import topology
 from zfast.lab.netns import in_ns
 from zfast.paths import pin_dir
 from zfast.telemetry.prometheus import start_prometheus

@@ -13,8 +13,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from zfast.routing.certs import (BACKOFF_CAP_S, DAY, Cert, CertError, CertManager, renew_time,
-                                 self_signed)
+from zfast.routing.certs import (
+    BACKOFF_CAP_S,
+    DAY,
+    Cert,
+    CertError,
+    CertManager,
+    renew_time,
+    self_signed,
+)
 from zfast.store.sqlite import SqliteStore
 
 PROJECT = "demo"
@@ -230,7 +237,8 @@ def test_account_thumbprint(store, tmp_path):
     assert set(doc) == {"key_pem", "uri", "directory"} and doc["uri"] is None
     key = serialization.load_pem_private_key(doc["key_pem"].encode(), password=None)
     nums = key.public_key().public_numbers()
-    b64 = lambda i: jose.b64encode(i.to_bytes((i.bit_length() + 7) // 8, "big")).decode()
+    def b64(i):
+        return jose.b64encode(i.to_bytes((i.bit_length() + 7) // 8, "big")).decode()
     canon = json.dumps({"e": b64(nums.e), "kty": "RSA", "n": b64(nums.n)},
                        separators=(",", ":"), sort_keys=True)
     assert tp == jose.b64encode(hashlib.sha256(canon.encode()).digest()).decode()

@@ -7,9 +7,25 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 import pytest
 import yaml
 
-from zfast.config import (HA, Acme, Backend, ConfigError, Datapath, Domain, Firewall, Health,
-                          Interface, Node, PortMap, Project, PublicPort, Routing, Service, load,
-                          parse)
+from zfast.config import (
+    HA,
+    Acme,
+    Backend,
+    ConfigError,
+    Datapath,
+    Domain,
+    Firewall,
+    Health,
+    Interface,
+    Node,
+    PortMap,
+    Project,
+    PublicPort,
+    Routing,
+    Service,
+    load,
+    parse,
+)
 
 SPEC_EXAMPLE = """
 project: demo

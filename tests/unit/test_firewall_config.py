@@ -11,9 +11,9 @@ import yaml
 from click.testing import CliRunner
 
 from zfast import cli
+from zfast.config import ConfigError, Datapath, Firewall, PublicPort, RateLimit, load, loads, parse
 from zfast.dataplane import loader
 from zfast.node import daemon
-from zfast.config import ConfigError, Datapath, Firewall, PublicPort, RateLimit, load, loads, parse
 
 
 def project() -> dict:

@@ -18,11 +18,21 @@ import numpy as np
 import pytest
 
 from tests.fakes.dataplane import FakeDataplane
-from zfast.reconcile import firewall
 from zfast.config import parse
-from zfast.reconcile.firewall import (ALLOW, DENY, FW_KEY, FW_RULE, FirewallTable, _keys,
-                            desired_rules, explain, key_network, listener, rule_key)
-
+from zfast.reconcile import firewall
+from zfast.reconcile.firewall import (
+    ALLOW,
+    DENY,
+    FW_KEY,
+    FW_RULE,
+    FirewallTable,
+    _keys,
+    desired_rules,
+    explain,
+    key_network,
+    listener,
+    rule_key,
+)
 
 # ---------------------------------------------------------------- projects
 

@@ -12,8 +12,20 @@ from dataclasses import asdict
 
 import pytest
 
-from zfast.ha.heartbeat import (MAGIC, MAX_SKEW_S, MIN_KEY_LEN, TAG_LEN, Heartbeat, KeyError_,
-                                Sender, Verifier, encode, load_key, random_key, write_key)
+from zfast.ha.heartbeat import (
+    MAGIC,
+    MAX_SKEW_S,
+    MIN_KEY_LEN,
+    TAG_LEN,
+    Heartbeat,
+    KeyError_,
+    Sender,
+    Verifier,
+    encode,
+    load_key,
+    random_key,
+    write_key,
+)
 
 KEY = b"k" * 32
 OTHER_KEY = b"x" * 32

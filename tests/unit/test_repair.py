@@ -13,10 +13,32 @@ from dataclasses import replace
 import pytest
 
 from zfast.controllers.repair import (
-    BACKOFF_FIRST_S, BACKOFF_MAX_S, DRAIN_APPLY_S, DRAIN_WAIT_S, HEARTBEAT_MISSING_MS,
-    HEARTBEAT_SETTLE_S, PERSIST_S, SPARE_RETRY_S, STABLE_S, STARVED_WAIT_S, STOPPED,
-    DrainRouter, Drained, DropSpare, EndBoost, GrowStarved, InstanceState, MakeSpare,
-    MarkStable, Observations, Repair, Replace, SoftStop, SpareState, StartSuccessor, Undrain,
+    BACKOFF_FIRST_S,
+    BACKOFF_MAX_S,
+    DRAIN_APPLY_S,
+    DRAIN_WAIT_S,
+    HEARTBEAT_MISSING_MS,
+    HEARTBEAT_SETTLE_S,
+    PERSIST_S,
+    SPARE_RETRY_S,
+    STABLE_S,
+    STARVED_WAIT_S,
+    STOPPED,
+    Drained,
+    DrainRouter,
+    DropSpare,
+    EndBoost,
+    GrowStarved,
+    InstanceState,
+    MakeSpare,
+    MarkStable,
+    Observations,
+    Repair,
+    Replace,
+    SoftStop,
+    SpareState,
+    StartSuccessor,
+    Undrain,
 )
 
 TICK = 0.25

@@ -6,8 +6,8 @@ import struct
 
 import numpy as np
 
-from zfast.telemetry import report
 from zfast.controllers.statistics import StatisticsController
+from zfast.telemetry import report
 from zfast.telemetry.series import Series
 
 T0 = 1_700_000_000.0

@@ -6,8 +6,17 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 import yaml
 
-from zfast.config import (Acme, ConfigError, Domain, PortMap, Routing, domain_target, loads,
-                          parse, parse_host)
+from zfast.config import (
+    Acme,
+    ConfigError,
+    Domain,
+    PortMap,
+    Routing,
+    domain_target,
+    loads,
+    parse,
+    parse_host,
+)
 
 FILE = """
 project: demo

@@ -6,11 +6,25 @@ each, applying what is decided to the sizes as the core service does. No system 
 
 import pytest
 
-from zfast.core.cgroups import parse_size
 from zfast.controllers.scaling import (
-    CPU_HIGH, CPU_LOW, FLOWS_AFTER_SHRINK, FLOWS_HIGH, GROW_SETTLE_S, MEM_HIGH, MEM_LOW,
-    MEM_TARGET, THROTTLED_HIGH, WINDOW, Bounds, Decision, Sample, Scaler, Sizes, bounds_from,
+    CPU_HIGH,
+    CPU_LOW,
+    FLOWS_AFTER_SHRINK,
+    FLOWS_HIGH,
+    GROW_SETTLE_S,
+    MEM_HIGH,
+    MEM_LOW,
+    MEM_TARGET,
+    THROTTLED_HIGH,
+    WINDOW,
+    Bounds,
+    Decision,
+    Sample,
+    Scaler,
+    Sizes,
+    bounds_from,
 )
+from zfast.core.cgroups import parse_size
 
 MI = 1 << 20
 COOLDOWN = 60.0
@@ -152,7 +166,8 @@ def test_cpu_shrink_rounds_to_the_step_and_respects_min():
 def test_cpu_one_busy_sample_in_the_window_blocks_the_shrink():
     s, cur = _grown_cpu_scaler()
     busy_at = 65
-    load = lambda t, c: (CPU_LOW if t == busy_at else 0.10) * c.cpu   # exactly 30 % once
+    def load(t, c):
+        return (CPU_LOW if t == busy_at else 0.10) * c.cpu   # exactly 30 % once
     decisions = run(s, cur, WINDOW, 200, cpu=load)
     # the busy sample stays in the window from t=65 to t=74: the first shrink is at 75
     assert [(t, d.old, d.new) for t, d in decisions][:1] == [(busy_at + WINDOW, 1.0, 0.5)]
@@ -161,7 +176,8 @@ def test_cpu_one_busy_sample_in_the_window_blocks_the_shrink():
 def test_cpu_between_low_and_high_nothing_happens():
     s, cur = _grown_cpu_scaler()
     levels = [0.31, 0.45, 0.60, 0.79, 0.50, 0.35, 0.70, 0.78, 0.40, 0.55]
-    load = lambda t, c: levels[int(t) % len(levels)] * c.cpu
+    def load(t, c):
+        return levels[int(t) % len(levels)] * c.cpu
     assert run(s, cur, WINDOW, 400, cpu=load) == []
     assert cur.cpu == 1.0
 
@@ -181,11 +197,13 @@ def test_memory_grows_double_above_80_percent_median():
 def test_memory_growth_follows_the_median_not_the_peak():
     # 4 of 10 samples at 95 %: median 50 %, no growth
     s, cur = Scaler(Bounds()), sizes()
-    peaks = lambda t, c: (0.95 if t % 10 < 4 else 0.5) * 256 * MI
+    def peaks(t, c):
+        return (0.95 if t % 10 < 4 else 0.5) * 256 * MI
     assert run(s, cur, 0, 40, memory=peaks) == []
     # 6 of 10 at 95 %: median above 80 %
     s, cur = Scaler(Bounds()), sizes()
-    mostly = lambda t, c: (0.95 if t % 10 < 6 else 0.5) * 256 * MI
+    def mostly(t, c):
+        return (0.95 if t % 10 < 6 else 0.5) * 256 * MI
     assert [(d.old, d.new) for _, d in run(s, cur, 0, WINDOW, memory=mostly)] == [(256 * MI, 512 * MI)]
 
 
@@ -219,7 +237,8 @@ def test_memory_does_not_shrink_at_or_above_30_percent():
     assert run(s, cur, WINDOW, 400, memory=int(0.31 * 512 * MI)) == []
     # one sample at 31 % in an otherwise idle window holds the shrink back
     s, cur = _grown_memory_scaler()
-    load = lambda t, c: (0.31 if t == 65 else 0.1) * 512 * MI
+    def load(t, c):
+        return (0.31 if t == 65 else 0.1) * 512 * MI
     decisions = run(s, cur, WINDOW, 200, memory=load)
     assert [(t, d.new) for t, d in decisions][:1] == [(75, 256 * MI)]
 
@@ -298,7 +317,8 @@ def test_flow_table_shrink_needs_max_under_half_of_the_smaller_size():
     assert run(s, cur, WINDOW, 300, flows=32768) == []        # exactly 50 % of 65536
     s, cur = _grown_flows_scaler()
     # one sample at 32768 in a window of 1000s holds it back while it is in the window
-    load = lambda t, c: 32768 if t == 65 else 1000
+    def load(t, c):
+        return 32768 if t == 65 else 1000
     decisions = run(s, cur, WINDOW, 300, flows=load)
     assert [(t, d.new) for t, d in decisions] == [(75, 65536)]
     s, cur = _grown_flows_scaler()

@@ -22,8 +22,14 @@ from typing import Callable, Iterable, Mapping
 from zfast.dataplane.mapbatch import lookup_batches
 from zfast.telemetry.series import MISSING, Series
 from zfast.telemetry.serieskeys import SeriesKey, flatten
-from zfast.telemetry.seriesstore import (COARSE_KEEP_S, COARSE_STEP_S, FILE_NAME, FINE_KEEP_S,
-                                         StatsStore, open_reader)
+from zfast.telemetry.seriesstore import (
+    COARSE_KEEP_S,
+    COARSE_STEP_S,
+    FILE_NAME,
+    FINE_KEEP_S,
+    StatsStore,
+    open_reader,
+)
 
 __all__ = ["StatisticsController", "api_routes", "read_resources", "count_entries",
            "open_reader", "Series"]

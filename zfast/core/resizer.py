@@ -21,7 +21,7 @@ from zfast.core.launcher import Launcher
 from zfast.core.observe import API_TIMEOUT_S, Observer
 from zfast.core.plan import CoreSpec
 from zfast.core.runtime import Instance, Runtime
-from zfast.dataplane.bpflib import lib     # not bcc: the core daemon never loads LLVM
+from zfast.dataplane.bpflib import lib  # not bcc: the core daemon never loads LLVM
 from zfast.paths import pin_dir
 
 FLOW_ENTRY_BYTES = 1536   # memory a flow-table entry costs an instance at its peak (scaling)

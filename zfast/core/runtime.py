@@ -193,8 +193,8 @@ class NetnsRuntime(Runtime):
         import json
         out = _ip("-n", inst.netns, "-j", "link", "show", check=False)
         try:
-            return {l["ifname"]: l["address"] for l in json.loads(out.stdout or "[]")
-                    if l["ifname"] in {link.ifname for link in inst.spec.links}}
+            return {link["ifname"]: link["address"] for link in json.loads(out.stdout or "[]")
+                    if link["ifname"] in {want.ifname for want in inst.spec.links}}
         except (ValueError, KeyError):
             return {}
 

@@ -12,7 +12,6 @@ bpf/zfast_shared.h (``self.table("flows").Key``): no layout is written twice.
 from __future__ import annotations
 
 import ctypes
-import errno
 import ipaddress
 import json
 import os
@@ -22,19 +21,16 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:         # numpy at first use: `zfast up` starts the kernel's work on
-    import numpy as np    # the data plane before it imports it (zfast/node/prestart.py)
+    import numpy as np  # the data plane before it imports it (zfast/node/prestart.py)
 
-from zfast.dataplane import bpflib
-from zfast.dataplane import progcache
-from zfast.dataplane.background import Background
 from zfast.config import Datapath as Sizes
-from zfast.paths import bpf_dir
+from zfast.dataplane import bpflib, progcache
+from zfast.dataplane.background import Background
 from zfast.dataplane.reasons import defines, reasons
+from zfast.paths import bpf_dir
 
 # XDP attach flags (linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -199,11 +195,11 @@ class _captured_stderr:
 
 def _last_reason(log: str) -> str | None:
     """The verifier's or compiler's own words: the line before 'processed N insns', or an error."""
-    lines = [l.strip() for l in log.splitlines() if l.strip() and not l.startswith(";")]
+    lines = [line.strip() for line in log.splitlines() if line.strip() and not line.startswith(";")]
     for i, line in enumerate(lines):
         if line.startswith("processed ") and i > 0:
             return lines[i - 1]
-    errors = [l for l in lines if "error:" in l]
+    errors = [line for line in lines if "error:" in line]
     return errors[0] if errors else None
 
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from zfast.config import Datapath as Sizes
-from zfast.paths import bpf_dir
 from zfast.dataplane.progrun import libbpf
+from zfast.paths import bpf_dir
 
 LAYOUT = "layout.json"
 INSTALLED = "installed.json"

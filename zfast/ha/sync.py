@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zfast.dataplane.loader import NO_BACKEND, Loaded, get_addr
+from zfast.dataplane.loader import NO_BACKEND, Loaded
 from zfast.dataplane.reasons import defines
 
 log = logging.getLogger("zfast.ha.sync")

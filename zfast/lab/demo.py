@@ -19,9 +19,8 @@ from collections import Counter
 
 import click
 
-from zfast.lab import topology
-from zfast.lab import probe
 from zfast.api import ApiError
+from zfast.lab import probe, topology
 from zfast.lab.netns import Topology, TopologyError, in_ns
 
 
@@ -123,7 +122,7 @@ def run(duration: float = 20.0, connections: int = 300) -> None:
         click.echo(f"    VIPs {topology.VIP4}, {topology.VIP6}; ports {topology.TCP_PORT}/tcp and "
                    f"{topology.UDP_PORT}/udp; heartbeat every {P.heartbeat_ms} ms")
 
-        say(f"2/5 real traffic: TCP connections and UDP datagrams, 20 long-lived streams, IPv4 and IPv6")
+        say("2/5 real traffic: TCP connections and UDP datagrams, 20 long-lived streams, IPv4 and IPv6")
         traffic = _Traffic(P.client, max(10, int(connections / max(duration, 1.0))))
         traffic.start()
         streams = [probe.Stream(P.client, vip, topology.TCP_PORT) for vip in (topology.VIP4, topology.VIP6) * 10]

@@ -30,11 +30,22 @@ from zfast.dataplane.egresswatch import EgressWatch
 from zfast.dataplane.links import LinkWatch, refresh_tx_ports
 from zfast.dataplane.loader import DatapathError, Loaded
 from zfast.dataplane.sweeper import FlowSweeper
-from zfast.node.checks import (NodeError, check_ha_key, check_interfaces, check_local,
-                               check_node_section)
+from zfast.node.checks import (
+    NodeError,
+    check_ha_key,
+    check_interfaces,
+    check_local,
+    check_node_section,
+)
 from zfast.node.prestart import AlreadyRunning, take_node_lock
-from zfast.node.revisions import (config_diff, dump_yaml, local_part, node_project,
-                                  shared_of, shared_part)
+from zfast.node.revisions import (
+    config_diff,
+    dump_yaml,
+    local_part,
+    node_project,
+    shared_of,
+    shared_part,
+)
 from zfast.node.routes import routes
 from zfast.paths import pin_dir
 from zfast.reconcile.firewall import FirewallTable

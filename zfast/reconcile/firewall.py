@@ -21,8 +21,8 @@ import numpy as np
 
 from zfast.config import IPNetwork, Project, PublicPort
 from zfast.dataplane.loader import DatapathError, Loaded
-from zfast.reconcile.services import Slots
 from zfast.dataplane.reasons import defines
+from zfast.reconcile.services import Slots
 
 ALLOW, DENY = defines()["ZF_FW_ALLOW"], defines()["ZF_FW_DENY"]
 ACTION_NAME = {ALLOW: "allow", DENY: "deny"}

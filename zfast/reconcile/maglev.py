@@ -68,7 +68,7 @@ def build_table(backends: Sequence[tuple[str, int]], size: int = DEFAULT_SIZE) -
     integer in 0..2**32-1, no backend has a positive weight, or there are more backends with
     a positive weight than slots.
     """
-    import numpy as np   # not at import: the project file's checks need only is_prime
+    import numpy as np  # not at import: the project file's checks need only is_prime
     if not isinstance(size, int) or isinstance(size, bool) or not is_prime(size):
         raise ValueError(f"table size {size!r} is not a prime number")
     for key, weight in backends:

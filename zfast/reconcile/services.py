@@ -29,11 +29,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zfast.reconcile import maglev
 from zfast.config import PublicPort, Service
-from zfast.dataplane.loader import (AF, BACKEND_DOWN, BACKEND_UP, NO_BACKEND, PROTO, DatapathError,
-                            IPAddress, Loaded, get_addr, set_addr)
+from zfast.dataplane.loader import (
+    AF,
+    BACKEND_DOWN,
+    BACKEND_UP,
+    NO_BACKEND,
+    PROTO,
+    DatapathError,
+    IPAddress,
+    Loaded,
+    get_addr,
+    set_addr,
+)
 from zfast.dataplane.reasons import defines
+from zfast.reconcile import maglev
 
 MAX_SERVICE_PORTS = defines()["ZF_MAX_SERVICE_PORTS"]
 

@@ -386,7 +386,8 @@ class CertManager:
 
     def _connect(self):
         """A ClientV2 with the project's account registered at the configured directory."""
-        from acme import client as acme_client, messages
+        from acme import client as acme_client
+        from acme import messages
         url = self.acme["directory"]
         net = acme_client.ClientNetwork(
             self._account_jwk(), user_agent=USER_AGENT,

@@ -37,8 +37,18 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from zfast.store import (DEFAULT_MAX_EVENTS, Backoff, Revision, Store, StoreError, Watch,
-                         check_name, deliver, lease_key, log)
+from zfast.store import (
+    DEFAULT_MAX_EVENTS,
+    Backoff,
+    Revision,
+    Store,
+    StoreError,
+    Watch,
+    check_name,
+    deliver,
+    lease_key,
+    log,
+)
 from zfast.store.sqlite import SqliteStore
 
 PREFIXES = ("/v3", "/v3beta")

@@ -17,8 +17,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from zfast.store import (DEFAULT_MAX_EVENTS, Backoff, Revision, Store, StoreError, Watch,
-                         check_name, deliver, event_time, lease_key, log)
+from zfast.store import (
+    DEFAULT_MAX_EVENTS,
+    Backoff,
+    Revision,
+    Store,
+    StoreError,
+    Watch,
+    check_name,
+    deliver,
+    event_time,
+    lease_key,
+    log,
+)
 
 POLL_S = 0.2
 BUSY_TIMEOUT_MS = 5000

@@ -81,42 +81,43 @@ def flatten(stats: Mapping, resources: Mapping[str, tuple[int, int]] | None = No
             maps: Mapping[str, tuple[int, int]] | None = None) -> tuple[list[str], list[int], dict]:
     """A stats dict (Node.stats()) as (names, integer values, meta)."""
     # f-strings rather than SeriesKey(...).name: this runs every tick over every backend.
-    names: list[str] = []
-    values: list[int] = []
-    add_n, add_v = names.append, values.append
+    pairs: list[tuple[str, int]] = []
+    add = pairs.append
     vips = {}
     for svc in stats.get("services", ()):
         n = svc["name"]
         vips[n] = svc.get("vip")
-        add_n(f"service/{n}/packets"); add_v(svc["packets"])
-        add_n(f"service/{n}/bytes"); add_v(svc["bytes"])
+        add((f"service/{n}/packets", svc["packets"]))
+        add((f"service/{n}/bytes", svc["bytes"]))
         for be in svc.get("backends", ()):
             prefix = f"backend/{n}/{be['address']}/"
-            add_n(prefix + "packets"); add_v(be["packets"])
-            add_n(prefix + "bytes"); add_v(be["bytes"])
+            add((prefix + "packets", be["packets"]))
+            add((prefix + "bytes", be["bytes"]))
             if "weight" in be:
-                add_n(prefix + "weight"); add_v(be["weight"])
+                add((prefix + "weight", be["weight"]))
             if "healthy" in be:
-                add_n(prefix + "healthy"); add_v(1 if be["healthy"] else 0)
+                add((prefix + "healthy", 1 if be["healthy"] else 0))
     for pp in stats.get("public_ports", ()):
         prefix = f"port/{pp.get('address', '*')}/{pp['port']}/{pp['proto']}/"
         for key in ("packets", "allowed", "denied", "rate_limited"):
             if key in pp:
-                add_n(prefix + key); add_v(pp[key])
+                add((prefix + key, pp[key]))
     for reason, packets in stats.get("drops", {}).items():
-        add_n(f"drop/{reason}"); add_v(packets)
+        add((f"drop/{reason}", packets))
     for reason, v in stats.get("verdicts", {}).items():
-        add_n(f"verdict/{reason}/packets"); add_v(v["packets"])
-        add_n(f"verdict/{reason}/bytes"); add_v(v["bytes"])
+        add((f"verdict/{reason}/packets", v["packets"]))
+        add((f"verdict/{reason}/bytes", v["bytes"]))
     flows = stats.get("flows")
     if flows is None and maps and "flows" in maps:
         flows = maps["flows"][0]
     if flows is not None:
-        add_n("flows"); add_v(flows)
+        add(("flows", flows))
     for inst, (cpu, mem) in (resources or {}).items():
-        add_n(f"cpu/{inst}"); add_v(cpu)
-        add_n(f"memory/{inst}"); add_v(mem)
+        add((f"cpu/{inst}", cpu))
+        add((f"memory/{inst}", mem))
     for name, (entries, most) in (maps or {}).items():
-        add_n(f"map/{name}/entries"); add_v(entries)
-        add_n(f"map/{name}/max"); add_v(most)
+        add((f"map/{name}/entries", entries))
+        add((f"map/{name}/max", most))
+    names = [name for name, _ in pairs]
+    values = [value for _, value in pairs]
     return names, values, {"services": vips}

@@ -32,8 +32,14 @@ from zfast.routing.haproxy.files import Workdir, write_atomic
 from zfast.routing.haproxy.model import Route, State, Upstream, validate
 from zfast.routing.haproxy.pem import make_self_signed
 from zfast.routing.haproxy.process import MasterProcess, fit_maxconn
-from zfast.routing.haproxy.render import (MAP_FILES, ConfigSettings, map_entries, render_config,
-                                          render_crt_list, render_maps)
+from zfast.routing.haproxy.render import (
+    MAP_FILES,
+    ConfigSettings,
+    map_entries,
+    render_config,
+    render_crt_list,
+    render_maps,
+)
 from zfast.routing.haproxy.runtime import MasterCLI, WorkerAPI
 
 log = logging.getLogger("zfast.routing.haproxy")
