@@ -19,6 +19,16 @@ def test_the_documented_reference_is_the_validators():
         "docs/configuration.md differs from zfast.config.FIELDS: run python -m zfast.config --reference"
 
 
+def test_the_documented_field_tables_are_the_schemas():
+    blocks = dict(re.findall(r"<!-- fields: (\S+) begin -->\n(.*?)<!-- fields: \1 end -->",
+                             DOC.read_text(), re.S))
+    assert {"datapath"} <= set(blocks), "docs/configuration.md lost a field table"
+    for section, block in blocks.items():
+        assert block == config.field_table(section), \
+            f"docs/configuration.md's {section} table differs from the schema: run " \
+            f"python -m zfast.config --fields {section}"
+
+
 def test_datapath_fields_are_the_dataclass_fields():
     assert set(config.FIELDS["datapath"]) == {f.name for f in dataclasses.fields(config.Datapath)}
 

@@ -13,13 +13,13 @@ project.py      Project, load/loads/parse: the sections composed, the checks acr
 schema.py       the declare-once machinery: setting(), Reader, ListOf, Section
 kinds.py        field kinds: integers in a range, ports, names, addresses, CIDRs, sizes...
 node.py         node
-datapath.py     datapath (the data plane's sizes)
+datapath.py     datapath (the data plane's sizes; defaults from bpf/zfast_shared.h)
 services.py     services, their ports, backends and health checks
 firewall.py     public_ports and their firewalls; firewall (the project-wide deny list)
 ha.py           ha
 routing.py      routing (the L7 routing service): addresses, acme, domains, routers
 telemetry.py    telemetry (checked here, read from Project.raw)
-reference.py    FIELDS, the reference of docs/configuration.md
+reference.py    FIELDS, the reference tables of docs/configuration.md
 problems.py     ConfigError and how a problem line shows a value
 hostnames.py    DNS host names, email addresses, http(s) URLs
 yaml_loader.py  YAML in, strict about a key given twice
@@ -35,7 +35,7 @@ from zfast.config.kinds import NAME_PATTERN, IPAddress, IPNetwork
 from zfast.config.node import INTERFACE_ROLES, XDP_MODES, Interface, Node
 from zfast.config.problems import ConfigError
 from zfast.config.project import Project, load, loads, parse
-from zfast.config.reference import FIELDS, reference
+from zfast.config.reference import FIELDS, field_table, reference
 from zfast.config.routing import (ROUTING_PORTS, ROUTING_SERVICE, TLS_KINDS, Acme, Domain,
                                       Routing, domain_target, parse_host, routing_services)
 from zfast.config.services import HEALTH_KINDS, PROTOCOLS, Backend, Health, PortMap, Service
@@ -45,6 +45,6 @@ __all__ = [
     "HEALTH_KINDS", "Health", "INTERFACE_ROLES", "IPAddress", "IPNetwork", "Interface",
     "NAME_PATTERN", "Node", "PROTOCOLS", "PortMap", "Project", "PublicPort", "ROUTING_PORTS",
     "ROUTING_SERVICE", "RateLimit", "Routing", "SIZE_FIELDS", "Service", "TLS_KINDS",
-    "XDP_MODES", "domain_target", "load", "loads", "parse", "parse_host",
+    "XDP_MODES", "domain_target", "field_table", "load", "loads", "parse", "parse_host",
     "reference", "routing_services",
 ]

@@ -3,12 +3,17 @@
 ::
 
     datapath:
-      maglev_size: 65537   # slots of each service's Maglev table; must be prime
-      flow_table: 65536    # LRU flow entries (two per connection), >= 1024
-      max_services: 64     # services the data plane can hold
-      max_backends: 4096   # backends over all services
-      max_ifindex: 4096    # devmap slots, indexed by ifindex
+      maglev_size: 16381   # slots of each service's Maglev table; prime (default: ZF_RING_SIZE)
+      flow_table: 262144   # LRU flow entries (two per connection), >= 1024 (ZF_FLOW_TABLE)
+      max_services: 16     # services the data plane can hold (ZF_MAX_SERVICES)
+      max_backends: 1024   # backends over all services (ZF_MAX_BACKENDS)
+      max_ifindex: 256     # devmap slots, indexed by ifindex (ZF_MAX_IFINDEX)
+      max_public_ports: 64 # firewalled public ports, slot 0 the project-wide (ZF_MAX_PUBLIC_PORTS)
+      max_rules: 16384     # firewall CIDR rules, all ports together (ZF_MAX_RULES)
       flow_idle_s: 300     # idle flows leave the table after this (0: never); not a size
+
+A size's default is the C side's own, the ZF_* named beside it in bpf/zfast_shared.h,
+read from there (``Datapath()`` has them).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 from zfast.config import kinds
 from zfast.config.problems import Problems
 from zfast.config.schema import Reader, setting
+from zfast.dataplane.reasons import defines
 from zfast.reconcile.maglev import is_prime, next_prime
 
+_C = defines()   # bpf/zfast_shared.h: what the program is compiled with unless told
 
 
 @dataclass(frozen=True)
@@ -29,18 +36,18 @@ class Datapath:
         kinds.Refined(kinds.Integer(3, 2**24), is_prime,
                       lambda size: f"is not a prime number (the next prime is {next_prime(size)})",
                       "prime"),
-        default=65537, doc="slots per Maglev table; prime")
-    flow_table: int = setting(kinds.Integer(1024), default=65536,
+        default=_C["ZF_RING_SIZE"], doc="slots per Maglev table; prime")
+    flow_table: int = setting(kinds.Integer(1024), default=_C["ZF_FLOW_TABLE"],
                               doc="LRU flow entries (two per connection)")
-    max_services: int = setting(kinds.Integer(1), default=64, doc="services")
-    max_backends: int = setting(kinds.Integer(1), default=4096,
+    max_services: int = setting(kinds.Integer(1), default=_C["ZF_MAX_SERVICES"], doc="services")
+    max_backends: int = setting(kinds.Integer(1), default=_C["ZF_MAX_BACKENDS"],
                                 doc="backends over all services")
-    max_ifindex: int = setting(kinds.Integer(1), default=4096,
+    max_ifindex: int = setting(kinds.Integer(1), default=_C["ZF_MAX_IFINDEX"],
                                doc="devmap slots (interface indices)")
-    max_public_ports: int = setting(   # slot 0 is the project-wide deny list
-        kinds.Integer(2), default=256,
+    max_public_ports: int = setting(
+        kinds.Integer(2), default=_C["ZF_MAX_PUBLIC_PORTS"],
         doc="public ports with a firewall (slot 0 is the project-wide list)")
-    max_rules: int = setting(kinds.Integer(16), default=131072,
+    max_rules: int = setting(kinds.Integer(16), default=_C["ZF_MAX_RULES"],
                              doc="firewall CIDR rules, all ports together")
     # Not a size: a flow with no client packet for this long leaves the table (swept every
     # flow_idle_s / 2; 0: never). Established flows come back by Maglev's hash if they wake.
