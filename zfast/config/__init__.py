@@ -19,15 +19,17 @@ firewall.py     public_ports and their firewalls; firewall (the project-wide den
 ha.py           ha
 routing.py      routing (the L7 routing service): addresses, acme, domains, routers
 telemetry.py    telemetry (checked here, read from Project.raw)
+core.py         core (`zfast core up`'s section)
 reference.py    FIELDS, the reference tables of docs/configuration.md
 problems.py     ConfigError and how a problem line shows a value
 hostnames.py    DNS host names, email addresses, http(s) URLs
 yaml_loader.py  YAML in, strict about a key given twice
 
-The sections ``store`` and ``core`` are only checked for their shape (a mapping) and kept,
-like the whole file, in ``Project.raw``.
+The section ``store`` is only checked for its shape (a mapping) and kept, like the whole
+file, in ``Project.raw``.
 """
 
+from zfast.config.core import Core, CoreBalancer, CorePrivate, CorePublic, CoreRouters, CoreScale
 from zfast.config.datapath import SIZE_FIELDS, Datapath
 from zfast.config.firewall import Firewall, PublicPort, RateLimit
 from zfast.config.ha import HA
@@ -41,7 +43,8 @@ from zfast.config.routing import (ROUTING_PORTS, ROUTING_SERVICE, TLS_KINDS, Acm
 from zfast.config.services import HEALTH_KINDS, PROTOCOLS, Backend, Health, PortMap, Service
 
 __all__ = [
-    "Acme", "Backend", "ConfigError", "Datapath", "Domain", "FIELDS", "Firewall", "HA",
+    "Acme", "Backend", "ConfigError", "Core", "CoreBalancer", "CorePrivate", "CorePublic",
+    "CoreRouters", "CoreScale", "Datapath", "Domain", "FIELDS", "Firewall", "HA",
     "HEALTH_KINDS", "Health", "INTERFACE_ROLES", "IPAddress", "IPNetwork", "Interface",
     "NAME_PATTERN", "Node", "PROTOCOLS", "PortMap", "Project", "PublicPort", "ROUTING_PORTS",
     "ROUTING_SERVICE", "RateLimit", "Routing", "SIZE_FIELDS", "Service", "TLS_KINDS",

@@ -29,6 +29,10 @@ from zfast.reconcile.maglev import is_prime, next_prime
 
 _C = defines()   # bpf/zfast_shared.h: what the program is compiled with unless told
 
+# Also core.balancer.flow_table's (zfast/config/core.py): the core writes that into each
+# balancer's datapath section.
+FLOW_TABLE = kinds.Integer(1024)
+
 
 @dataclass(frozen=True)
 class Datapath:
@@ -37,7 +41,7 @@ class Datapath:
                       lambda size: f"is not a prime number (the next prime is {next_prime(size)})",
                       "prime"),
         default=_C["ZF_RING_SIZE"], doc="slots per Maglev table; prime")
-    flow_table: int = setting(kinds.Integer(1024), default=_C["ZF_FLOW_TABLE"],
+    flow_table: int = setting(FLOW_TABLE, default=_C["ZF_FLOW_TABLE"],
                               doc="LRU flow entries (two per connection)")
     max_services: int = setting(kinds.Integer(1), default=_C["ZF_MAX_SERVICES"], doc="services")
     max_backends: int = setting(kinds.Integer(1), default=_C["ZF_MAX_BACKENDS"],

@@ -19,6 +19,7 @@ from typing import Any, Callable, Union
 
 from zfast.config.hostnames import host_problem, normal_host
 from zfast.config.problems import Problems
+from zfast.core.cgroups import parse_size   # the one size syntax: the cgroup limits'
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -96,6 +97,23 @@ class Integer(Scalar):
         return f"integer {self.low}-{self.high}"
 
 
+class Number(Scalar):
+    """An integer or a decimal number, read as a float."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def parse(self, value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise Bad("is not a number")
+        if not self.low <= value <= self.high:
+            raise Bad(f"is out of range ({self.low:g}-{self.high:g})")
+        return float(value)
+
+    def describe(self):
+        return f"number {self.low:g}-{self.high:g}"
+
+
 class Port(Scalar):
     def parse(self, value):
         if not is_int(value) or not 1 <= value <= 65535:
@@ -165,26 +183,27 @@ class Checked(Scalar):
 
 
 class Address(Scalar):
-    """A usable unicast address (of a VIP, a backend, a peer, ...)."""
+    """A usable unicast address (of a VIP, a backend, a peer, ...), of one family if given."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, version: int | None = None):
+        self.what, self.version = what, version
 
     def parse(self, value):
+        family = f"an IPv{self.version} address" if self.version else "an IP address"
         try:
             # A string only: ip_address() would also take an int, which YAML gives for 123.
             address = ipaddress.ip_address(value) if isinstance(value, str) else None
         except ValueError:
             address = None
-        if address is None:
-            raise Bad("is not an IP address")
+        if address is None or (self.version and address.version != self.version):
+            raise Bad(f"is not {family}")
         unusable = unusable_reason(address)
         if unusable:
             raise Bad(f"is {unusable}, not a usable {self.what} address")
         return address
 
     def describe(self):
-        return "IP address"
+        return f"IPv{self.version} address" if self.version else "IP address"
 
 
 class Cidr(Scalar):
@@ -201,6 +220,52 @@ class Cidr(Scalar):
 
     def describe(self):
         return "CIDR"
+
+
+class Subnet(Scalar):
+    """A network of one family without host bits, at most ``max_prefix`` long."""
+
+    def __init__(self, version: int, example: str, max_prefix: int | None = None):
+        self.version, self.example, self.max_prefix = version, example, max_prefix
+
+    def parse(self, value):
+        what = f"an IPv{self.version} subnet (like {self.example})"
+        if not isinstance(value, str):
+            raise Bad(f"is not {what}")
+        network_class = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+        try:
+            network = network_class(value, strict=True)
+        except ValueError as err:
+            raise Bad(_network_problem(value, err, what)) from None
+        if self.max_prefix is not None and network.prefixlen > self.max_prefix:
+            raise Bad(f"is too small: it needs room for addresses (a /{self.max_prefix} "
+                      "or larger)")
+        return network
+
+    def describe(self):
+        limit = f", /{self.max_prefix} or larger" if self.max_prefix is not None else ""
+        return f"IPv{self.version} subnet{limit}"
+
+
+class Size(Scalar):
+    """Bytes: an integer, or a number with Ki, Mi, Gi, K, M or G (as the cgroup limits)."""
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def parse(self, value):
+        try:
+            size = parse_size(value) if is_int(value) or isinstance(value, str) else None
+        except ValueError:
+            size = None
+        if size is None:
+            raise Bad("is not a size (bytes, or a number with Ki, Mi, Gi, K, M or G)")
+        if not self.low <= size <= self.high:
+            raise Bad(f"is out of range ({show_size(self.low)}-{show_size(self.high)})")
+        return size
+
+    def describe(self):
+        return f"size {show_size(self.low)}-{show_size(self.high)} (bytes, or with Ki, Mi, Gi)"
 
 
 class Host(Scalar):
@@ -232,6 +297,28 @@ class ReadableFile(Scalar):
 
     def describe(self):
         return "path of a readable file"
+
+
+class MinMax(Kind):
+    """``[min, max]``, each of ``item``, min not above max."""
+
+    def __init__(self, item: Kind):
+        self.item = item
+
+    def read(self, problems, path, value, **context):
+        if not isinstance(value, list) or len(value) != 2:
+            problems.add(path, value, "is not a [min, max] pair")
+            return None
+        low, high = (self.item.read(problems, f"{path}[{i}]", v) for i, v in enumerate(value))
+        if low is None or high is None:
+            return None
+        if low > high:
+            problems.add(path, value, "has its min above its max")
+            return None
+        return low, high
+
+    def describe(self):
+        return f"[min, max] of {self.item.describe()}"
 
 
 # ---- the tests kinds are made of ----------------------------------------------------------
@@ -296,3 +383,10 @@ def plain_v4_network(value: str) -> IPNetwork | None:
         return None
     return ipaddress.IPv4Network((number, prefix))
 
+
+def show_size(size: int) -> str:
+    """Bytes the way the file gives them: 256Mi, 1Gi, else the number."""
+    for suffix, unit in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import yaml
 
 from zfast.config import kinds
+from zfast.config.core import Core
 from zfast.config.datapath import Datapath, read_datapath
 from zfast.config.firewall import (ProjectFirewall, PublicPort, check_public_ports,
                                        read_project_deny, read_public_port)
@@ -45,11 +46,11 @@ class Project:
         Section(ProjectFirewall, read=read_project_deny), default=(), key="firewall")
     ha: HA | None = setting(Section(HA, read=read_ha), default=None)
     routing: Routing | None = setting(Section(Routing, read=read_routing), default=None)
+    core: Core | None = setting(Section(Core), default=None)   # `zfast core up`'s alone
 
     FILE_ONLY: ClassVar[dict[str, Setting]] = {
         "store": Setting(Opaque(), default=None, doc="where revisions live (zfast/store)"),
         "telemetry": Setting(Section(Telemetry), default=None),
-        "core": Setting(Opaque(), default=None, doc="`zfast core up`'s (zfast/core/service.py)"),
     }
 
 
@@ -82,7 +83,7 @@ def parse(data: Any, source: str = "<file>") -> Project:
 
     name = top.read("project")
     top.read("store")
-    top.read("core")
+    core = top.read("core")
     node = top.read("node")
     datapath = top.read("datapath")
     items = top.items("services")
@@ -111,4 +112,4 @@ def parse(data: Any, source: str = "<file>") -> Project:
         raise ConfigError(problems, source)
     return Project(project=name, node=node, services=services, datapath=datapath,
                    raw=copy.deepcopy(data), public_ports=public_ports,
-                   project_deny=project_deny, ha=ha, routing=routing)
+                   project_deny=project_deny, ha=ha, routing=routing, core=core)
