@@ -12,6 +12,9 @@ from zfast.config import (
     Acme,
     Backend,
     ConfigError,
+    Core,
+    CorePrivate,
+    CorePublic,
     Datapath,
     Domain,
     Firewall,
@@ -69,6 +72,7 @@ telemetry:
   prometheus: 127.0.0.1:9469
 core:
   public:  {bridge: zpub0, subnet: 10.230.0.0/24}
+  private: {bridge: zpriv0, subnet: 10.231.0.0/24}
 """
 
 
@@ -101,7 +105,10 @@ def test_spec_example_parses():
                         acme=Acme(directory="https://127.0.0.1:14000/dir", email="ops@example.org"),
                         domains=(Domain(host="app.example.org", service="app", port=80, tls="acme",
                                         redirect_https=True),
-                                 Domain(host="*.app.example.org", service="app", port=80))))
+                                 Domain(host="*.app.example.org", service="app", port=80))),
+        core=Core(public=CorePublic(subnet=IPv4Network("10.230.0.0/24")),
+                  private=CorePrivate(subnet=IPv4Network("10.231.0.0/24"),
+                                      gateway=IPv4Address("10.231.0.254"))))
     assert project.raw["ha"]["priority"] == 100
     assert project.raw["public_ports"][0]["target_port"] == 22
 

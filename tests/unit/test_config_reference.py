@@ -19,6 +19,16 @@ def test_the_documented_reference_is_the_validators():
         "docs/configuration.md differs from zfast.config.FIELDS: run python -m zfast.config --reference"
 
 
+def test_the_documented_field_tables_are_the_schemas():
+    blocks = dict(re.findall(r"<!-- fields: (\S+) begin -->\n(.*?)<!-- fields: \1 end -->",
+                             DOC.read_text(), re.S))
+    assert {"datapath", "core"} <= set(blocks), "docs/configuration.md lost a field table"
+    for section, block in blocks.items():
+        assert block == config.field_table(section), \
+            f"docs/configuration.md's {section} table differs from the schema: run " \
+            f"python -m zfast.config --fields {section}"
+
+
 def test_datapath_fields_are_the_dataclass_fields():
     assert set(config.FIELDS["datapath"]) == {f.name for f in dataclasses.fields(config.Datapath)}
 
@@ -37,7 +47,9 @@ def _minimal():
                    "links": [{"bind": "10.8.0.1", "peer": "10.8.0.2"}]},
             "routing": {"addresses": ["10.0.0.30"], "acme": {"directory": "https://acme.test/dir"},
                         "domains": [{"host": "a.example.org", "service": "s", "port": 80}],
-                        "routers": [{"address": "10.0.0.40"}]}}
+                        "routers": [{"address": "10.0.0.40"}]},
+            "core": {"public": {"subnet": "10.230.0.0/24"}, "private": {"subnet": "10.231.0.0/24"},
+                     "balancer": {"scale": {}}, "routers": {}}}
 
 
 SECTIONS = {  # where each FIELDS section sits in _minimal()
@@ -55,6 +67,11 @@ SECTIONS = {  # where each FIELDS section sits in _minimal()
     "routing": lambda d: d["routing"], "routing.acme": lambda d: d["routing"]["acme"],
     "routing.domains[]": lambda d: d["routing"]["domains"][0],
     "routing.routers[]": lambda d: d["routing"]["routers"][0],
+    "core": lambda d: d["core"], "core.public": lambda d: d["core"]["public"],
+    "core.private": lambda d: d["core"]["private"],
+    "core.balancer": lambda d: d["core"]["balancer"],
+    "core.balancer.scale": lambda d: d["core"]["balancer"]["scale"],
+    "core.routers": lambda d: d["core"]["routers"],
 }
 
 

@@ -1,6 +1,7 @@
 """The project file's `routing` section: the L7 routing service's addresses, ACME and domains."""
 
 import copy
+import os
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -465,7 +466,7 @@ def test_ca_bundle_may_be_relative(data, tmp_path, monkeypatch):
 def test_ca_bundle_unreadable_as_access_says(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     routing(data)["acme"]["ca_bundle"] = "acme-ca.pem"
-    monkeypatch.setattr("zfast.config.os.access", lambda path, mode: False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
     assert problems_of(data) == ['routing.acme.ca_bundle: "acme-ca.pem" is not readable']
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from zfast.dataplane.reasons import defines
+
 WINDOW = 10                 # samples (one a second) a decision looks at
 GROW_SETTLE_S = 5.0         # after a change, wait this long before growing the same resource again
 CPU_HIGH, CPU_LOW, THROTTLED_HIGH = 0.80, 0.30, 0.20
@@ -40,7 +42,7 @@ CPU_STEP = 0.05             # CPU quotas are multiples of this
 class Bounds:
     cpu: tuple[float, float] = (0.25, 2.0)
     memory: tuple[int, int] = (128 << 20, 1 << 30)
-    flow_table: tuple[int, int] = (65536, 1 << 20)
+    flow_table: tuple[int, int] = (defines()["ZF_FLOW_TABLE"], 1 << 20)  # from the C default size
     cooldown_s: float = 60.0
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zfast import config
-from zfast.core.cgroups import parse_size
 from zfast.core.runtime import Instance, InstanceSpec, Link
 
 BALANCERS = ("lb-a", "lb-b")
@@ -27,52 +26,37 @@ class CoreError(Exception):
 
 @dataclass
 class CoreSpec:
+    """The core section as the service runs it: the scaling controller changes its
+    flow_table and memory as it goes (zfast.config.Core is the file's, frozen)."""
     public_bridge: str
     public_subnet: ipaddress.IPv4Network
     public_subnet6: ipaddress.IPv6Network | None
     private_bridge: str
     private_subnet: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address
-    cpu: float = 0.5
-    memory: int = 256 << 20
-    flow_table: int = 65536
-    scale: dict = field(default_factory=dict)
-    routers: int = 0              # HTTP balancers (0 unless the file has a routing section)
-    router_cpu: float = 0.5
-    router_memory: int = 256 << 20
+    cpu: float
+    memory: int
+    flow_table: int
+    scale: dict                   # the bounds the file gives (scaling.bounds_from)
+    routers: int                  # HTTP balancers (0 unless the file has a routing section)
+    router_cpu: float
+    router_memory: int
 
 
 def parse_core(project: config.Project) -> CoreSpec:
-    raw = project.raw.get("core")
-    if not isinstance(raw, dict):
+    """The project's core section, checked by zfast.config (Project.core)."""
+    core = project.core
+    if core is None:
         raise CoreError("the project file has no core section (core: {public, private, balancer})")
-    problems = []
-    try:
-        pub, priv = raw["public"], raw["private"]
-        bal = raw.get("balancer", {})
-        spec = CoreSpec(
-            public_bridge=pub.get("bridge", "zpub0"),
-            public_subnet=ipaddress.IPv4Network(pub["subnet"]),
-            public_subnet6=ipaddress.IPv6Network(pub["subnet6"]) if pub.get("subnet6") else None,
-            private_bridge=priv.get("bridge", "zpriv0"),
-            private_subnet=ipaddress.IPv4Network(priv["subnet"]),
-            gateway=ipaddress.IPv4Address(priv.get("gateway")
-                                          or ipaddress.IPv4Network(priv["subnet"])[-2]),
-            cpu=float(bal.get("cpu", 0.5)), memory=parse_size(bal.get("memory", "256Mi")),
-            flow_table=int(bal.get("flow_table", 65536)), scale=bal.get("scale", {}) or {})
-        rt = raw.get("routers") or {}
-        if project.routing is not None:
-            spec.routers = int(rt.get("count", 2))
-            spec.router_cpu = float(rt.get("cpu", 0.5))
-            spec.router_memory = parse_size(rt.get("memory", "256Mi"))
-    except (KeyError, TypeError, ValueError) as err:
-        problems.append(f"core: {err}")
-        spec = None
-    if spec and spec.gateway not in spec.private_subnet:
-        problems.append(f"core.private.gateway: {spec.gateway} is not in {spec.private_subnet}")
-    if problems:
-        raise CoreError("; ".join(problems))
-    return spec
+    balancer, routers = core.balancer, core.routers
+    return CoreSpec(
+        public_bridge=core.public.bridge, public_subnet=core.public.subnet,
+        public_subnet6=core.public.subnet6, private_bridge=core.private.bridge,
+        private_subnet=core.private.subnet, gateway=core.private.gateway,
+        cpu=balancer.cpu, memory=balancer.memory, flow_table=balancer.flow_table,
+        scale=balancer.scale.given(),
+        routers=routers.count if project.routing is not None else 0,
+        router_cpu=routers.cpu, router_memory=routers.memory)
 
 
 def _top_down(subnet, skip, count: int) -> list:
@@ -190,4 +174,4 @@ class Plan:
         raw["node"]["state_dir"] = str(self.state_dir / name)
         return InstanceSpec(name=name, kind="spare", cpu=base.cpu, memory=base.memory,
                             state_dir=self.state_dir / name,
-                            links=[Link(l.bridge, l.ifname, []) for l in base.links], config=raw)
+                            links=[Link(link.bridge, link.ifname, []) for link in base.links], config=raw)

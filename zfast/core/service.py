@@ -24,9 +24,22 @@ from zfast import config
 from zfast.api import Server
 from zfast.controllers import scaling
 from zfast.controllers.logger import LoggerController
-from zfast.controllers.repair import (Action, DrainRouter, Drained, DropSpare, EndBoost,
-                                      GrowStarved, MakeSpare, MarkStable, Observations, Repair,
-                                      Replace, SoftStop, StartSuccessor, Undrain)
+from zfast.controllers.repair import (
+    Action,
+    Drained,
+    DrainRouter,
+    DropSpare,
+    EndBoost,
+    GrowStarved,
+    MakeSpare,
+    MarkStable,
+    Observations,
+    Repair,
+    Replace,
+    SoftStop,
+    StartSuccessor,
+    Undrain,
+)
 from zfast.core.cgroups import hierarchy_problem, parse_size
 from zfast.core.launcher import Launcher, ensure_bridges
 from zfast.core.observe import Observer

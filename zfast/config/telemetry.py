@@ -1,0 +1,27 @@
+"""``telemetry``: where the node exports its counters and events (docs/operations.md).
+
+Checked here by zfast.telemetry's own parsers; the node reads the values from
+``Project.raw``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zfast.config import kinds
+from zfast.config.schema import setting
+from zfast.telemetry.syslog import parse_target
+
+
+def _check_prometheus(value) -> None:
+    # imported here: prometheus_client is heavy, and only a file with telemetry needs it
+    from zfast.telemetry.prometheus import parse_addr
+    parse_addr(value)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    prometheus: str | None = setting(kinds.Checked(_check_prometheus, "HOST:PORT"), default=None,
+                                     doc="the /metrics endpoint")
+    syslog: str | None = setting(kinds.Checked(parse_target, "udp://HOST:PORT or unix:///PATH"),
+                                 default=None, doc="where events go as RFC 5424 syslog")
