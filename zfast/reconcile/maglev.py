@@ -29,10 +29,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from zfast.dataplane.reasons import defines
+
 if TYPE_CHECKING:
     import numpy as np
 
-DEFAULT_SIZE = 65537
+DEFAULT_SIZE = defines()["ZF_RING_SIZE"]   # the C side's default, bpf/zfast_shared.h
 
 # Personalisation of the key hash: changing it would move every backend in every table.
 _HASH_PERSON = b"zfast-maglev-v1"
