@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.e2e.kit.waiting import wait_tcp
+from tests.e2e.kit.web import Response
 from zfast.lab.netns import Topology, in_ns
 from zfast.routing.haproxy.errors import HAProxyError
 from zfast.routing.haproxy.instance import HAProxy
@@ -164,22 +165,6 @@ def tls_context(alpn=("http/1.1",)) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_NONE          # self-signed test certificates
     ctx.set_alpn_protocols(list(alpn))
     return ctx
-
-
-class Response:
-    def __init__(self, r: http.client.HTTPResponse):
-        self.status, self.headers, self.body = r.status, r.headers, r.read()
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-    @property
-    def name(self) -> str:
-        return self.json()["name"]
-
-    def sent_headers(self, key: str) -> list[str]:
-        """Values of a request header as the backend received it."""
-        return [v for k, v in self.json()["headers"] if k == key.lower()]
 
 
 def get(lab: Lab, host: str, path: str = "/", headers: dict | None = None, tls: bool = False,

@@ -17,7 +17,7 @@ import numpy as np
 from tests.fakes.cstructs import c_type, map_decls
 from tests.fakes.maps import FakeMap
 from zfast import config
-from zfast.dataplane.loader import map_sizes
+from zfast.dataplane.loader import Loaded, map_sizes
 from zfast.dataplane.reasons import defines, reasons
 
 
@@ -65,17 +65,9 @@ class FakeDataplane:
         counts = self.percpu_all("reason_stats", len(reasons()))
         return {r.name: (int(counts[r.index, 0]), int(counts[r.index, 1])) for r in reasons()}
 
-    def update_config(self, **fields) -> None:
-        with self._config_lock:
-            cfg = self.table("config")
-            value = cfg[cfg.Key(0)]
-            for name, v in fields.items():
-                setattr(value, name, v)
-            cfg[cfg.Key(0)] = value
-
-    def config(self):
-        cfg = self.table("config")
-        return cfg[cfg.Key(0)]
+    # The product's own: they only need table("config") and the lock.
+    update_config = Loaded.update_config
+    config = Loaded.config
 
     def update_batch(self, name: str, keys: np.ndarray, values: np.ndarray) -> None:
         """As Loaded.update_batch: numpy arrays laid out like Key and Leaf. Arrays of

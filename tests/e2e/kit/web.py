@@ -28,6 +28,10 @@ class Response:
         except ValueError:
             return None
 
+    def sent_headers(self, key: str) -> list[str]:
+        """Values of a request header as the backend received it (backends that echo them)."""
+        return [v for k, v in self.json()["headers"] if k == key.lower()]
+
 
 def tls_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
