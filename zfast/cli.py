@@ -7,14 +7,24 @@ document on stdout.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import click
+import yaml
 
 from zfast import __version__, config
 from zfast.api import ApiError, Client
+
+# Imported here is only what every command needs (click, the project file, the API
+# client) and what that already loads. The rest is imported inside the command that
+# uses it, marked PLC0415 with what it would cost here: a command pays only for its
+# own machinery, so `zfast status` stays fast; and `zfast up` takes the node's lock
+# and starts the data plane loading (zfast/node/prestart.py) before it imports the
+# control plane.
 
 RUN_DIR = Path("/run/zfast")
 
@@ -68,8 +78,7 @@ def node_options(f):
 
 
 def _who() -> str:
-    import getpass
-    import socket
+    import getpass  # noqa: PLC0415 -- only commands that change
 
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -112,7 +121,6 @@ def _raise_priority() -> None:
     it): its heartbeat thread shares the GIL with the others, and a daemon thread that
     holds the GIL while other programs keep it off a CPU delays the heartbeat past the
     peer's dead interval (seen in the pair tests as "frozen for 0.6 s" on a quiet machine)."""
-    import os
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > DAEMON_NICE:
             os.setpriority(os.PRIO_PROCESS, 0, DAEMON_NICE)
@@ -129,9 +137,9 @@ def _raise_priority() -> None:
                    "until the -c file exists and start as that node.")
 def up(config_file, verbose, template):
     """Run one balancer node in the foreground until SIGTERM/SIGINT."""
-    import logging
+    import logging  # noqa: PLC0415 -- only `up` logs
 
-    from zfast.dataplane.loader import DatapathError
+    from zfast.dataplane.loader import DatapathError  # noqa: PLC0415 -- the data plane
 
     _raise_priority()
     # Quiet until the node runs: a refusal is one line (the error below), nothing else.
@@ -139,24 +147,24 @@ def up(config_file, verbose, template):
                         format="%(asctime)s %(name)s %(message)s")
     preloaded = early = None
     if template:
-        from zfast.core.spare import park
+        from zfast.core.spare import park  # noqa: PLC0415 -- the data plane
         preloaded, project = park(Path(template), Path(config_file))
         if project is None:
             return                      # stopped while parked
     project = _load(config_file)
     if preloaded is None and project.node is not None:
         # the lock, and the kernel's work on the data plane while the rest is imported
-        from zfast.node.prestart import AlreadyRunning, Prestart
+        from zfast.node.prestart import AlreadyRunning, Prestart  # noqa: PLC0415 -- see top
         try:
             early = Prestart(project)
         except AlreadyRunning as err:
             _fail(str(err))
-    from zfast.node.daemon import Node, NodeError
+    from zfast.node.daemon import Node, NodeError  # noqa: PLC0415 -- the control plane
     if early is not None and early.loading:
         # what the start's first steps import (Maglev tables), imported now, while the
         # kernel makes the maps and verifies the programs (not for a start that fails its
         # checks: a crash loop's tries stay cheap)
-        import numpy  # noqa: F401
+        import numpy  # noqa: F401, PLC0415
     try:
         node = Node(project, source=f"zfast up -c {config_file}", preloaded=preloaded,
                     prestart=early)
@@ -207,8 +215,6 @@ def apply(config_file, state_dir, as_json):
 
 def _file_state_dir(config_file: str, text: str) -> Path:
     """node.state_dir (or /run/zfast/<node.name>) of a project file, read cheaply."""
-    import yaml
-
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         node = (yaml.load(text, Loader=loader) or {}).get("node") or {}
@@ -269,7 +275,7 @@ def _print_stats(st: dict, prev: dict | None, interval: float) -> None:
 def stats(state_dir, config_file, node, as_json, watch, since):
     """Packets and bytes per service, backend and verdict reason."""
     if since:
-        from zfast.telemetry import seriesstore  # numpy: loaded for this command only
+        from zfast.telemetry import seriesstore  # noqa: PLC0415 -- numpy
         try:
             summary = seriesstore.open_reader(_state_dir(state_dir, config_file, node)).summary(_since(since))
         except FileNotFoundError as err:
@@ -313,8 +319,7 @@ def stats(state_dir, config_file, node, as_json, watch, since):
               type=click.Path(dir_okay=False), help="The PNG to write.")
 def report(state_dir, config_file, node, since, output):
     """A PNG of packets, drops and flows over time."""
-    from zfast.telemetry import report as rep
-    from zfast.telemetry import seriesstore  # numpy: loaded for this command only
+    from zfast.telemetry import seriesstore  # noqa: PLC0415 -- numpy
 
     directory = _state_dir(state_dir, config_file, node)
     start = _since(since)
@@ -323,6 +328,7 @@ def report(state_dir, config_file, node, since, output):
     except FileNotFoundError as err:
         _fail(f"no statistics stored yet: {err}")
     series = reader.series(start, names=["service/*/packets", "backend/*/packets", "drop/*", "flows"])
+    from zfast.telemetry import report as rep  # noqa: PLC0415 -- matplotlib (~0.5 s)
     click.echo(rep.render(series, output, since=start, until=time.time(), title=directory.name))
 
 
@@ -331,7 +337,7 @@ def report(state_dir, config_file, node, since, output):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def history(state_dir, config_file, node, as_json):
     """Applied revisions: who, when, from where, what changed."""
-    from zfast.events import rfc3339
+    from zfast.events import rfc3339  # noqa: PLC0415 -- `history` only
 
     revs = _fetch(state_dir, config_file, node, "/history", as_json)
     if revs is None:
@@ -361,8 +367,8 @@ def rollback(rev, state_dir, config_file, node):
 @node_options
 def down(state_dir, config_file, node):
     """Remove everything a node made: its daemon, XDP programs, pinned maps."""
-    from zfast.node.daemon import NodeError
-    from zfast.node.daemon import down as node_down
+    from zfast.node.daemon import NodeError  # noqa: PLC0415 -- the control plane
+    from zfast.node.daemon import down as node_down  # noqa: PLC0415 -- the control plane
 
     directory = Path(state_dir) if state_dir else _state_dir(None, config_file, node) \
         if (config_file or node) else None
@@ -472,7 +478,7 @@ def fw_test(src, port, proto, address, state_dir, config_file, node, as_json):
 @click.option("--since", help="Only events since: 10m, 2h, 1d, or an RFC 3339 time.")
 def logs(state_dir, config_file, node, as_json, follow, since):
     """The node's event log."""
-    from zfast.controllers import logger as evlog
+    from zfast.controllers import logger as evlog  # noqa: PLC0415 -- logging
 
     directory = _state_dir(state_dir, config_file, node)
     start = _since(since) if since else None
@@ -492,7 +498,7 @@ def _since(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[-1:] in units and text[:-1].isdigit():
         return time.time() - int(text[:-1]) * units[text[-1]]
-    from zfast.events import parse_time
+    from zfast.events import parse_time  # noqa: PLC0415 -- --since TIME only
     try:
         return parse_time(text)
     except ValueError:
@@ -515,7 +521,7 @@ def core():
 @CORE_DIR_OPTION
 def core_up(config_file, state_dir):
     """Run the core service in the foreground; SIGTERM removes every instance it made."""
-    from zfast.core.service import CoreError, CoreService
+    from zfast.core.service import CoreError, CoreService  # noqa: PLC0415 -- all of zfast
 
     project = _load(config_file)
     try:
@@ -635,13 +641,13 @@ def certs_renew(host, state_dir):
                    "(veth, bridge), else native XDP, then generic.")
 def attach(iface, mode):
     """Load the data plane on IFACE without a config (no services: everything passes)."""
-    from zfast.dataplane.loader import DatapathError, Loaded, ifindex
+    from zfast.dataplane import loader  # noqa: PLC0415 -- the data plane
 
     try:
-        ifindex(iface)
-        dp = Loaded()
+        loader.ifindex(iface)
+        dp = loader.Loaded()
         att = dp.attach(iface, mode)
-    except DatapathError as err:
+    except loader.DatapathError as err:
         _fail(str(err))
     click.echo(f"attached zfast (prog {att.prog_id}) to {iface}: "
                f"{'tc ingress' if att.hook == 'tc' else f'XDP, {att.mode} mode'} ({att.why})")
@@ -651,12 +657,12 @@ def attach(iface, mode):
 @click.argument("iface")
 def detach(iface):
     """Unload whatever XDP program, and zfast's tc filter, is on IFACE."""
-    from zfast.dataplane.loader import DatapathError, attached_prog, detach_interface
+    from zfast.dataplane import loader  # noqa: PLC0415 -- the data plane
 
     try:
-        before = attached_prog(iface)
-        detach_interface(iface)
-    except DatapathError as err:
+        before = loader.attached_prog(iface)
+        loader.detach_interface(iface)
+    except loader.DatapathError as err:
         _fail(str(err))
     if before is None:
         click.echo(f"{iface}: no XDP program or zfast tc filter was attached")
@@ -672,7 +678,7 @@ def detach(iface):
 def demo(duration, connections):
     """Build a throw-away topology (client, balancer, three backends), run real traffic
     through it with live stats, then tear everything down."""
-    from zfast.lab import demo as demo_mod
+    from zfast.lab import demo as demo_mod  # noqa: PLC0415 -- the lab
 
     try:
         demo_mod.run(duration=duration, connections=connections)
@@ -690,7 +696,7 @@ def cache():
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_list(as_json):
     """The entries, most recently used first, each verified."""
-    from zfast.dataplane import progcache
+    from zfast.dataplane import progcache  # noqa: PLC0415 -- the data plane
 
     d = progcache.cache_dir()
     entries = progcache.list_entries(d)
@@ -719,14 +725,13 @@ def cache_list(as_json):
 def cache_warm(config_path, as_json):
     """Compile the data plane into the cache unless it is there: the balancers that start
     after it (any node, any flow-table size) load it without LLVM."""
-    from zfast import config as config_mod
-    from zfast.dataplane import progcache
-    from zfast.dataplane.loader import DatapathError, warm
+    from zfast.dataplane import progcache  # noqa: PLC0415 -- the data plane
+    from zfast.dataplane.loader import DatapathError, warm  # noqa: PLC0415 -- the data plane
 
     try:
-        sizes = config_mod.load(config_path).datapath if config_path else config_mod.Datapath()
+        sizes = config.load(config_path).datapath if config_path else config.Datapath()
         status, seconds, key = warm(sizes)
-    except (config_mod.ConfigError, DatapathError, OSError) as err:
+    except (config.ConfigError, DatapathError, OSError) as err:
         _fail(str(err))
     if as_json:
         click.echo(json.dumps({"dir": str(progcache.cache_dir()), "key": key, "status": status,
@@ -743,7 +748,7 @@ def cache_warm(config_path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_clear(as_json):
     """Remove every entry: the next start of a balancer compiles."""
-    from zfast.dataplane import progcache
+    from zfast.dataplane import progcache  # noqa: PLC0415 -- the data plane
 
     d = progcache.cache_dir()
     removed = progcache.clear(d)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from zfast.dataplane import bpflib, progcache
-from zfast.dataplane.loader import Loaded
+from zfast.dataplane.loader import Loaded, Sizes, map_sizes
+from zfast.dataplane.progrun import run_xdp
 from zfast.paths import BPFFS, ensure_bpffs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,8 +317,6 @@ int tc_two(struct __sk_buff *skb) {
 def test_programs_of_two_types_from_one_source(tmp_path):
     """The list of (function, type) a source is loaded as: an XDP and a sched_cls program
     (what bpf/hook.h makes of zfast.c), sharing their maps, from a miss and from a hit."""
-    from zfast.dataplane.progrun import run_xdp
-
     programs = [("xdp_two", progcache.XDP), ("tc_two", progcache.SCHED_CLS)]
     results = []
     for want in ("miss", "hit"):
@@ -363,9 +362,6 @@ def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, mo
     no recompile: the same entry, its maps made at the new sizes. The Maglev table size is
     in the instructions (a modulo), so a new one compiles. A start loads the programs of
     the hooks it uses; another loads when it is first needed."""
-    from zfast.dataplane.loader import Sizes, map_sizes
-    from zfast.dataplane.progrun import run_xdp
-
     monkeypatch.setenv("ZFAST_CACHE_DIR", str(tmp_path / "cache"))
     first = Loaded(Sizes(), hooks=["xdp"])
     assert (first.cache, first.loaded_hooks) == ("miss", ["xdp"])

@@ -22,6 +22,7 @@ from scapy.packet import NoPayload, Raw
 
 from tests.fixtures import packets as fx
 from zfast import config
+from zfast.dataplane.flowage import sweep
 from zfast.dataplane.loader import PROTO, get_addr, set_addr
 from zfast.dataplane.progrun import XDP_ACTIONS
 from zfast.dataplane.reasons import by_name, reasons
@@ -350,7 +351,6 @@ def test_xdp_actions_are_the_known_ones():
 def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
     """zfast/dataplane/flowage.py: a packet marks its entry SEEN; a sweep turns SEEN into nothing and
     nothing into AGED; a forward entry still AGED goes with its reply entry."""
-    from zfast.dataplane.flowage import sweep
     flows = lb.dp.table("flows")
     busy, silent = fx.CPORT, fx.CPORT + 1
     for sport in (busy, silent):
@@ -383,7 +383,6 @@ def test_idle_sweep_ages_then_removes_both_entries_of_a_silent_flow(lb):
 def test_a_flow_that_goes_takes_its_reply_entry_even_when_replies_still_come(lb):
     """The forward entry decides: a client silent for a period goes, and its reply entry
     with it, not written back aged by the same sweep (it used to be, and lived one more)."""
-    from zfast.dataplane.flowage import sweep
     flows = lb.dp.table("flows")
     sport = fx.CPORT + 7
     assert lb.run(fx.from_client(fx.ip4(fx.CLIENT4, fx.VIP4) / fx.syn(sport=sport)),

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scapy.all import Ether
 
 from tools.sink import Sink
 from tools.trafficgen import FlowSpec, Generator, GenError, dev_info, run_pktgen
@@ -72,8 +73,6 @@ def test_generator_rate(pair):
                                            ("fd00::1", "fd00::2", "tcp-syn")])
 def test_frames_are_what_python_builds(src, dst, proto):
     """Non-live BPF_PROG_RUN hands back the frame: flow i as FlowSpec.frame(i), checksums valid."""
-    from scapy.all import Ether
-
     spec = FlowSpec(src_mac=b"\x02" * 6, dst_mac=b"\x04" * 6, src=ipaddress.ip_address(src),
                     dst=ipaddress.ip_address(dst), dport=80, sport=60000, flows=300,
                     vary="both", ports_per_addr=7, proto=proto, size=90)

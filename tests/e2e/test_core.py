@@ -16,6 +16,7 @@ Streams go through a public port (the VIP moves with the active instance).
 
 from __future__ import annotations
 
+import calendar
 import os
 import signal
 import subprocess
@@ -235,7 +236,6 @@ def test_an_instance_that_crashes_on_start_backs_off_and_costs_under_5_percent_c
 
 
 def _epoch(rfc3339: str) -> float:
-    import calendar
     return calendar.timegm(time.strptime(rfc3339[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + rfc3339[20:23])
 
 

@@ -13,6 +13,7 @@ pinned flows map (read with bpftool) says the same from the node's side.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -94,7 +95,6 @@ def open_streams(env, per_family: int) -> list[Stream]:
 
 def stream_key(s: Stream) -> tuple:
     """(client address, client port, VIP, port) as the flows map keys it."""
-    import ipaddress
     local, peer = s.sock.getsockname(), s.sock.getpeername()
     return (str(ipaddress.ip_address(local[0])), local[1],
             str(ipaddress.ip_address(peer[0])), peer[1])

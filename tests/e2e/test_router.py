@@ -10,6 +10,7 @@ the test writes to (revisions with store.commit, certificates with a CertManager
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -26,8 +27,10 @@ from cryptography.x509.oid import NameOID
 from tests.e2e.kit.router import BACKEND_SERVER, RouterProc, haproxy_pids
 from tests.e2e.kit.waiting import wait_for, wait_tcp
 from tests.e2e.kit.web import get, served_cert, served_serial
+from zfast import config
 from zfast.lab.netns import Topology
 from zfast.routing.certs import CertManager
+from zfast.routing.router import jwk_thumbprint, make_plan, upstream_name
 from zfast.store.sqlite import SqliteStore
 
 PROJECT = "demo"
@@ -342,8 +345,6 @@ def test_bad_files_exit_2_with_the_reason(tmp_path):
 
 
 def test_plan_names_and_thumbprint():
-    from zfast import config
-    from zfast.routing.router import jwk_thumbprint, make_plan, upstream_name
     plan = make_plan(config.parse(copy.deepcopy(BASE)))
     assert [(u.name, u.servers) for u in plan.upstreams] == [
         ("app_80", ((BE["be2"], 8080), (BE["be3"], 8080))), ("web_80", ((BE["be3"], 8080),))]
@@ -362,5 +363,4 @@ def test_plan_names_and_thumbprint():
 
     docs = Docs()
     thumb = CertManager(docs, PROJECT, {"directory": "http://127.0.0.1:9/"}).account_thumbprint()
-    import json
     assert jwk_thumbprint(json.loads(docs[f"routing/{PROJECT}/acme/account"])["key_pem"]) == thumb

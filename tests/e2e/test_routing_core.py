@@ -15,6 +15,7 @@ over the two routers; they route by Host to the services' backends on the privat
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -144,7 +145,6 @@ def https_get(env: Env, host: str, path: str = "/", address: str = ADDR,
               netns: str | None = None) -> tuple[int, dict, dict]:
     """GET over HTTPS verified against pebble's CA: (status, body, peer cert); from the
     host namespace through the VIP, or from netns to address."""
-    import http.client
     ctx = env.trust()
     with in_ns(netns or env.host):
         conn = http.client.HTTPSConnection(address, 443, context=ctx, timeout=5)

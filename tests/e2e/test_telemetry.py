@@ -19,6 +19,8 @@ Needs root: without it the test fails, it does not skip.
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -69,7 +71,6 @@ def udp_exact(ns: str, vip: str, port: int, count: int, tries: int = 5) -> tuple
     lock = threading.Lock()
 
     def one(i):
-        import socket
         with in_ns(ns):
             s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_DGRAM)
         with s:
@@ -118,9 +119,7 @@ def scrape(url: str) -> dict[tuple, float]:
 
 def flows_fill(node: str):
     """map_fill of the node's pinned flow table, read with BPF_MAP_LOOKUP_BATCH."""
-    import os
-
-    from bcc.libbcc import lib
+    from bcc.libbcc import lib  # noqa: PLC0415 -- bcc maps LLVM: for this test only
     fd = lib.bpf_obj_get(str(pin_dir(node) / "flows").encode())
     assert fd >= 0, "cannot open the pinned flows map"
 

@@ -5,9 +5,12 @@ and writes, a hit is used, a refused hit compiles again, and the dir stays bound
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -437,8 +440,6 @@ def test_cache_list_and_clear(cache):
 ])
 def test_a_consistent_but_malformed_body_is_refused(change):
     """What only a writer of its own could make (the checksum matches): refused all the same."""
-    import hashlib
-
     data = pc.encode(make_entry())
     doc = json.loads(data[pc.HEADER.size:])
     change(doc)
@@ -451,9 +452,6 @@ def test_a_consistent_but_malformed_body_is_refused(change):
 def test_a_miss_waits_for_a_compile_in_progress_and_uses_its_entry(cache, fake_kernel):
     """Daemons started together on a cold cache: one compiles, the others wait for the
     dir's compile lock, then load what it wrote."""
-    import fcntl
-    import threading
-
     cache.mkdir(mode=0o700)
     lock = os.open(cache / pc.LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)          # the first daemon, compiling
@@ -471,8 +469,6 @@ def test_a_miss_waits_for_a_compile_in_progress_and_uses_its_entry(cache, fake_k
 
 
 def test_a_compile_lock_held_too_long_is_not_waited_for(cache, fake_kernel):
-    import fcntl
-
     cache.mkdir(mode=0o700)
     lock = os.open(cache / pc.LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)

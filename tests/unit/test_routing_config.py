@@ -7,6 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 import yaml
 
+from zfast import config
 from zfast.config import (
     Acme,
     ConfigError,
@@ -512,7 +513,6 @@ def test_routing_problems_come_with_the_others(data):
 
 
 def test_routers_make_the_balancers_routing_services():
-    from zfast import config
     raw = {"project": "p",
            "services": [{"name": "app", "vip": "10.0.0.10",
                          "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],

@@ -1,10 +1,13 @@
 """zfast.store with SQLite: revisions, watch across instances, events bound, leases, durability."""
 
+import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -246,7 +249,6 @@ def test_open_store_etcd_without_etcd_keeps_working_locally(tmp_path):
 
 
 def _free_port():
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -254,9 +256,6 @@ def _free_port():
 
 def test_etcd_client_falls_back_to_v3beta(tmp_path):
     """An etcd whose gateway lives at /v3beta/ (3.3) is found after a plain 404 on /v3/."""
-    import json
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     paths = []
 
     class Handler(BaseHTTPRequestHandler):

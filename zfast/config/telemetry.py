@@ -14,8 +14,9 @@ from zfast.telemetry.syslog import parse_target
 
 
 def _check_prometheus(value) -> None:
-    # imported here: prometheus_client is heavy, and only a file with telemetry needs it
-    from zfast.telemetry.prometheus import parse_addr
+    # prometheus_client (~9 ms) is not for every reader of a project file (every zfast
+    # command): only a file with a prometheus address pays for it
+    from zfast.telemetry.prometheus import parse_addr  # noqa: PLC0415
     parse_addr(value)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from zfast.events import FILE_NAME, parse_time, rfc3339
+from zfast.telemetry.syslog import SyslogForwarder
 
 MAX_BYTES = 10 * 2 ** 20     # 10 MiB a file
 KEEP = 5                     # rotated files kept: at most 60 MiB of events
@@ -182,7 +183,6 @@ class LoggerController:
         self.write_errors = 0
         self.forwarder = None
         if syslog:
-            from zfast.telemetry.syslog import SyslogForwarder
             self.forwarder = SyslogForwarder(syslog, hostname=hostname)
 
     def _open(self) -> None:

@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 from zfast.core.cgroups import Cgroup
+from zfast.dataplane import pins
+from zfast.node.daemon import down
+from zfast.paths import pin_dir
 
 
 @dataclass
@@ -190,7 +193,6 @@ class NetnsRuntime(Runtime):
         self._add_addresses(inst.netns, links)
 
     def macs(self, inst: Instance) -> dict[str, str]:
-        import json
         out = _ip("-n", inst.netns, "-j", "link", "show", check=False)
         try:
             return {link["ifname"]: link["address"] for link in json.loads(out.stdout or "[]")
@@ -234,9 +236,6 @@ class NetnsRuntime(Runtime):
             except ProcessLookupError:
                 pass
             inst.proc.wait()
-        from zfast.dataplane import pins
-        from zfast.node.daemon import down
-        from zfast.paths import pin_dir
         try:
             down(inst.spec.state_dir)   # its pinned maps
         except Exception:

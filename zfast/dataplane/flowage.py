@@ -22,6 +22,7 @@ import json
 import os
 import sys
 
+from zfast.dataplane.bpflib import lib
 from zfast.dataplane.mapbatch import read_all
 from zfast.dataplane.reasons import defines
 
@@ -92,7 +93,6 @@ class _Swap:
 
 def sweep_fd(fd: int, layout: dict) -> dict:
     """One sweep of the flows map behind fd."""
-    from zfast.dataplane.bpflib import lib
     ks, vs = layout["key_size"], layout["value_size"]
     keys, vals, n = read_all(fd, ks, vs, CHUNK)
     if not n:
@@ -158,7 +158,6 @@ def main() -> None:
     The daemon runs the sweep here, not in its own process: a quarter of a million entries
     take ~0.3 s of Python, and in the daemon's process that would hold the GIL
     (heartbeats, the API) that long. One sweep per line read ("sweep"), one JSON line back."""
-    from zfast.dataplane.bpflib import lib
     layout, path = json.loads(sys.argv[1]), sys.argv[2]
     for line in sys.stdin:
         fd = lib.bpf_obj_get(path.encode())

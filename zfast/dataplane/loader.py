@@ -16,8 +16,10 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,9 @@ if TYPE_CHECKING:         # numpy at first use: `zfast up` starts the kernel's w
 from zfast.config import Datapath as Sizes
 from zfast.dataplane import bpflib, progcache
 from zfast.dataplane.background import Background
+from zfast.dataplane.mapbatch import read_all
 from zfast.dataplane.reasons import defines, reasons
-from zfast.paths import bpf_dir
+from zfast.paths import bpf_dir, ensure_bpffs, pin_dir
 
 # XDP attach flags (linux/if_link.h)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -70,7 +73,9 @@ class DatapathError(Exception):
 
 def _bcc():
     try:
-        import bcc  # Debian's python3-bpfcc; PyPI's "bcc" is another project
+        # libbcc links LLVM and clang (~200 MiB resident): only a cache miss compiles.
+        # Debian's python3-bpfcc; PyPI's "bcc" is another project.
+        import bcc  # noqa: PLC0415
     except ImportError as err:
         raise DatapathError("BCC's Python module is missing: install Debian's python3-bpfcc "
                             "and run zfast with /usr/bin/python3 (scripts/bootstrap.sh)") from err
@@ -177,8 +182,6 @@ class _captured_stderr:
     so that the CLI can say one line and keep the rest in a file."""
 
     def __enter__(self):
-        import tempfile
-
         self.file = tempfile.TemporaryFile(mode="w+b")
         self.saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)
@@ -286,9 +289,6 @@ def warm(sizes: Sizes) -> tuple[str, float, str]:
     there: (cache status "hit" | "miss" | "off", seconds, key). A start that follows
     (any pin dir: the key leaves it out) loads it without LLVM, so a process with the
     memory of a small instance never compiles (`zfast cache warm`, `zfast core up`)."""
-    import shutil
-
-    from zfast.paths import pin_dir
     pin = pin_dir(f"warm-{os.getpid()}")    # the compile pins its maps: somewhere of its own
     key = cache_key(sizes, pin)
     if progcache.has_entry(key):
@@ -328,7 +328,6 @@ class Loaded:
         self.sizes = sizes
         self.pin = pin
         if pin is not None:
-            from zfast.paths import ensure_bpffs
             ensure_bpffs()
             pin.mkdir(parents=True, exist_ok=True)
         hooks = list(hooks)
@@ -414,7 +413,7 @@ class Loaded:
 
     def percpu_all(self, name: str, count: int) -> np.ndarray:
         """Counters of slots 0..count-1 as an array of shape (count, 2): packets, bytes."""
-        import numpy as np
+        import numpy as np  # noqa: PLC0415 -- after the prestart (see the top)
 
         table = self.table(name)
         out = np.zeros((count, 2), dtype=np.uint64)
@@ -478,7 +477,7 @@ class Loaded:
         size = self.sizes.maglev_size
         if len(backend_ids) != size:
             raise ValueError(f"a ring has {size} slots, got {len(backend_ids)}")
-        import numpy as np
+        import numpy as np  # noqa: PLC0415 -- after the prestart (see the top)
 
         like = bpflib.map_info(self.table("ring_template").get_fd())
         fd = bpflib.create_map(like.type, "ring", like.key_size, like.value_size,
@@ -499,9 +498,8 @@ class Loaded:
 
     def read_ring(self, ring: int) -> np.ndarray | None:
         """Ring number ``ring`` as written (None: no ring there)."""
-        import numpy as np
+        import numpy as np  # noqa: PLC0415 -- after the prestart (see the top)
 
-        from zfast.dataplane.mapbatch import read_all
         try:
             inner_id = self.table("rings")[ctypes.c_uint32(ring)].value
         except KeyError:

@@ -7,11 +7,12 @@ import errno
 import os
 from typing import Iterator
 
+from zfast.dataplane.bpflib import lib
+
 
 def lookup_batches(fd: int, key_size: int, value_size: int,
                    chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
     """(keys, values, n) chunk after chunk until the map is read: n entries, packed."""
-    from zfast.dataplane.bpflib import lib
     keys = ct.create_string_buffer(key_size * chunk)
     values = ct.create_string_buffer(value_size * chunk)
     in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)   # a hash map's token is a u32

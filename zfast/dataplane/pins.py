@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from zfast.config import SIZE_FIELDS
 from zfast.config import Datapath as Sizes
 from zfast.dataplane.progrun import libbpf
 from zfast.paths import bpf_dir
@@ -31,7 +32,6 @@ INSTALLED = "installed.json"
 
 def layout(sizes: Sizes) -> dict:
     shared = (bpf_dir() / "zfast_shared.h").read_bytes()
-    from zfast.config import SIZE_FIELDS
     return {"sizes": {k: getattr(sizes, k) for k in SIZE_FIELDS},
             "structs": hashlib.sha256(shared).hexdigest()[:16]}
 

@@ -36,6 +36,7 @@ stand-in for bcc.BPF (`CachedBPF`: ``bpf[b"flows"]``, ring buffers, cleanup).
 
 from __future__ import annotations
 
+import base64
 import ctypes as ct
 import fcntl
 import hashlib
@@ -51,8 +52,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from zfast.dataplane import bpflib
 from zfast.dataplane.background import Background
-from zfast.dataplane.bcctables import MapDef, ModuleInfo, bcc_version, decode_type
+from zfast.dataplane.bcctables import MapDef, ModuleInfo, bcc_version, decode_type, table_module
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,6 @@ def cache_key(material: dict) -> str:
 
 
 def encode(entry: Entry) -> bytes:
-    import base64
-
     body = json.dumps({
         "key": entry.key,
         "format": FORMAT,
@@ -162,7 +162,6 @@ def encode(entry: Entry) -> bytes:
 
 def decode(data: bytes, key: str | None = None) -> Entry:
     """The entry in data, verified; raises Invalid. With key: it must be that entry's."""
-    import base64
 
     if len(data) < HEADER.size:
         raise Invalid("truncated header")
@@ -459,7 +458,7 @@ def clear(directory: Path | None = None) -> int:
 
 
 def _bcc_lib():
-    from bcc.libbcc import lib
+    from bcc.libbcc import lib  # noqa: PLC0415 -- maps LLVM (see the top): a miss only
 
     for name, restype, argtypes in (
             ("bpf_num_tables", ct.c_ulonglong, [ct.c_void_p]),
@@ -488,7 +487,6 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
     """The entry for a compiled and loaded bcc.BPF: its maps as the kernel has them, and
     its programs' instructions with the map fds in them named; inner: inner_maps() of
     its source. Raises Uncacheable."""
-    from zfast.dataplane import bpflib
 
     lib = _bcc_lib()
     maps, by_fd, btf_ids = [], {}, set()
@@ -530,7 +528,6 @@ def extract(bpf, programs: list[tuple[str, int]], material: dict,
 
 def _pinned_at(pin: Path, name: str, map_id: int) -> str | None:
     """name when pin/name is this very map (BPF_TABLE_PINNED, bpf/maps.h), else None."""
-    from zfast.dataplane import bpflib
 
     path = Path(pin) / name
     if not path.exists():
@@ -573,8 +570,6 @@ class CachedBPF:
         self._ringbuf_manager = None
 
     def get_table(self, name, keytype=None, leaftype=None, reducer=None):
-        from zfast.dataplane.bcctables import table_module
-
         name = name.encode() if isinstance(name, str) else name
         if name not in self._ids:
             raise KeyError(name)
@@ -626,28 +621,22 @@ class CachedBPF:
 
     # ring buffers, as bcc.BPF's (RingBuf.open_ring_buffer calls _open_ring_buffer)
     def _open_ring_buffer(self, map_fd, fn, ctx=None):
-        from zfast.dataplane.bpflib import lib
-
         if not self._ringbuf_manager:
-            self._ringbuf_manager = lib.bpf_new_ringbuf(map_fd, fn, ctx)
+            self._ringbuf_manager = bpflib.lib.bpf_new_ringbuf(map_fd, fn, ctx)
             if not self._ringbuf_manager:
                 raise Exception("Could not open ring buffer")
-        elif lib.bpf_add_ringbuf(self._ringbuf_manager, map_fd, fn, ctx) < 0:
+        elif bpflib.lib.bpf_add_ringbuf(self._ringbuf_manager, map_fd, fn, ctx) < 0:
             raise Exception("Could not open ring buffer")
 
     def ring_buffer_poll(self, timeout=-1):
-        from zfast.dataplane.bpflib import lib
-
         if not self._ringbuf_manager:
             raise Exception("No ring buffers to poll")
-        lib.bpf_poll_ringbuf(self._ringbuf_manager, timeout)
+        bpflib.lib.bpf_poll_ringbuf(self._ringbuf_manager, timeout)
 
     def ring_buffer_consume(self):
-        from zfast.dataplane.bpflib import lib
-
         if not self._ringbuf_manager:
             raise Exception("No ring buffers to poll")
-        lib.bpf_consume_ringbuf(self._ringbuf_manager)
+        bpflib.lib.bpf_consume_ringbuf(self._ringbuf_manager)
 
     def close(self):
         """Close the programs' and maps' fds (attached programs and pinned maps stay)."""
@@ -666,9 +655,7 @@ class CachedBPF:
 
     def cleanup(self):
         if self._ringbuf_manager:
-            from zfast.dataplane.bpflib import lib
-
-            lib.bpf_free_ringbuf(self._ringbuf_manager)
+            bpflib.lib.bpf_free_ringbuf(self._ringbuf_manager)
             self._ringbuf_manager = None
         self.tables.clear()
         self.close()
@@ -693,8 +680,6 @@ def _same(m: MapDef, info) -> bool:
 
 
 def _open_map(m: MapDef, pin: Path | None, btf_fd: int = 0, inner_fd: int = 0) -> int:
-    from zfast.dataplane import bpflib
-
     lib = bpflib.lib
     path = None
     if m.pin:
@@ -757,8 +742,6 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
     sizes map_sizes gives. The programs named in load are loaded now (all by default), the
     others on bpf.load_func. Raises HitError; whatever it opened is closed again (pins it
     made stay, as BCC's would)."""
-    from zfast.dataplane import bpflib
-    from zfast.dataplane.bcctables import table_module
 
     try:
         table_module()          # the tables will need it: find out now, while a compile can help
@@ -806,7 +789,6 @@ def instantiate(entry: Entry, pin: Path | None = None, load: Iterable[str] | Non
 
 def _load_program(p: Program, map_fds: dict[str, int], license: str, kern_version: int) -> int:
     """The fd of program p loaded with these maps' fds patched in. Raises HitError."""
-    from zfast.dataplane import bpflib
 
     insns = _patched(p, map_fds)
     buf = ct.create_string_buffer(insns, len(insns))
@@ -948,7 +930,7 @@ def _check_sizes(entry: Entry, map_sizes: dict[str, int] | None) -> None:
 def _compile(bcc: Callable | None, source: str, cflags: list[str],
              programs: list[tuple[str, int]], load: Iterable[str]):
     if bcc is None:
-        import bcc as bcc_module
+        import bcc as bcc_module  # noqa: PLC0415 -- maps LLVM (see the top): a miss only
     else:
         bcc_module = bcc()
     compiled = bcc_module.BPF(text=source.encode(), cflags=list(cflags))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zfast.dataplane.loader import NO_BACKEND, Loaded
+from zfast.dataplane.mapbatch import read_all
 from zfast.dataplane.reasons import defines
 
 log = logging.getLogger("zfast.ha.sync")
@@ -122,7 +123,6 @@ class FlowSender:
     def _full_table(self) -> list[bytes]:
         """Every forward entry of the flow table, as flow events (batch reads: a quarter
         million entries in well under a second, not one syscall an entry)."""
-        from zfast.dataplane.mapbatch import read_all
         flows = self.dp.table("flows")
         ks, vs = ctypes.sizeof(flows.Key), ctypes.sizeof(flows.Leaf)
         keys, vals, n = read_all(flows.map_fd, ks, vs)

@@ -79,8 +79,10 @@ class VipHolder:
         self.frames = self._frames()
 
     def _frames(self) -> dict[str, list[bytes]]:
-        from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
-        from scapy.layers.l2 import ARP, Ether
+        # scapy takes ~0.2 s to import (cryptography with it): paid here, in prepare(), which
+        # Pair.start calls once its sockets listen, not when the daemon imports the pair
+        from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6  # noqa: PLC0415
+        from scapy.layers.l2 import ARP, Ether  # noqa: PLC0415
 
         by_name = {name: mac for name, mac in interface_macs().values()}
         out = {}

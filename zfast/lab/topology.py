@@ -12,6 +12,8 @@ the kernel sees it.  Backends route back through the balancer.  Used by
 
 from __future__ import annotations
 
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from pathlib import Path
 import yaml
 
 from zfast.api import ApiError, Client
+from zfast.ha.heartbeat import write_key
 from zfast.lab.netns import Topology
+from zfast.node.daemon import down
 
 VIP4 = "10.0.0.10"
 VIP6 = "fd00::10"
@@ -137,9 +141,6 @@ class Lab:
 
 def _remove_node_state(state_dir: Path) -> None:
     """What a lab node leaves: pinned maps of an unclean stop, its state dir."""
-    import shutil
-
-    from zfast.node.daemon import down
     try:
         down(state_dir)
     except Exception:
@@ -299,10 +300,9 @@ class PairLab:
 
     def kill(self, i: int, links_down: bool = True) -> None:
         """The node dies: daemon SIGKILLed, its links taken down."""
-        import signal as _signal
         node = self.nodes[i]
         if node.proc is not None:
-            node.proc.send_signal(_signal.SIGKILL)
+            node.proc.send_signal(signal.SIGKILL)
             node.proc.wait()
             node.proc = None
         if links_down:
@@ -350,7 +350,6 @@ def build_pair(topo: Topology, n_backends: int = 3, weights: list[int] | None = 
                               peer_priv4=f"10.1.0.{252 - i}"))
     topo.veth(nodes[0].ns, "sync0", nodes[1].ns, "sync0", ["10.203.0.1/30"], ["10.203.0.2/30"])
     key_file = nodes[0].state_dir / "ha.key"
-    from zfast.ha.heartbeat import write_key
     write_key(key_file)
     pair = PairLab(topo, client, backends, weights, nodes, key_file, heartbeat_ms,
                    mode="auto" if offloads else "native")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from zfast import config
 from zfast.dataplane.loader import DatapathError, ifindex
+from zfast.ha.heartbeat import KeyError_, load_key
 
 
 class NodeError(Exception):
@@ -31,9 +32,6 @@ def check_ha_key(project: config.Project) -> None:
     """A bad key of a pair fails before anything is made."""
     if project.ha is None:
         return
-    # imported here: only a pair's start reads a key, and `zfast up` of a solo node
-    # stays without the pair's imports
-    from zfast.ha.heartbeat import KeyError_, load_key
     try:
         load_key(project.ha.key_file)
     except KeyError_ as err:

@@ -25,11 +25,14 @@ import yaml
 
 from zfast import config
 from zfast.api import Server
+from zfast.controllers.logger import LoggerController
 from zfast.dataplane import adoption
 from zfast.dataplane.egresswatch import EgressWatch
 from zfast.dataplane.links import LinkWatch, refresh_tx_ports
 from zfast.dataplane.loader import DatapathError, Loaded
+from zfast.dataplane.nexthops import NextHopWatch
 from zfast.dataplane.sweeper import FlowSweeper
+from zfast.ha.heartbeat import KeyError_
 from zfast.node.checks import (
     NodeError,
     check_ha_key,
@@ -52,6 +55,10 @@ from zfast.reconcile.firewall import FirewallTable
 from zfast.reconcile.services import ServiceTable
 from zfast.store import Revision, Store, StoreError, open_store
 
+# The health and statistics controllers, Prometheus and the pair are imported where they
+# are first needed, after the attach (PLC0415 marks them): a start that fails its checks
+# (a crash loop's), or a node without a pair or Prometheus, never pays for them.
+
 log = logging.getLogger("zfast.node")
 
 TX_PORTS_REFRESH_S = 2.0  # interfaces that appear later become redirect targets
@@ -67,11 +74,6 @@ class Node:
         self.dp: Loaded | None = None
         self.table: ServiceTable | None = None
         self.fw: FirewallTable | None = None
-        # The controllers, the pair and the next-hop watch are imported where they are first
-        # needed, not at the top: `zfast up` imports this module while the kernel loads the
-        # data plane (zfast/node/prestart.py), and a start that fails its checks, or a node
-        # without a pair or Prometheus, never pays for them.
-        from zfast.controllers.logger import LoggerController
         self.telemetry = project.raw.get("telemetry") or {}
         # the logger controller: every event fsynced, rotated, forwarded to syslog if asked
         self.events = LoggerController(self.state_dir, self.name, syslog=self.telemetry.get("syslog"))
@@ -118,7 +120,6 @@ class Node:
             changes = self._reconcile(self.project)
             self._save_installed()
             refresh_tx_ports(self.dp)
-            from zfast.dataplane.nexthops import NextHopWatch  # at first need (see __init__)
             self.nexthops = NextHopWatch(self.dp)
             self.nexthops.start()
             try:
@@ -134,7 +135,7 @@ class Node:
             self._watch = self.store.watch(self.project.project, self._on_revision,
                                            after=latest.rev)
             self._start_pair()
-            from zfast.controllers import health  # at first need (see __init__)
+            from zfast.controllers import health  # noqa: PLC0415 -- see the top
             self.health = health.for_node(self)
             self.health.start()
             self.events.log("apply", revision=self.revision, changes=changes, start=True,
@@ -150,7 +151,10 @@ class Node:
     def _start_telemetry(self) -> None:
         """The statistics controller (a sample a second into stats.sqlite) and, when the
         file asks, the Prometheus endpoint."""
-        from zfast.controllers.statistics import StatisticsController, count_entries  # see __init__
+        from zfast.controllers.statistics import (  # noqa: PLC0415 -- see the top
+            StatisticsController,
+            count_entries,
+        )
         flows_fd = self.dp.table("flows").map_fd
         self.statistics = StatisticsController(
             self.stats, self.state_dir, resources={self.name: "/proc/self"},
@@ -159,7 +163,7 @@ class Node:
         self.statistics.start()
         logging.getLogger("zfast").addHandler(self.events.handler())
         if self.telemetry.get("prometheus"):
-            from zfast.telemetry.prometheus import start_prometheus  # when asked (__init__)
+            from zfast.telemetry.prometheus import start_prometheus  # noqa: PLC0415 -- see the top
             try:
                 # the counters as they are at the scrape, as `zfast stats` reads them (the
                 # statistics controller's last sample is up to a tick old, and frozen while its
@@ -173,9 +177,7 @@ class Node:
     def _start_pair(self) -> None:
         if self.project.ha is None:
             return
-        # only a pair's start imports the pair (see __init__)
-        from zfast.ha.heartbeat import KeyError_
-        from zfast.ha.pair import Pair
+        from zfast.ha.pair import Pair  # noqa: PLC0415 -- see the top
         try:
             self.pair = Pair(self, self.project.ha)
             self.pair.start()

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from zfast import config
-from zfast.dataplane import pins
+from zfast.dataplane import loader, pins
 from zfast.dataplane.background import Background
 from zfast.paths import pin_dir
 
@@ -55,14 +55,15 @@ class Prestart:
             return                      # the node adopts or sets aside what is there
         # the start's own checks first: a start that fails them (a crash loop's) costs
         # no maps and no verifier
-        from zfast.dataplane import loader
         try:
             for itf in node.interfaces:
                 loader.ifindex(itf.name)
         except loader.DatapathError:
             return                      # the node says which interface is missing
         if project.ha is not None:
-            from zfast.ha.heartbeat import KeyError_, load_key
+            # a solo node imports the key's module later, with the daemon, while the
+            # kernel works: only a pair's start pays for it before
+            from zfast.ha.heartbeat import KeyError_, load_key  # noqa: PLC0415
             try:
                 load_key(project.ha.key_file)
             except KeyError_:

@@ -24,9 +24,9 @@ if TYPE_CHECKING:     # the node imports this module
 
 def routes(node: Node) -> dict:
     """(method, path) -> handler(body)."""
-    # imported here: at the end of a start, as the statistics controller was; a start
-    # that fails its checks (a crash loop's) never imports it
-    from zfast.controllers import statistics
+    # at the end of a start, as the statistics controller is (zfast/node/daemon.py): a
+    # start that fails its checks (a crash loop's) never imports it
+    from zfast.controllers import statistics  # noqa: PLC0415
     return {
         **statistics.api_routes(node.statistics),
         ("GET", "/status"): lambda _: (200, node.status()),

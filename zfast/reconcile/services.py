@@ -23,6 +23,7 @@ in the table, flagged UP, as if there were no checks (docs/datapath.md, Decision
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -393,7 +394,6 @@ def _hostport(vip: IPAddress, port: int) -> str:
 
 
 def ip_of(text: str) -> IPAddress:
-    import ipaddress
     return ipaddress.ip_address(text)
 
 

@@ -39,6 +39,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from zfast.lab.netns import in_ns
+
+# acme, josepy and the requests they bring (~100 ms, ~12 MiB) are imported by the code
+# that talks to an ACME server (PLC0415 marks it), not here: a router process imports this
+# module for Cert, and a core service without `tls: acme` hosts never issues.
+
 log = logging.getLogger("zfast.routing.certs")
 
 TLS_MODES = ("acme", "self-signed", "none")
@@ -171,8 +177,8 @@ def self_signed(host: str, now: float | None = None, days: int = SELF_SIGNED_DAY
 def _reason(e: BaseException) -> str:
     """A short readable reason for a network or ACME failure."""
     try:
-        import requests
-        from acme import errors, messages
+        import requests  # noqa: PLC0415 -- ACME only
+        from acme import errors, messages  # noqa: PLC0415 -- ACME only
     except ImportError:  # pragma: no cover - python3-acme is a dependency
         return str(e) or type(e).__name__
     if isinstance(e, messages.Error):
@@ -345,7 +351,7 @@ class CertManager:
 
     def _account_jwk(self):
         """The account key (created once, kept in the store)."""
-        import josepy as jose
+        import josepy as jose  # noqa: PLC0415 -- ACME only
         with self._lock:
             if self._jwk is not None:
                 return self._jwk
@@ -366,11 +372,11 @@ class CertManager:
         every HTTP-01 answer. None when ACME is not configured."""
         if self.acme is None:
             return None
-        import josepy as jose
+        import josepy as jose  # noqa: PLC0415 -- ACME only
         return jose.b64encode(self._account_jwk().thumbprint()).decode()
 
     def _register(self, client, url: str) -> None:
-        from acme import errors, messages
+        from acme import errors, messages  # noqa: PLC0415 -- ACME only
         reg = messages.NewRegistration.from_data(email=self.acme.get("email") or None,
                                                  terms_of_service_agreed=True)
         try:
@@ -386,8 +392,8 @@ class CertManager:
 
     def _connect(self):
         """A ClientV2 with the project's account registered at the configured directory."""
-        from acme import client as acme_client
-        from acme import messages
+        from acme import client as acme_client  # noqa: PLC0415 -- ACME only
+        from acme import messages  # noqa: PLC0415 -- ACME only
         url = self.acme["directory"]
         net = acme_client.ClientNetwork(
             self._account_jwk(), user_agent=USER_AGENT,
@@ -408,7 +414,7 @@ class CertManager:
 
     def _order(self, client, csr_pem: bytes):
         """new_order, re-registering once if the server forgot the account (a new pebble)."""
-        from acme import messages
+        from acme import messages  # noqa: PLC0415 -- ACME only
         try:
             return client.new_order(csr_pem)
         except messages.Error as e:
@@ -427,9 +433,7 @@ class CertManager:
         if host.startswith("*."):
             raise CertError(f"{host}: a wildcard host cannot be validated over HTTP-01 "
                             "(it needs DNS-01): it keeps a self-signed certificate")
-        from acme import challenges, crypto_util, messages
-
-        from zfast.lab.netns import in_ns
+        from acme import challenges, crypto_util, messages  # noqa: PLC0415 -- ACME only
         url = self.acme["directory"]
         with self._acme_lock, in_ns(self.netns):
             try:

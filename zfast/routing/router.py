@@ -74,12 +74,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from zfast import config
+from zfast.api import Server
+from zfast.controllers.logger import LoggerController
+from zfast.routing.certs import Cert
 from zfast.routing.haproxy.errors import HAProxyError
 from zfast.routing.haproxy.instance import HAProxy
 from zfast.routing.haproxy.model import Route, Upstream
 from zfast.routing.haproxy.pem import normalize_pem
+from zfast.store import open_store
 
 log = logging.getLogger("zfast.routing.router")
 
@@ -267,9 +273,6 @@ def _int_bytes(n: int, length: int | None = None) -> bytes:
 def jwk_thumbprint(key_pem: str) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url) of a private key's public half (RSA or
     EC P-256/384/521): what ACME's HTTP-01 answers end with. ValueError for other keys."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
     key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     if isinstance(key, rsa.RSAPrivateKey):
         pub = key.public_key().public_numbers()
@@ -314,7 +317,6 @@ class CertReader:
     def read(self) -> tuple[dict[str, StoredCert], str | None]:
         """{host: StoredCert} of every readable stored certificate, and the thumbprint.
         Raises the store's errors."""
-        from zfast.routing.certs import Cert
         docs = self.store.items(self.prefix)
         out = {}
         for key, text in docs.items():
@@ -367,7 +369,6 @@ class Applied:
 
 class Router:
     def __init__(self, spec: RouterSpec, project: config.Project):
-        from zfast.controllers.logger import LoggerController
         self.spec = spec
         self.name = spec.name
         self.project_name = project.project
@@ -420,8 +421,6 @@ class Router:
     def start(self) -> None:
         """Open the store, start HAProxy with the file's project and the stored certificates,
         follow the store, serve the API. Raises on failure (the caller exits 2)."""
-        from zfast.api import Server
-        from zfast.store import open_store
         self.store = open_store(self.own.get("store"), self.spec.state_dir, self.name)
         self.certs = CertReader(self.store, self.project_name, self._bad_doc)
         plan = make_plan(self.initial)

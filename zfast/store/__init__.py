@@ -28,6 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -87,7 +88,6 @@ def event_time(event: dict) -> float:
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         return float(t)
     if isinstance(t, str):
-        from datetime import datetime
         try:
             return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
         except ValueError:
@@ -333,13 +333,14 @@ def open_store(spec: dict | None, state_dir: Path, node: str) -> Store:
         raise StoreError(f"store.max_events: {max_events!r} is not a positive integer")
     state_dir = Path(state_dir)
     if kind == "sqlite":
-        from zfast.store.sqlite import SqliteStore
+        # cycle: zfast.store.sqlite and .etcd import this module (Store, StoreError, ...)
+        from zfast.store.sqlite import SqliteStore  # noqa: PLC0415
         path = spec.get("path", state_dir / "store.sqlite")
         if not isinstance(path, (str, Path)) or not str(path):
             raise StoreError(f"store.path: {path!r} is not a file path")
         return SqliteStore(Path(path), node, max_events=max_events)
 
-    from zfast.store.etcd import EtcdStore, check_endpoints
+    from zfast.store.etcd import EtcdStore, check_endpoints  # noqa: PLC0415 -- cycle
     endpoints = check_endpoints(spec.get("endpoints"))
     timeout = spec.get("timeout_s", 2.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:

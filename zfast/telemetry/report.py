@@ -13,6 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+from matplotlib.figure import Figure
 
 from zfast.telemetry.series import Series
 
@@ -37,10 +40,6 @@ def _top(series: Series, names: list[str], label) -> list[tuple[str, np.ndarray]
 def render(series: Series, path: str | Path, since: float | None = None,
            until: float | None = None, title: str | None = None) -> Path:
     """Write the PNG to path; returns it. An empty series gives a PNG that says so."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-    from matplotlib.figure import Figure
-
     path = Path(path)
     until = until if until is not None else (float(series.time[-1]) if len(series) else time.time())
     since = since if since is not None else (float(series.time[0]) if len(series) else until - 600)
