@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zfast.controllers import statistics  # noqa: E402
-from zfast.telemetry import seriesstore  # noqa: E402
-from zfast.telemetry.serieskeys import flatten  # noqa: E402
+from zfast.controllers import statistics
+from zfast.telemetry import seriesstore
+from zfast.telemetry.serieskeys import flatten
 
 
 def synthetic(services: int, backends: int, ports: int = 20, reasons: int = 30):
