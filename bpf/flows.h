@@ -18,17 +18,17 @@
 /* murmur3's mixing steps: cheap, and good enough to spread 5-tuples. */
 static __always_inline __u32 zf_mix(__u32 h, __u32 v)
 {
-	v *= 0xcc9e2d51;
+	v *= ZF_MURMUR_C1;
 	v = (v << 15) | (v >> 17);
-	v *= 0x1b873593;
+	v *= ZF_MURMUR_C2;
 	h ^= v;
 	h = (h << 13) | (h >> 19);
-	return h * 5 + 0xe6546b64;
+	return h * 5 + ZF_MURMUR_N;
 }
 
 static __always_inline __u32 zf_flow_hash(const struct flow_key *k)
 {
-	__u32 h = 0x7a66;
+	__u32 h = ZF_HASH_SEED;
 	int i;
 
 #pragma unroll
@@ -39,9 +39,9 @@ static __always_inline __u32 zf_flow_hash(const struct flow_key *k)
 	h = zf_mix(h, ((__u32)k->sport << 16) | k->dport);
 	h = zf_mix(h, k->proto);
 	h ^= h >> 16;
-	h *= 0x85ebca6b;
+	h *= ZF_MURMUR_F1;
 	h ^= h >> 13;
-	h *= 0xc2b2ae35;
+	h *= ZF_MURMUR_F2;
 	h ^= h >> 16;
 	return h;
 }

@@ -57,6 +57,15 @@
 #define ZF_AF_INET 4
 #define ZF_AF_INET6 6
 
+/* ---- The flow hash: murmur3's mixing, seeded (bpf/flows.h; its twin in Python is
+ * zfast/dataplane/flowhash.py, the end-to-end tests' oracle of where a flow lands) ---- */
+#define ZF_HASH_SEED 0x7a66
+#define ZF_MURMUR_C1 0xcc9e2d51
+#define ZF_MURMUR_C2 0x1b873593
+#define ZF_MURMUR_N 0xe6546b64
+#define ZF_MURMUR_F1 0x85ebca6b /* finalizer */
+#define ZF_MURMUR_F2 0xc2b2ae35
+
 /* A v4 or v6 address; a v4 address sits in w[0], the rest is zero. */
 struct zf_addr {
 	__be32 w[4];

@@ -11,17 +11,22 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-_M = 0xFFFFFFFF
+from zfast.dataplane.reasons import defines
+
+_M = 0xFFFFFFFF   # arithmetic modulo 2**32, as the C side's __u32
+_C = defines()    # the seed and murmur3's constants, from bpf/zfast_shared.h
+SEED, C1, C2, N = _C["ZF_HASH_SEED"], _C["ZF_MURMUR_C1"], _C["ZF_MURMUR_C2"], _C["ZF_MURMUR_N"]
+F1, F2 = _C["ZF_MURMUR_F1"], _C["ZF_MURMUR_F2"]
 
 
 def _mix(h: int, v: int) -> int:
     """murmur3's mixing step, as zf_mix()."""
-    v = (v * 0xCC9E2D51) & _M
+    v = (v * C1) & _M
     v = ((v << 15) | (v >> 17)) & _M
-    v = (v * 0x1B873593) & _M
+    v = (v * C2) & _M
     h ^= v
     h = ((h << 13) | (h >> 19)) & _M
-    return (h * 5 + 0xE6546B64) & _M
+    return (h * 5 + N) & _M
 
 
 def _words(address: str) -> list[int]:
@@ -34,13 +39,13 @@ def _be16(port: int) -> int:
 
 
 def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int = socket.IPPROTO_TCP) -> int:
-    h = 0x7A66
+    h = SEED
     for s, d in zip(_words(src), _words(dst)):
         h = _mix(_mix(h, s), d)
     h = _mix(h, ((_be16(sport) << 16) | _be16(dport)) & _M)
     h = _mix(h, proto)
     h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M
+    h = (h * F1) & _M
     h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M
+    h = (h * F2) & _M
     return h ^ (h >> 16)
