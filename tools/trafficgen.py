@@ -42,7 +42,6 @@ if str(REPO) not in sys.path:
 from zfast.dataplane.progrun import BPF_F_TEST_XDP_LIVE_FRAMES, run_xdp  # noqa: E402
 from zfast.lab.netns import in_ns  # noqa: E402
 
-HDR_MAX = 96  # as in trafficgen.c
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 PROTOS = ("udp", "tcp-syn")

@@ -8,7 +8,7 @@ import json
 import struct
 import subprocess
 
-from zfast.dataplane.reasons import reasons
+from zfast.dataplane.reasons import defines, reasons
 from zfast.paths import pin_dir
 
 # The maps that hold what a project file says (rings are left out: 1M slots; the services
@@ -19,7 +19,7 @@ STATE_MAPS = ("services", "backends", "fw_ports", "config", "vips")
 # (bumped on route/neighbour changes and every few seconds) and the HA lease deadline.
 VOLATILE = {"config": ("nh_gen", "active_until_ns")}
 
-FORWARD = 1     # flow_value.dir of a forward entry: ZF_DIR_FORWARD
+FORWARD = defines()["ZF_DIR_FORWARD"]   # flow_value.dir of a forward entry
 
 
 def map_dump(node: str, name: str) -> list:
