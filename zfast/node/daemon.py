@@ -30,6 +30,7 @@ from zfast.dataplane import adoption
 from zfast.dataplane.egresswatch import EgressWatch
 from zfast.dataplane.links import LinkWatch, refresh_tx_ports
 from zfast.dataplane.loader import DatapathError, Loaded
+from zfast.dataplane.neighbours import NeighbourKeeper
 from zfast.dataplane.nexthops import NextHopWatch
 from zfast.dataplane.sweeper import FlowSweeper
 from zfast.ha.heartbeat import KeyError_
@@ -230,6 +231,8 @@ class Node:
             self.table.restore(opened.installed["services"])
             self.fw.restore(opened.installed["firewall"])
         self.links = LinkWatch(self.dp, [itf.name for itf in node.interfaces])
+        self.neighbours = NeighbourKeeper([itf.name for itf in node.interfaces])
+        self.neighbours.ask_by_broadcast()
         self._sweeper = FlowSweeper(self.dp, self.pin)
 
     def _save_installed(self) -> None:
@@ -252,6 +255,7 @@ class Node:
             # limit) is an error event and is tried again next time: the node serves on.
             self._chore("interfaces", lambda: refresh_tx_ports(self.dp))
             self._chore("egress ports", lambda: self.egress.check(self.dp))
+            self._chore("neighbours", self.neighbours.sweep)   # STALE ones probed again
             if self.pair:
                 self._chore("interface MACs", self.pair.holder.refresh_macs)
             idle_s = self.project.datapath.flow_idle_s
