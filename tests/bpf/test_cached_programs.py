@@ -367,7 +367,7 @@ def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, mo
     assert (first.cache, first.loaded_hooks) == ("miss", ["xdp"])
     first.bpf.cleanup()
     grown = Sizes(flow_table=262144, max_services=16, max_backends=256, max_ifindex=1024,
-                  max_public_ports=64, max_rules=4096)
+                  max_public_ports=64, max_rules=4096, rate_table=2048)
     dp = Loaded(grown, hooks=["tc"])
     try:
         assert (dp.cache, dp.loaded_hooks) == ("hit", ["tc"])
@@ -375,6 +375,7 @@ def test_new_sizes_load_the_cached_program_with_maps_of_those_sizes(tmp_path, mo
                 for name in map_sizes(grown)}
         assert made == map_sizes(grown)
         assert made["flows"] == 262144 and made["rule_stats"] == 4096
+        assert made["rate_state"] == 2048
         # the maps carry the compile's BTF: bpftool prints their entries by field
         flows = dp.table("flows")
         k, v = flows.Key(), flows.Leaf()

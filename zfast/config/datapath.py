@@ -10,6 +10,7 @@
       max_ifindex: 256     # devmap slots, indexed by ifindex (ZF_MAX_IFINDEX)
       max_public_ports: 64 # firewalled public ports, slot 0 the project-wide (ZF_MAX_PUBLIC_PORTS)
       max_rules: 16384     # firewall CIDR rules, all ports together (ZF_MAX_RULES)
+      rate_table: 16384    # sources the new-connection rate limit tracks (ZF_RATE_TABLE)
       flow_idle_s: 300     # idle flows leave the table after this (0: never); not a size
 
 A size's default is the C side's own, the ZF_* named beside it in bpf/zfast_shared.h,
@@ -53,6 +54,8 @@ class Datapath:
         doc="public ports with a firewall (slot 0 is the project-wide list)")
     max_rules: int = setting(kinds.Integer(16), default=_C["ZF_MAX_RULES"],
                              doc="firewall CIDR rules, all ports together")
+    rate_table: int = setting(kinds.Integer(1024), default=_C["ZF_RATE_TABLE"],
+                              doc="sources the new-connection rate limit tracks (LRU)")
     # Not a size: a flow with no client packet for this long leaves the table (swept every
     # flow_idle_s / 2; 0: never). Established flows come back by Maglev's hash if they wake.
     flow_idle_s: int = setting(
@@ -65,7 +68,7 @@ class Datapath:
 
 
 SIZE_FIELDS = ("maglev_size", "flow_table", "max_services", "max_backends", "max_ifindex",
-               "max_public_ports", "max_rules")   # what the compiled program and its maps depend on
+               "max_public_ports", "max_rules", "rate_table")   # what the compiled program and its maps depend on
 
 
 def read_datapath(problems: Problems, path: str, value: Any) -> Datapath:

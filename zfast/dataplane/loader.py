@@ -122,6 +122,7 @@ def size_flags(sizes: Sizes) -> list[str]:
         f"-DZF_MAX_IFINDEX={sizes.max_ifindex}",
         f"-DZF_MAX_PUBLIC_PORTS={sizes.max_public_ports}",
         f"-DZF_MAX_RULES={sizes.max_rules}",
+        f"-DZF_RATE_TABLE={sizes.rate_table}",
     ]
 
 
@@ -143,6 +144,7 @@ def map_sizes(sizes: Sizes) -> dict[str, int]:
         "fw_rules0": sizes.max_rules,
         "fw_rules1": sizes.max_rules,
         "rule_stats": sizes.max_rules,
+        "rate_state": sizes.rate_table,
     }
 
 
