@@ -1,0 +1,359 @@
+"""The LXD instance runtime: each instance a privileged LXD container.
+
+The same interface as ``NetnsRuntime`` (zfast/core/runtime.py), over LXD's REST API on its
+unix socket with plain ``http.client`` (no dependency: pylxd is on the pip index and in
+Debian, 2.2.10 there, but a dozen calls need no client library, and the unit tests check
+the exact requests). A container:
+
+- boots the image's init (tini) on ``create``; its NICs are ``nictype=bridged`` into the
+  project's host bridges, with the host ends named as NetnsRuntime names them; addresses,
+  routes and forwarding are set inside by one ``exec``;
+- has ``security.privileged`` (BPF programs and pins), ``limits.cpu.allowance`` (a CFS
+  quota: ``cpu`` CPUs is ``<cpu*100>ms/100ms``) and ``limits.memory``, both changed live
+  (resize, boost) with a PATCH;
+- sees the instance's state directory and this zfast checkout (with its venv) bind-mounted
+  at the same paths, so its daemon runs the host's zfast, writes daemon.log where
+  ``last_words`` reads it, and a parked spare's instance.yaml appears where it polls.
+
+``start`` runs the daemon with ``exec`` (detached: setsid), and finds its pid on the host
+(the pid namespace's NSpid map), so ``Instance.pid``, ``stop`` and the repair controller's
+checks work as with a namespace.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import yaml
+
+from zfast.core.runtime import Instance, InstanceSpec, Link, Runtime, write_atomically
+
+REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
+OP_TIMEOUT_S = 60
+
+
+class LxdError(RuntimeError):
+    def __init__(self, msg: str, code: int = 0):
+        super().__init__(msg)
+        self.code = code
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("lxd", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+class LxdClient:
+    """LXD's REST API on its unix socket: JSON in and out, async operations waited for."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def raw(self, method: str, path: str, body: dict | None = None,
+            timeout: float | None = None) -> tuple[int, bytes]:
+        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def request(self, method: str, path: str, body: dict | None = None, wait: bool = True,
+                timeout: float | None = None):
+        status, data = self.raw(method, path, body, timeout)
+        try:
+            doc = json.loads(data or b"{}")
+        except ValueError:
+            raise LxdError(f"{method} {path}: HTTP {status}, not JSON", status) from None
+        if doc.get("type") == "error" or status >= 400:
+            raise LxdError(f"{method} {path}: {doc.get('error') or status}",
+                           doc.get("error_code") or status)
+        if doc.get("type") == "async":
+            return self.wait(doc["operation"]) if wait else doc["metadata"]
+        return doc.get("metadata")
+
+    def wait(self, operation: str, timeout: int = OP_TIMEOUT_S) -> dict:
+        """The operation's end; raises when it failed."""
+        op = self.request("GET", f"{operation}/wait?timeout={timeout}", timeout=timeout + 5)
+        if op.get("status_code") != 200:
+            raise LxdError(f"{operation}: {op.get('err') or op.get('status')}",
+                           op.get("status_code") or 0)
+        return op
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def put(self, path: str, body: dict):
+        return self.request("PUT", path, body)
+
+    def patch(self, path: str, body: dict):
+        return self.request("PATCH", path, body)
+
+    def post(self, path: str, body: dict):
+        return self.request("POST", path, body)
+
+    def delete(self, path: str):
+        return self.request("DELETE", path)
+
+    def exec(self, name: str, command: list[str], env: dict | None = None) -> tuple[int, str, str]:
+        """Run a command in the instance to its end: (exit status, stdout, stderr)."""
+        op = self.post(f"/1.0/instances/{quote(name)}/exec",
+                       {"command": command, "environment": env or {}, "interactive": False,
+                        "wait-for-websocket": False, "record-output": True})
+        meta = op.get("metadata") or {}
+        out = []
+        for fd in ("1", "2"):
+            log = (meta.get("output") or {}).get(fd)
+            if not log:
+                out.append("")
+                continue
+            status, data = self.raw("GET", log)
+            out.append(data.decode(errors="replace") if status == 200 else "")
+            try:
+                self.raw("DELETE", log)
+            except OSError:
+                pass
+        return int(meta.get("return", -1)), out[0], out[1]
+
+
+@dataclass
+class LxdInstance(Instance):
+    container: str = ""
+    daemon_pid: int | None = None      # on the host (its NSpid), None: no daemon started
+
+    @property
+    def pid(self) -> int | None:       # type: ignore[override]
+        return self.daemon_pid if self.daemon_pid and _alive(self.daemon_pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def cpu_allowance(cpu: float) -> str:
+    """``cpu`` CPUs as LXD's hard CFS quota (at least 1 ms per 100 ms)."""
+    return f"{max(1, round(cpu * 100))}ms/100ms"
+
+
+class LxdRuntime(Runtime):
+    def __init__(self, prefix: str, socket_path: Path | str, image: str,
+                 profiles: tuple[str, ...] = ("default",), repo: Path = REPO,
+                 python: str | None = None):
+        self.prefix = prefix          # containers are <prefix>-<instance name>
+        self.client = LxdClient(socket_path)
+        self.image = image            # an alias in that daemon (zfast.lab.lxd imports it)
+        self.profiles = list(profiles)
+        self.repo = Path(repo)
+        # the host's interpreter (the venv's, over /usr/bin/python3: the image's is the same)
+        self.python = python or sys.executable
+
+    def container_of(self, name: str) -> str:
+        return f"{self.prefix}-{name}".replace("_", "-")
+
+    @staticmethod
+    def _host_ifname(spec: InstanceSpec, i: int) -> str:
+        return f"{spec.name[:10]}h{i}"[:15]
+
+    def _url(self, inst_or_name) -> str:
+        name = inst_or_name.container if isinstance(inst_or_name, LxdInstance) else inst_or_name
+        return f"/1.0/instances/{quote(name)}"
+
+    def _devices(self, spec: InstanceSpec) -> dict:
+        devices = {}
+        for i, link in enumerate(spec.links):
+            devices[link.ifname] = {"type": "nic", "nictype": "bridged", "parent": link.bridge,
+                                    "name": link.ifname, "host_name": self._host_ifname(spec, i)}
+        devices["zfast-state"] = {"type": "disk", "source": str(spec.state_dir),
+                                  "path": str(spec.state_dir)}
+        devices["zfast-code"] = {"type": "disk", "source": str(self.repo), "path": str(self.repo),
+                                 "readonly": "true"}
+        return devices
+
+    def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
+        """The container made, booted (its init only) and its links configured; ``group``
+        has no meaning here (each container is its own cgroup under LXD's)."""
+        name = self.container_of(spec.name)
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        self.client.post("/1.0/instances", {
+            "name": name, "type": "container",
+            "source": {"type": "image", "alias": self.image},
+            "profiles": self.profiles,
+            "config": {"security.privileged": "true",
+                       "limits.cpu.allowance": cpu_allowance(spec.cpu),
+                       "limits.memory": str(int(spec.memory)),
+                       "zfast.kind": spec.kind},
+            "devices": self._devices(spec)})
+        inst = LxdInstance(spec, netns=name, cgroup=None, container=name,
+                           host_ifnames=[self._host_ifname(spec, i) for i in range(len(spec.links))])
+        try:
+            self.client.put(f"{self._url(name)}/state", {"action": "start", "timeout": 30})
+            script = ["ip link set lo up",
+                      "echo 1 > /proc/sys/net/ipv4/ip_forward",
+                      "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+                      "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad"]
+            script += [f"ip link set {shlex.quote(link.ifname)} up" for link in spec.links]
+            script += self._address_cmds(spec.links)
+            script += [f"ip route replace {shlex.quote(dst)} via {shlex.quote(via)}"
+                       for dst, via in spec.routes]
+            self._sh(inst, script)
+        except Exception:
+            self.destroy(inst)
+            raise
+        return inst
+
+    @staticmethod
+    def _address_cmds(links: list[Link]) -> list[str]:
+        return [f"ip addr add {shlex.quote(cidr)} dev {shlex.quote(link.ifname)}"
+                + (" nodad" if ":" in cidr else "")
+                for link in links for cidr in link.addresses]
+
+    def _sh(self, inst: LxdInstance, lines: list[str]) -> str:
+        rc, out, err = self.client.exec(inst.container, ["/bin/sh", "-ec", "\n".join(lines)])
+        if rc != 0:
+            raise LxdError(f"{inst.container}: {err.strip() or out.strip() or f'exit {rc}'}")
+        return out
+
+    def assign(self, inst: Instance, links: list[Link], macs: dict[str, str] | None = None) -> None:
+        lines = [f"ip link set dev {shlex.quote(ifname)} address {shlex.quote(mac)} || true"
+                 for ifname, mac in (macs or {}).items()]
+        self._sh(inst, lines + self._address_cmds(links))
+
+    def macs(self, inst: Instance) -> dict[str, str]:
+        try:
+            net = (self.client.get(f"{self._url(inst)}/state") or {}).get("network") or {}
+        except (OSError, LxdError):
+            return {}
+        wanted = {link.ifname for link in inst.spec.links}
+        return {ifname: n["hwaddr"] for ifname, n in net.items()
+                if ifname in wanted and n.get("hwaddr")}
+
+    def start(self, inst: Instance, park: dict | None = None) -> None:
+        module = {"balancer": ["zfast.cli", "up"], "router": ["zfast.routing.router"]}.get(
+            inst.spec.kind, ["zfast.cli", "up"])
+        argv = [self.python, "-m", *module, "-c", str(inst.config_path)]
+        if park is None:
+            write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
+        else:
+            inst.config_path.unlink(missing_ok=True)
+            template = inst.spec.state_dir / "template.yaml"
+            template.write_text(yaml.safe_dump(park, sort_keys=False))
+            argv += ["--park", str(template)]
+        log = inst.spec.state_dir / "daemon.log"
+        inst.log_from = log.stat().st_size if log.exists() else 0
+        cmd = (f"cd / && setsid {shlex.join(argv)} >>{shlex.quote(str(log))} 2>&1 </dev/null & "
+               "echo $!")
+        out = self._sh(inst, [cmd])
+        inst.daemon_pid = self._host_pid(inst, int(out.split()[-1]))
+        inst.started = time.time()
+
+    def _host_pid(self, inst: LxdInstance, pid: int) -> int | None:
+        """The host's pid of the container's process ``pid`` (the last NSpid of a process in
+        the container's pid namespace)."""
+        init = (self.client.get(f"{self._url(inst)}/state") or {}).get("pid")
+        try:
+            ns = os.readlink(f"/proc/{init}/ns/pid")
+        except (OSError, TypeError):
+            return None
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                if os.readlink(p / "ns" / "pid") != ns:
+                    continue
+                for line in (p / "status").read_text().splitlines():
+                    if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
+                        return int(p.name)
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def stop(self, inst: Instance, keep_dataplane: bool = False, timeout: float = 15.0) -> None:
+        pid = inst.pid
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGUSR1 if keep_dataplane else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while _alive(pid) and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+
+    def destroy(self, inst: Instance) -> None:
+        """The container stopped (forced: whatever runs in it dies) and deleted; its host
+        veths go with it."""
+        try:
+            self.client.put(f"{self._url(inst)}/state", {"action": "stop", "force": True})
+        except LxdError:
+            pass      # not running (or gone)
+        try:
+            self.client.delete(self._url(inst))
+        except LxdError as err:
+            if err.code != 404:
+                raise
+        inst.daemon_pid = None
+
+    def usage(self, inst: Instance) -> dict:
+        try:
+            state = self.client.get(f"{self._url(inst)}/state") or {}
+        except (OSError, LxdError):
+            return {"cpu_ns": 0, "memory": 0, "memory_limit": 0}
+        mem = state.get("memory") or {}
+        return {"cpu_ns": int((state.get("cpu") or {}).get("usage") or 0),
+                "memory": int(mem.get("usage") or 0),
+                "memory_limit": int(mem.get("total") or inst.spec.memory)}
+
+    def limits(self, inst: Instance) -> dict:
+        """The container's limits as LXD holds them (config keys)."""
+        cfg = (self.client.get(self._url(inst)) or {}).get("config") or {}
+        return {k: v for k, v in cfg.items() if k.startswith("limits.")}
+
+    def _set_limits(self, inst: Instance, cpu: float, memory: int) -> None:
+        self.client.patch(self._url(inst), {"config": {
+            "limits.cpu.allowance": cpu_allowance(cpu), "limits.memory": str(int(memory))}})
+
+    def boost(self, inst: Instance, cpu: float | None) -> None:
+        self._set_limits(inst, inst.spec.cpu if cpu is None else cpu, inst.spec.memory)
+
+    def resize(self, inst: Instance, cpu: float, memory: int) -> None:
+        self._set_limits(inst, cpu, memory)
+        inst.spec.cpu, inst.spec.memory = cpu, memory
+
+    def last_words(self, inst: Instance, limit: int = 300) -> str:
+        try:
+            with open(inst.spec.state_dir / "daemon.log", "rb") as f:
+                f.seek(max(inst.log_from, f.seek(0, os.SEEK_END) - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1][:limit] if lines else ""
