@@ -20,7 +20,7 @@ def fake(tmp_path):
 @pytest.fixture
 def runtime(fake, tmp_path):
     return LxdRuntime("zfc-t", fake.path, image="zfast-img", repo=tmp_path / "repo",
-                      python="/venv/bin/python")
+                      python="/venv/bin/python", shared=(tmp_path / "bpffs", tmp_path / "none"))
 
 
 def _spec(tmp_path, **kw):
@@ -33,6 +33,10 @@ def _spec(tmp_path, **kw):
     return InstanceSpec(**args)
 
 
+def body_of(calls):
+    return calls[0][2]
+
+
 def test_cpu_allowance_is_a_hard_quota_per_100ms():
     assert cpu_allowance(0.25) == "25ms/100ms"
     assert cpu_allowance(1.5) == "150ms/100ms"
@@ -41,18 +45,22 @@ def test_cpu_allowance_is_a_hard_quota_per_100ms():
 
 def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links(fake, runtime, tmp_path):
     spec = _spec(tmp_path)
+    (tmp_path / "bpffs").mkdir()
     inst = runtime.create(spec)
     assert isinstance(inst, LxdInstance) and inst.container == "zfc-t-lb-a"
     assert inst.host_ifnames == ["lb-ah0", "lb-ah1"]
     assert spec.state_dir.is_dir()
     calls = fake.calls()
+    assert body_of(calls)["devices"]["zfast-share0"] == {
+        "type": "disk", "source": str(tmp_path / "bpffs"), "path": str(tmp_path / "bpffs")}
+    assert "zfast-share1" not in body_of(calls)["devices"]       # a missing one is left out
     method, path, body = calls[0]
     assert (method, path) == ("POST", "/1.0/instances")
     assert body["name"] == "zfc-t-lb-a" and body["type"] == "container"
     assert body["source"] == {"type": "image", "alias": "zfast-img"}
     assert body["profiles"] == ["default"]
     assert body["config"] == {"security.privileged": "true", "limits.cpu.allowance": "25ms/100ms",
-                              "limits.memory": str(256 << 20), "zfast.kind": "balancer"}
+                              "limits.memory": str(256 << 20), "user.zfast.kind": "balancer"}
     assert body["devices"]["eth0"] == {"type": "nic", "nictype": "bridged", "parent": "zfpub",
                                        "name": "eth0", "host_name": "lb-ah0"}
     assert body["devices"]["eth1"]["parent"] == "zfpriv"

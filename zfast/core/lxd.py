@@ -11,8 +11,8 @@ the exact requests). A container:
 - has ``security.privileged`` (BPF programs and pins), ``limits.cpu.allowance`` (a CFS
   quota: ``cpu`` CPUs is ``<cpu*100>ms/100ms``) and ``limits.memory``, both changed live
   (resize, boost) with a PATCH;
-- sees the instance's state directory and this zfast checkout (with its venv) bind-mounted
-  at the same paths, so its daemon runs the host's zfast, writes daemon.log where
+- sees the instance's state directory, this zfast checkout (with its venv), the bpffs of
+  the pinned maps and the program cache bind-mounted at the same paths, so its daemon runs the host's zfast, writes daemon.log where
   ``last_words`` reads it, and a parked spare's instance.yaml appears where it polls.
 
 ``start`` runs the daemon with ``exec`` (detached: setsid), and finds its pid on the host
@@ -37,6 +37,8 @@ from urllib.parse import quote
 import yaml
 
 from zfast.core.runtime import Instance, InstanceSpec, Link, Runtime, write_atomically
+from zfast.dataplane.progcache import cache_dir
+from zfast.paths import BPFFS
 
 REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
 OP_TIMEOUT_S = 60
@@ -163,7 +165,7 @@ def cpu_allowance(cpu: float) -> str:
 class LxdRuntime(Runtime):
     def __init__(self, prefix: str, socket_path: Path | str, image: str,
                  profiles: tuple[str, ...] = ("default",), repo: Path = REPO,
-                 python: str | None = None):
+                 python: str | None = None, shared: tuple[Path, ...] | None = None):
         self.prefix = prefix          # containers are <prefix>-<instance name>
         self.client = LxdClient(socket_path)
         self.image = image            # an alias in that daemon (zfast.lab.lxd imports it)
@@ -171,6 +173,11 @@ class LxdRuntime(Runtime):
         self.repo = Path(repo)
         # the host's interpreter (the venv's, over /usr/bin/python3: the image's is the same)
         self.python = python or sys.executable
+        # host directories every instance shares, at the same paths: the bpffs of the pinned
+        # maps (a node's pins outlive its container, as its namespace's do) and the program
+        # cache (the core compiles into it, instances load from it)
+        self.last_create: dict = {}
+        self.shared = tuple(Path(p) for p in ((BPFFS, cache_dir()) if shared is None else shared))
 
     def container_of(self, name: str) -> str:
         return f"{self.prefix}-{name}".replace("_", "-")
@@ -192,6 +199,8 @@ class LxdRuntime(Runtime):
                                   "path": str(spec.state_dir)}
         devices["zfast-code"] = {"type": "disk", "source": str(self.repo), "path": str(self.repo),
                                  "readonly": "true"}
+        for i, path in enumerate(p for p in self.shared if p.is_dir()):
+            devices[f"zfast-share{i}"] = {"type": "disk", "source": str(path), "path": str(path)}
         return devices
 
     def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
@@ -199,6 +208,7 @@ class LxdRuntime(Runtime):
         has no meaning here (each container is its own cgroup under LXD's)."""
         name = self.container_of(spec.name)
         spec.state_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
         self.client.post("/1.0/instances", {
             "name": name, "type": "container",
             "source": {"type": "image", "alias": self.image},
@@ -206,12 +216,14 @@ class LxdRuntime(Runtime):
             "config": {"security.privileged": "true",
                        "limits.cpu.allowance": cpu_allowance(spec.cpu),
                        "limits.memory": str(int(spec.memory)),
-                       "zfast.kind": spec.kind},
+                       "user.zfast.kind": spec.kind},
             "devices": self._devices(spec)})
         inst = LxdInstance(spec, netns=name, cgroup=None, container=name,
                            host_ifnames=[self._host_ifname(spec, i) for i in range(len(spec.links))])
         try:
+            t1 = time.monotonic()
             self.client.put(f"{self._url(name)}/state", {"action": "start", "timeout": 30})
+            t2 = time.monotonic()
             script = ["ip link set lo up",
                       "echo 1 > /proc/sys/net/ipv4/ip_forward",
                       "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
@@ -224,6 +236,10 @@ class LxdRuntime(Runtime):
         except Exception:
             self.destroy(inst)
             raise
+        # where a create's time goes: the instance's rootfs (a `dir` pool unpacks the whole
+        # image), its boot, the links' set-up
+        self.last_create = {"create_s": round(t1 - t0, 2), "boot_s": round(t2 - t1, 2),
+                            "setup_s": round(time.monotonic() - t2, 2)}
         return inst
 
     @staticmethod

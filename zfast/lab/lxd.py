@@ -40,8 +40,12 @@ APT_PACKAGES = ("lxd", "mmdebstrap")
 # What a balancer or a router needs inside: Python and BCC's module for the daemon (its
 # program comes from the program cache: no kernel headers, no compile inside), iproute2 for
 # links, addresses and the XDP attach, tini as init (reaps the daemon's children, passes
-# signals on). HAProxy for routers is a later addition (issue 18).
-IMAGE_PACKAGES = ("python3", "python3-bpfcc", "iproute2", "tini")
+# signals on). The venv (bind-mounted with the checkout) is over /usr/bin/python3 with the
+# system site-packages, and takes these from Debian's: python3-yaml, python3-acme (which
+# brings josepy, requests and cryptography), as the bootstrap installs them on the host.
+# libbpfcc (BCC's syscall library, needed for a cache hit too) pulls LLVM: most of the
+# image's 400 MB. HAProxy for routers is a later addition (issue 18).
+IMAGE_PACKAGES = ("python3", "python3-bpfcc", "python3-yaml", "python3-acme", "iproute2", "tini")
 IMAGE_SUITE = "bookworm"
 IMAGE_VERSION = 1                     # bump when the build below changes
 IMAGE_CACHE = Path("/var/cache/zfast/lxd-image")

@@ -1,0 +1,155 @@
+"""The LXD runtime against a real LXD daemon of its own: an instance on a host bridge
+answers there, its limits change live, and nothing the test made is left.
+
+Fails (never skips) where LXD cannot run: a CI without it would test nothing."""
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from zfast.core.lxd import LxdRuntime
+from zfast.core.runtime import InstanceSpec, Link
+from zfast.lab import lxd
+
+BRIDGE = "zflxdbr0"
+HOST_CIDR, INST_ADDR = "10.250.7.1/24", "10.250.7.2"
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _lxd_pids(lxd_dir: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and \
+                    f"LXD_DIR={lxd_dir}".encode() in (p / "environ").read_bytes().split(b"\0"):
+                pids.append(int(p.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture
+def daemon(need_root, tmp_path):
+    timings = {}
+    lxd_dir = Path(f"/tmp/zfast-lxd-e2e-{uuid.uuid4().hex[:8]}")
+    d = lxd.Daemon(lxd_dir, "127.0.0.2:18443")
+    _ip("link", "del", BRIDGE, check=False)
+    try:
+        lxd.install()
+        t = time.monotonic()
+        d.up()
+        timings["daemon_start_s"] = round(time.monotonic() - t, 2)
+        t = time.monotonic()
+        img = lxd.build_image()
+        timings["image_build_s"] = round(time.monotonic() - t, 2)   # ~0 when cached
+        t = time.monotonic()
+        d.import_image(img)
+        timings["image_import_s"] = round(time.monotonic() - t, 2)
+        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("addr", "add", HOST_CIDR, "dev", BRIDGE)
+        _ip("link", "set", BRIDGE, "up")
+        yield d, img, timings
+    finally:
+        c = d.client() if d.socket.exists() else None
+        if c is not None:     # what this test made, removed through the API first ...
+            for url in c.get("/1.0/instances"):
+                d.lxc("delete", "--force", url.rsplit("/", 1)[-1], check=False)
+            for url in c.get("/1.0/images"):
+                c.delete(url)
+        d.down()              # ... then the daemon and its directory
+        _ip("link", "del", BRIDGE, check=False)
+        print("LXD timings:", json.dumps(timings), file=sys.stderr)
+        assert not lxd_dir.exists(), f"{lxd_dir} left behind"
+        assert not _lxd_pids(lxd_dir), "an lxd daemon left running"
+        assert str(lxd_dir) not in Path("/proc/self/mounts").read_text(), "mounts left"
+        assert _ip("link", "show", BRIDGE, check=False).returncode != 0
+
+
+def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_path):
+    d, img, timings = daemon
+    c = d.client()
+    assert c.get("/1.0")["config"]["core.https_address"] == "127.0.0.2:18443"
+    runtime = LxdRuntime("zfl", d.socket, img.alias)
+    spec = InstanceSpec(name="lb-e2e", kind="balancer", links=[Link(BRIDGE, "eth0",
+                        [f"{INST_ADDR}/24"])], cpu=0.5, memory=256 << 20,
+                        state_dir=tmp_path / "lb-e2e", config={})
+    t = time.monotonic()
+    inst = runtime.create(spec)
+    timings["container_start_s"] = round(time.monotonic() - t, 2)
+    timings.update(runtime.last_create)
+    assert c.get(f"/1.0/instances/{inst.container}/state")["status"] == "Running"
+    assert _ip("link", "show", "lb-e2eh0").stdout.find(f"master {BRIDGE}") > 0
+
+    # it answers on the bridge
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ping", "-c1", "-W1", INST_ADDR], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, f"{INST_ADDR} does not answer on {BRIDGE}"
+    macs = runtime.macs(inst)
+    assert set(macs) == {"eth0"}
+    neigh = json.loads(_ip("-j", "neigh", "show", INST_ADDR, "dev", BRIDGE).stdout)
+    assert neigh and neigh[0]["lladdr"] == macs["eth0"]
+
+    # zfast runs inside from the bind-mounted checkout and venv: a daemon given no project
+    # file refuses, and says why where last_words reads it
+    rc, out, err = c.exec(inst.container, [sys.executable, "-c", "import zfast.cli, bcc"])
+    assert rc == 0, err
+    runtime.start(inst)
+    assert inst.daemon_pid
+    deadline = time.monotonic() + 20
+    while inst.pid is not None:
+        assert time.monotonic() < deadline, "the daemon did not refuse an empty project file"
+        time.sleep(0.1)
+    assert runtime.last_words(inst), "no last words in the bind-mounted daemon.log"
+
+    # limits, live: LXD's config and the kernel's (the container's cgroup, read on the host)
+    init_pid = c.get(f"/1.0/instances/{inst.container}/state")["pid"]
+
+    def kernel_limits():
+        groups = {}
+        for line in Path(f"/proc/{init_pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for ctl in controllers.split(",") if controllers else [""]:
+                groups[ctl] = path
+        if "memory" in groups:      # cgroup v1
+            mem = Path(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes")
+            quota = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_quota_us").read_text()
+            period = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_period_us").read_text()
+            return int(mem.read_text()), int(quota) / int(period)
+        base = Path(f"/sys/fs/cgroup{groups['']}")
+        quota, period = (base / "cpu.max").read_text().split()
+        return int((base / "memory.max").read_text()), int(quota) / int(period)
+
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "50ms/100ms",
+                                    "limits.memory": str(256 << 20)}
+    assert kernel_limits() == (256 << 20, 0.5)
+    runtime.resize(inst, 0.25, 128 << 20)
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "25ms/100ms",
+                                    "limits.memory": str(128 << 20)}
+    assert kernel_limits() == (128 << 20, 0.25)
+    runtime.boost(inst, 1.0)
+    assert runtime.limits(inst)["limits.cpu.allowance"] == "100ms/100ms"
+    assert kernel_limits() == (128 << 20, 1.0)
+    runtime.boost(inst, None)
+    assert runtime.limits(inst)["limits.cpu.allowance"] == "25ms/100ms"
+    state = c.get(f"/1.0/instances/{inst.container}/state")
+    assert state["pid"] == init_pid, "a limit change restarted the container"
+    use = runtime.usage(inst)
+    assert use["cpu_ns"] > 0 and use["memory"] > 0, use
+
+    # gone, with its host veth
+    runtime.stop(inst)
+    runtime.destroy(inst)
+    assert c.get("/1.0/instances") == []
+    assert _ip("link", "show", "lb-e2eh0", check=False).returncode != 0
+    assert [p.rsplit("/", 1)[-1] for p in c.get("/1.0/profiles")] == ["default"]
+    managed = [n["name"] for n in c.request("GET", "/1.0/networks?recursion=1") if n["managed"]]
+    assert managed == []
+    print("LXD timings:", json.dumps(timings), file=sys.stderr)
