@@ -60,12 +60,14 @@ def daemon(request, need_root, tmp_path):
         _ip("link", "set", BRIDGE, "up")
         yield d, img, timings
     finally:
-        c = d.client() if d.socket.exists() else None
-        if c is not None:     # what this test made, removed through the API first ...
+        try:                  # what this test made, removed through the API first ...
+            c = d.client()
             for url in c.get("/1.0/instances"):
                 d.lxc("delete", "--force", url.rsplit("/", 1)[-1], check=False)
             for url in c.get("/1.0/images"):
                 c.delete(url)
+        except OSError:       # no daemon (it did not start, or a test killed it)
+            pass
         d.down()              # ... then the daemon and its directory
         _ip("link", "del", BRIDGE, check=False)
         print("LXD timings:", json.dumps(timings), file=sys.stderr)
@@ -164,3 +166,24 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     timings["second_container_start_s"] = round(time.monotonic() - t, 2)
     runtime.destroy(again)
     assert c.get("/1.0/instances") == []
+
+
+def test_a_crashed_daemon_takes_its_instances_with_it_and_leaves_nothing(daemon, tmp_path):
+    """A member lost, not shut down: its daemon and its containers SIGKILLed. The
+    instance is gone from its bridge, and `down` still removes everything."""
+    d, img, timings = daemon
+    runtime = LxdRuntime("zfl", d.socket, img.alias)
+    inst = runtime.create(InstanceSpec(name="lb-crash", kind="balancer", links=[Link(
+        BRIDGE, "eth0", [f"{INST_ADDR}/24"])], cpu=0.5, memory=256 << 20,
+        state_dir=tmp_path / "lb-crash"))
+    init_pid = d.client().get(f"/1.0/instances/{inst.container}/state")["pid"]
+    assert subprocess.run(["ping", "-c1", "-W2", INST_ADDR], capture_output=True).returncode == 0
+    d.crash()
+    assert not Path(f"/proc/{init_pid}").exists() or \
+        Path(f"/proc/{init_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert not _lxd_pids(d.dir)
+    assert subprocess.run(["ping", "-c1", "-W1", INST_ADDR], capture_output=True).returncode != 0
+    deadline = time.monotonic() + 5          # its veth goes with its network namespace
+    while _ip("link", "show", "lb-crashh0", check=False).returncode == 0:
+        assert time.monotonic() < deadline, "the crashed instance's veth is still there"
+        time.sleep(0.1)

@@ -265,10 +265,50 @@ class Daemon:
             except (OSError, LxdError):
                 pass
         self._kill()
+        self._kill_containers()         # what a dead daemon could not stop
         self._umount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _kill(self) -> None:
+    def crash(self) -> None:
+        """The daemon and its containers killed (SIGKILL), nothing cleaned up: a member
+        lost, not shut down. ``down`` still removes what is left."""
+        self._kill(signal.SIGKILL)
+        self._kill_containers()
+
+    def _monitors(self) -> dict[int, str]:
+        """Each running container's `[lxc monitor]` of this daemon: its pid, its name."""
+        prefix = f"[lxc monitor] {self.dir}/containers "
+        out = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(prefix):
+                out[int(p.name)] = cmd[len(prefix):].strip()
+        return out
+
+    def _kill_containers(self) -> None:
+        """Every container of this daemon: its init (SIGKILL ends its pid namespace, so all
+        in it), then its monitor."""
+        monitors = self._monitors()
+        for mon in monitors:
+            try:
+                children = Path(f"/proc/{mon}/task/{mon}/children").read_text().split()
+            except OSError:
+                children = []
+            for pid in [*map(int, children), mon]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in monitors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _kill(self, sig: int = signal.SIGTERM) -> None:
         pids = set()
         if self.proc is not None and self.proc.poll() is None:
             pids.add(self.proc.pid)
@@ -286,7 +326,7 @@ class Daemon:
                 pids.add(int(p.name))
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
