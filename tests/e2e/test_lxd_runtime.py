@@ -4,6 +4,8 @@ answers there, its limits change live, and nothing the test made is left.
 Fails (never skips) where LXD cannot run: a CI without it would test nothing."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,13 +13,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
+from zfast.api import ApiError, Client
 from zfast.core.lxd import LxdRuntime
 from zfast.core.runtime import InstanceSpec, Link
 from zfast.lab import lxd
+from zfast.paths import pin_dir
 
-BRIDGE = "zflxdbr0"
+BRIDGE, PRIVATE = "zflxdbr0", "zflxdbr1"
 HOST_CIDR, INST_ADDR = "10.250.7.1/24", "10.250.7.2"
+PRIVATE_CIDR, INST_PRIVATE = "10.250.8.1/24", "10.250.8.2"
 
 
 def _ip(*args, check=True):
@@ -36,6 +42,29 @@ def _lxd_pids(lxd_dir: Path) -> list[int]:
     return pids
 
 
+def balancer_project(state_dir: Path) -> dict:
+    return {"project": "lxdlab",
+            "node": {"name": "lxdlab-lb", "state_dir": str(state_dir),
+                     "interfaces": [{"name": "eth0", "role": "public"},
+                                    {"name": "eth1", "role": "private"}]},
+            "datapath": {"flow_table": 4096, "max_services": 4, "max_backends": 8},
+            "services": [{"name": "app", "vip": "10.250.7.100",
+                          "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
+                          "backends": [{"address": "10.250.8.10", "weight": 1}]}]}
+
+
+def wait_status(runtime, inst, timeout: float) -> dict:
+    client = Client(inst.spec.state_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert inst.pid is not None, f"the daemon exited: {runtime.last_words(inst)}"
+        try:
+            return client.get("/status")
+        except ApiError:
+            assert time.monotonic() < deadline, "the daemon did not answer"
+            time.sleep(0.1)
+
+
 @pytest.fixture(params=["dir", "btrfs"])
 def daemon(request, need_root, tmp_path):
     """A daemon with a `dir` pool (the simplest) or a `btrfs` one (a loop file in LXD_DIR:
@@ -43,7 +72,8 @@ def daemon(request, need_root, tmp_path):
     timings = {"driver": request.param}
     lxd_dir = Path(f"/tmp/zfast-lxd-e2e-{uuid.uuid4().hex[:8]}")
     d = lxd.Daemon(lxd_dir, "127.0.0.2:18443", driver=request.param)
-    _ip("link", "del", BRIDGE, check=False)
+    for br in (BRIDGE, PRIVATE):
+        _ip("link", "del", br, check=False)
     try:
         lxd.install()
         t = time.monotonic()
@@ -55,9 +85,10 @@ def daemon(request, need_root, tmp_path):
         t = time.monotonic()
         d.import_image(img)
         timings["image_import_s"] = round(time.monotonic() - t, 2)
-        _ip("link", "add", BRIDGE, "type", "bridge")
-        _ip("addr", "add", HOST_CIDR, "dev", BRIDGE)
-        _ip("link", "set", BRIDGE, "up")
+        for br, cidr in ((BRIDGE, HOST_CIDR), (PRIVATE, PRIVATE_CIDR)):
+            _ip("link", "add", br, "type", "bridge")
+            _ip("addr", "add", cidr, "dev", br)
+            _ip("link", "set", br, "up")
         yield d, img, timings
     finally:
         try:                  # what this test made, removed through the API first ...
@@ -69,12 +100,14 @@ def daemon(request, need_root, tmp_path):
         except OSError:       # no daemon (it did not start, or a test killed it)
             pass
         d.down()              # ... then the daemon and its directory
-        _ip("link", "del", BRIDGE, check=False)
+        for br in (BRIDGE, PRIVATE):
+            _ip("link", "del", br, check=False)
         print("LXD timings:", json.dumps(timings), file=sys.stderr)
         assert not lxd_dir.exists(), f"{lxd_dir} left behind"
         assert not _lxd_pids(lxd_dir), "an lxd daemon left running"
         assert str(lxd_dir) not in Path("/proc/self/mounts").read_text(), "mounts left"
         assert _ip("link", "show", BRIDGE, check=False).returncode != 0
+        assert _ip("link", "show", PRIVATE, check=False).returncode != 0
         loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         assert str(lxd_dir) not in loops, f"a loop device left: {loops}"
 
@@ -84,9 +117,11 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     c = d.client()
     assert c.get("/1.0")["config"]["core.https_address"] == "127.0.0.2:18443"
     runtime = LxdRuntime("zfl", d.socket, img.alias)
-    spec = InstanceSpec(name="lb-e2e", kind="balancer", links=[Link(BRIDGE, "eth0",
-                        [f"{INST_ADDR}/24"])], cpu=0.5, memory=256 << 20,
-                        state_dir=tmp_path / "lb-e2e", config={})
+    state_dir = tmp_path / "lb-e2e"
+    spec = InstanceSpec(name="lb-e2e", kind="balancer",
+                        links=[Link(BRIDGE, "eth0", [f"{INST_ADDR}/24"]),
+                               Link(PRIVATE, "eth1", [f"{INST_PRIVATE}/24"])],
+                        cpu=0.5, memory=256 << 20, state_dir=state_dir, config={})
     t = time.monotonic()
     inst = runtime.create(spec)
     timings["container_start_s"] = round(time.monotonic() - t, 2)
@@ -99,7 +134,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     while subprocess.run(["ping", "-c1", "-W1", INST_ADDR], capture_output=True).returncode != 0:
         assert time.monotonic() < deadline, f"{INST_ADDR} does not answer on {BRIDGE}"
     macs = runtime.macs(inst)
-    assert set(macs) == {"eth0"}
+    assert set(macs) == {"eth0", "eth1"}
     neigh = json.loads(_ip("-j", "neigh", "show", INST_ADDR, "dev", BRIDGE).stdout)
     assert neigh and neigh[0]["lladdr"] == macs["eth0"]
 
@@ -114,6 +149,32 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
         assert time.monotonic() < deadline, "the daemon did not refuse an empty project file"
         time.sleep(0.1)
     assert runtime.last_words(inst), "no last words in the bind-mounted daemon.log"
+
+    # a balancer: its program compiled on the host into the program cache (as the core's
+    # launcher does), loaded from it inside; its API socket in the bind-mounted state dir
+    spec.config = balancer_project(state_dir)
+    warm = state_dir / "warm.yaml"
+    warm.write_text(yaml.safe_dump(spec.config))
+    subprocess.run([sys.executable, "-m", "zfast.cli", "cache", "warm", "-c", str(warm)],
+                   check=True, capture_output=True, timeout=600)
+    t = time.monotonic()
+    runtime.start(inst)
+    status = wait_status(runtime, inst, 30)
+    timings["balancer_answered_s"] = round(time.monotonic() - t, 2)
+    assert status["node"] == "lxdlab-lb" and status["role"] == "solo"
+    assert {i["name"] for i in status["interfaces"] if i.get("prog_id")} == {"eth0", "eth1"}
+    runtime.stop(inst)
+    assert inst.pid is None
+    assert "stopped, interfaces detached" in runtime.last_words(inst)
+    # again, killed this time: its pinned maps (in the host's bpffs) outlive it until destroy
+    runtime.start(inst)
+    wait_status(runtime, inst, 30)
+    os.kill(inst.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while inst.pid is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert any(pin_dir("lxdlab-lb").iterdir()), "a killed daemon's maps should stay pinned"
 
     # limits, live: LXD's config and the kernel's (the container's cgroup, read on the host)
     init_pid = c.get(f"/1.0/instances/{inst.container}/state")["pid"]
@@ -155,6 +216,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     runtime.destroy(inst)
     assert c.get("/1.0/instances") == []
     assert _ip("link", "show", "lb-e2eh0", check=False).returncode != 0
+    assert not pin_dir("lxdlab-lb").exists(), "destroy left the daemon's pinned maps"
     assert [p.rsplit("/", 1)[-1] for p in c.get("/1.0/profiles")] == ["default"]
     managed = [n["name"] for n in c.request("GET", "/1.0/networks?recursion=1") if n["managed"]]
     assert managed == []

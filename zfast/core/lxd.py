@@ -37,8 +37,10 @@ from urllib.parse import quote
 import yaml
 
 from zfast.core.runtime import Instance, InstanceSpec, Link, Runtime, write_atomically
+from zfast.dataplane import pins
 from zfast.dataplane.progcache import cache_dir
-from zfast.paths import BPFFS
+from zfast.node.daemon import down
+from zfast.paths import BPFFS, pin_dir
 
 REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
 OP_TIMEOUT_S = 60
@@ -326,7 +328,7 @@ class LxdRuntime(Runtime):
 
     def destroy(self, inst: Instance) -> None:
         """The container stopped (forced: whatever runs in it dies) and deleted; its host
-        veths go with it."""
+        veths go with it; its daemon's pinned maps removed."""
         try:
             self.client.put(f"{self._url(inst)}/state", {"action": "stop", "force": True})
         except LxdError:
@@ -337,6 +339,15 @@ class LxdRuntime(Runtime):
             if err.code != 404:
                 raise
         inst.daemon_pid = None
+        # its pinned maps, in the host's bpffs (shared): they outlive the container, as a
+        # namespace's daemon's outlive it (NetnsRuntime.destroy does the same)
+        try:
+            down(inst.spec.state_dir)
+        except Exception:
+            pass
+        node = (inst.spec.config.get("node") or {}).get("name")
+        if node:
+            pins.remove_pins(pin_dir(node))
 
     def usage(self, inst: Instance) -> dict:
         try:
