@@ -203,7 +203,7 @@ class Daemon:
         """Started and preseeded (a daemon already running in this dir is reused)."""
         install(APT_PACKAGES + (("btrfs-progs",) if self.driver == "btrfs" else ()))
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not self._ready(1):
+        if not (self.socket.exists() and self._ready(1)):
             log = open(self.dir / "daemon.log", "ab")
             self.proc = subprocess.Popen(["lxd", "--group", "root", "--logfile",
                                           str(self.dir / "lxd.log")], env=self.env,
