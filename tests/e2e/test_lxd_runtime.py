@@ -104,6 +104,9 @@ def daemon(request, need_root, tmp_path):
             _ip("link", "del", br, check=False)
         print("LXD timings:", json.dumps(timings), file=sys.stderr)
         assert not lxd_dir.exists(), f"{lxd_dir} left behind"
+        groups = [str(g) for top in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").iterdir()]
+                  if top.is_dir() for g in top.glob("lxc.*.zfl-*")]
+        assert not groups, f"cgroups left: {groups}"
         assert not _lxd_pids(lxd_dir), "an lxd daemon left running"
         assert str(lxd_dir) not in Path("/proc/self/mounts").read_text(), "mounts left"
         assert _ip("link", "show", BRIDGE, check=False).returncode != 0
@@ -189,23 +192,23 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
             mem = Path(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes")
             quota = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_quota_us").read_text()
             period = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_period_us").read_text()
-            return int(mem.read_text()), int(quota) / int(period)
+            return int(mem.read_text()), int(quota) / int(period), int(period)
         base = Path(f"/sys/fs/cgroup{groups['']}")
         quota, period = (base / "cpu.max").read_text().split()
-        return int((base / "memory.max").read_text()), int(quota) / int(period)
+        return int((base / "memory.max").read_text()), int(quota) / int(period), int(period)
 
-    assert runtime.limits(inst) == {"limits.cpu.allowance": "50ms/100ms",
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/10ms",
                                     "limits.memory": str(256 << 20)}
-    assert kernel_limits() == (256 << 20, 0.5)
+    assert kernel_limits() == (256 << 20, 0.5, 10_000)   # 10 ms periods
     runtime.resize(inst, 0.25, 128 << 20)
-    assert runtime.limits(inst) == {"limits.cpu.allowance": "25ms/100ms",
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/20ms",
                                     "limits.memory": str(128 << 20)}
-    assert kernel_limits() == (128 << 20, 0.25)
+    assert kernel_limits() == (128 << 20, 0.25, 20_000)
     runtime.boost(inst, 1.0)
-    assert runtime.limits(inst)["limits.cpu.allowance"] == "100ms/100ms"
-    assert kernel_limits() == (128 << 20, 1.0)
+    assert runtime.limits(inst)["limits.cpu.allowance"] == "10ms/10ms"
+    assert kernel_limits() == (128 << 20, 1.0, 10_000)
     runtime.boost(inst, None)
-    assert runtime.limits(inst)["limits.cpu.allowance"] == "25ms/100ms"
+    assert runtime.limits(inst)["limits.cpu.allowance"] == "5ms/20ms"
     state = c.get(f"/1.0/instances/{inst.container}/state")
     assert state["pid"] == init_pid, "a limit change restarted the container"
     use = runtime.usage(inst)

@@ -37,10 +37,14 @@ def body_of(calls):
     return calls[0][2]
 
 
-def test_cpu_allowance_is_a_hard_quota_per_100ms():
-    assert cpu_allowance(0.25) == "25ms/100ms"
-    assert cpu_allowance(1.5) == "150ms/100ms"
-    assert cpu_allowance(0.001) == "1ms/100ms"
+def test_cpu_allowance_is_a_hard_quota_over_the_shortest_period_with_whole_ms():
+    assert cpu_allowance(0.5) == "5ms/10ms"
+    assert cpu_allowance(1.5) == "15ms/10ms"
+    assert cpu_allowance(0.25) == "5ms/20ms"
+    assert cpu_allowance(0.3) == "3ms/10ms"
+    assert cpu_allowance(0.02) == "1ms/50ms"
+    assert cpu_allowance(0.33) == "33ms/100ms"
+    assert cpu_allowance(0.001) == "1ms/100ms"      # LXD's floor: 1 ms
 
 
 def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links(fake, runtime, tmp_path):
@@ -59,7 +63,7 @@ def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links
     assert body["name"] == "zfc-t-lb-a" and body["type"] == "container"
     assert body["source"] == {"type": "image", "alias": "zfast-img"}
     assert body["profiles"] == ["default"]
-    assert body["config"] == {"security.privileged": "true", "limits.cpu.allowance": "25ms/100ms",
+    assert body["config"] == {"security.privileged": "true", "limits.cpu.allowance": "5ms/20ms",
                               "limits.memory": str(256 << 20), "user.zfast.kind": "balancer"}
     assert body["devices"]["eth0"] == {"type": "nic", "nictype": "bridged", "parent": "zfpub",
                                        "name": "eth0", "host_name": "lb-ah0"}
@@ -132,14 +136,14 @@ def test_resize_and_boost_patch_the_limits_live(fake, runtime, tmp_path):
     fake.requests.clear()
     runtime.resize(inst, 0.5, 512 << 20)
     assert fake.calls() == [("PATCH", "/1.0/instances/zfc-t-lb-a", {"config": {
-        "limits.cpu.allowance": "50ms/100ms", "limits.memory": str(512 << 20)}})]
+        "limits.cpu.allowance": "5ms/10ms", "limits.memory": str(512 << 20)}})]
     assert (inst.spec.cpu, inst.spec.memory) == (0.5, 512 << 20)
     runtime.boost(inst, 1.0)
-    assert fake.calls()[-1][2]["config"]["limits.cpu.allowance"] == "100ms/100ms"
+    assert fake.calls()[-1][2]["config"]["limits.cpu.allowance"] == "10ms/10ms"
     runtime.boost(inst, None)
-    assert fake.calls()[-1][2]["config"] == {"limits.cpu.allowance": "50ms/100ms",
+    assert fake.calls()[-1][2]["config"] == {"limits.cpu.allowance": "5ms/10ms",
                                             "limits.memory": str(512 << 20)}
-    assert runtime.limits(inst) == {"limits.cpu.allowance": "50ms/100ms",
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/10ms",
                                     "limits.memory": str(512 << 20)}
     assert (inst.spec.cpu, inst.spec.memory) == (0.5, 512 << 20)     # a boost is no resize
 

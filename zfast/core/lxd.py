@@ -8,9 +8,9 @@ the exact requests). A container:
 - boots the image's init (tini) on ``create``; its NICs are ``nictype=bridged`` into the
   project's host bridges, with the host ends named as NetnsRuntime names them; addresses,
   routes and forwarding are set inside by one ``exec``;
-- has ``security.privileged`` (BPF programs and pins), ``limits.cpu.allowance`` (a CFS
-  quota: ``cpu`` CPUs is ``<cpu*100>ms/100ms``) and ``limits.memory``, both changed live
-  (resize, boost) with a PATCH;
+- has ``security.privileged`` (BPF programs and pins), ``limits.cpu.allowance`` (a hard
+  CFS quota over a 10 ms period where it can: ``cpu_allowance``) and ``limits.memory``,
+  both changed live (resize, boost) with a PATCH;
 - sees the instance's state directory, this zfast checkout (with its venv), the bpffs of
   the pinned maps and the program cache bind-mounted at the same paths, so its daemon runs the host's zfast, writes daemon.log where
   ``last_words`` reads it, and a parked spare's instance.yaml appears where it polls.
@@ -160,7 +160,14 @@ def _alive(pid: int) -> bool:
 
 
 def cpu_allowance(cpu: float) -> str:
-    """``cpu`` CPUs as LXD's hard CFS quota (at least 1 ms per 100 ms)."""
+    """``cpu`` CPUs as LXD's hard CFS quota, whole milliseconds (LXD's syntax) over the
+    shortest period that gives them: 10 ms as NetnsRuntime's (cgroups.PERIOD_US: a
+    throttled daemon stalls 10 ms at most, never a heartbeat), else 20, 50, 100 ms.
+    LXD's default period, 100 ms, would let a throttled daemon stall for most of it."""
+    for period in (10, 20, 50, 100):
+        quota = cpu * period
+        if round(quota) >= 1 and abs(quota - round(quota)) < 1e-6:
+            return f"{round(quota)}ms/{period}ms"
     return f"{max(1, round(cpu * 100))}ms/100ms"
 
 

@@ -251,7 +251,9 @@ class Daemon:
         return img.alias
 
     def down(self) -> None:
-        """Its instances (forced), the daemon (killed), its mounts, its directory: gone."""
+        """Its instances (forced), the daemon (killed), its containers' cgroups, its mounts,
+        its directory: gone."""
+        names = self.container_names()
         if self.socket.exists():
             try:
                 c = self.client()
@@ -266,8 +268,17 @@ class Daemon:
                 pass
         self._kill()
         self._kill_containers()         # what a dead daemon could not stop
+        remove_cgroups(names)           # what LXC leaves of a container killed under it
+        if not _lxd_running():          # LXC's shared one, when no other LXD needs it
+            remove_cgroups([], pivot=True)
         self._umount_under(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def container_names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.dir / "containers").iterdir())
+        except OSError:
+            return []
 
     def crash(self) -> None:
         """The daemon and its containers killed (SIGKILL), nothing cleaned up: a member
@@ -352,6 +363,48 @@ class Daemon:
         for m in sorted((m for m in mounts if m == root or m.startswith(root + "/")),
                         key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def _lxd_running() -> bool:
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and _alive(int(p.name)):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def remove_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup"),
+                   pivot: bool = False) -> list[Path]:
+    """The empty cgroups LXC made for these containers (``lxc.payload.NAME``,
+    ``lxc.monitor.NAME``, and the ``NAME-<n>`` it picks when one is still there), in every
+    hierarchy: a container killed with its monitor leaves them, and the next container of
+    that name would get ``-1``. A group with a process in it stays (rmdir refuses)."""
+    wanted = {f"lxc.{kind}.{n}" for kind in ("payload", "monitor") for n in names}
+    if pivot:
+        wanted.add("lxc.pivot")     # where LXC moves its processes while it cleans up
+    removed = []
+    tops = [root] + [p for p in root.iterdir() if p.is_dir() and not p.name.startswith("lxc.")] \
+        if root.is_dir() else []
+    for top in tops:
+        try:
+            entries = list(top.iterdir())
+        except OSError:
+            continue
+        for group in entries:
+            base = group.name.rsplit("-", 1)
+            if not (group.name in wanted or (len(base) == 2 and base[1].isdigit()
+                                             and base[0] in wanted)):
+                continue
+            for dirpath, _, _ in sorted(os.walk(group), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+            if not group.exists():
+                removed.append(group)
+    return removed
 
 
 def _alive(pid: int) -> bool:
