@@ -152,6 +152,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
         assert time.monotonic() < deadline, "the daemon did not refuse an empty project file"
         time.sleep(0.1)
     assert runtime.last_words(inst), "no last words in the bind-mounted daemon.log"
+    assert inst.proc.poll() not in (None, 0), "a refusal's exit status, as its shell wrote it"
 
     # a balancer: its program compiled on the host into the program cache (as the core's
     # launcher does), loaded from it inside; its API socket in the bind-mounted state dir
@@ -177,6 +178,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     while inst.pid is not None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert inst.proc.returncode == 128 + signal.SIGKILL
     assert any(pin_dir("lxdlab-lb").iterdir()), "a killed daemon's maps should stay pinned"
 
     # limits, live: LXD's config and the kernel's (the container's cgroup, read on the host)
@@ -211,8 +213,11 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     assert runtime.limits(inst)["limits.cpu.allowance"] == "5ms/20ms"
     state = c.get(f"/1.0/instances/{inst.container}/state")
     assert state["pid"] == init_pid, "a limit change restarted the container"
-    use = runtime.usage(inst)
+    use = runtime.usage(inst)              # from the container's cgroup, as the observer's
     assert use["cpu_ns"] > 0 and use["memory"] > 0, use
+    assert use["memory_limit"] == 128 << 20
+    periods, throttled = inst.cgroup.throttling()   # the resizer's and observer's reading
+    assert periods > 0 and 0 <= throttled <= periods
 
     # gone, with its host veth
     runtime.stop(inst)

@@ -19,6 +19,7 @@ class FakeLxd:
         self.state = {"pid": 0, "cpu": {"usage": 0}, "memory": {"usage": 0},
                       "network": {}}
         self.fail_ops: set[str] = set()     # paths whose operation fails
+        self.on_exec = None                  # called with each exec's command (what it "does")
         self._ops: dict[str, dict] = {}
         self._logs: dict[str, bytes] = {}
         fake = self
@@ -113,6 +114,8 @@ class FakeLxd:
                     return self.sync(self.state)
                 return self.async_op(base)
             if rest == ["exec"]:
+                if self.on_exec is not None:
+                    self.on_exec(body["command"])
                 rc, out, err = self.exec_results.pop(0) if self.exec_results else (0, "", "")
                 n = len(self._logs)
                 logs = {"1": f"/1.0/instances/{name}/logs/exec_{n}.stdout",

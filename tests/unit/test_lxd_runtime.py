@@ -7,7 +7,16 @@ import pytest
 import yaml
 
 from tests.fakes.lxd import FakeLxd
-from zfast.core.lxd import LxdClient, LxdError, LxdInstance, LxdRuntime, cpu_allowance
+from zfast.core import lxd as lxdmod
+from zfast.core.lxd import (
+    ContainerCgroup,
+    ContainerProcess,
+    LxdClient,
+    LxdError,
+    LxdInstance,
+    LxdRuntime,
+    cpu_allowance,
+)
 from zfast.core.runtime import InstanceSpec, Link
 
 
@@ -73,9 +82,10 @@ def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links
     assert body["devices"]["zfast-code"] == {"type": "disk", "source": str(tmp_path / "repo"),
                                              "path": str(tmp_path / "repo"), "readonly": "true"}
     assert calls[1] == ("PUT", "/1.0/instances/zfc-t-lb-a/state", {"action": "start", "timeout": 30})
-    assert calls[2][:2] == ("POST", "/1.0/instances/zfc-t-lb-a/exec")
-    assert calls[2][2]["record-output"] is True and calls[2][2]["wait-for-websocket"] is False
-    sh, flags, script = calls[2][2]["command"]
+    assert calls[2][:2] == ("GET", "/1.0/instances/zfc-t-lb-a/state")     # its init: its cgroup
+    assert calls[3][:2] == ("POST", "/1.0/instances/zfc-t-lb-a/exec")
+    assert calls[3][2]["record-output"] is True and calls[3][2]["wait-for-websocket"] is False
+    sh, flags, script = calls[3][2]["command"]
     assert (sh, flags) == ("/bin/sh", "-ec")
     lines = script.splitlines()
     assert "ip link set lo up" in lines
@@ -85,7 +95,7 @@ def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links
     assert "ip addr add fd00::2/64 dev eth0 nodad" in lines
     assert "ip addr add 10.1.0.2/24 dev eth1" in lines
     assert lines[-1] == "ip route replace 10.9.0.0/16 via 10.1.0.1"
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_a_create_whose_set_up_fails_leaves_no_container(fake, runtime, tmp_path):
@@ -104,31 +114,74 @@ def test_a_failed_operation_raises(fake, runtime, tmp_path):
         runtime.create(_spec(tmp_path))
 
 
+def _daemon_says(fake, inst, shell: int, daemon: int):
+    """The fake's exec of a start: the wrapper's pid file, as the shell in it writes it."""
+    fake.on_exec = lambda cmd: (inst.spec.state_dir / "daemon.pids").write_text(
+        f"{shell} {daemon}\n") if "setsid" in cmd[-1] else None
+
+
 def test_start_writes_the_file_and_runs_the_daemon_detached_in_the_container(fake, runtime, tmp_path):
     inst = runtime.create(_spec(tmp_path))
     fake.requests.clear()
     fake.state["pid"] = os.getpid()                 # "the container's init": our own pid namespace
-    fake.exec_results = [(0, f"{os.getpid()}\n", "")]
+    me = os.getpid()
+    _daemon_says(fake, inst, me, me)
     runtime.start(inst)
     assert yaml.safe_load(inst.config_path.read_text()) == {"node": {"name": "lb-a"}}
     cmd = fake.execs()[-1][2]
-    log = inst.spec.state_dir / "daemon.log"
-    assert cmd == (f"cd / && setsid /venv/bin/python -m zfast.cli up -c {inst.config_path} "
-                   f">>{log} 2>&1 </dev/null & echo $!")
-    assert inst.daemon_pid == os.getpid() and inst.pid == os.getpid()   # its host pid, via NSpid
+    sd = inst.spec.state_dir
+    assert cmd == (f"cd / && P={sd}/daemon.pids E={sd}/daemon.exit setsid sh -c "
+                   """'"$@" & echo $$ $! > "$P.tmp" && mv "$P.tmp" "$P"; wait $!; echo $? > "$E"' """
+                   f"zfast-daemon /venv/bin/python -m zfast.cli up -c {inst.config_path} "
+                   f">>{sd}/daemon.log 2>&1 </dev/null &")
+    assert isinstance(inst.proc, ContainerProcess)
+    assert inst.pid == me and inst.proc.wrapper == me     # their host pids, via NSpid
+    assert inst.proc.poll() is None
     assert inst.started > 0
 
 
 def test_a_parked_start_gets_the_template_and_no_instance_file(fake, runtime, tmp_path):
     inst = runtime.create(_spec(tmp_path, kind="router"))
     inst.config_path.write_text("stale")
-    fake.exec_results = [(0, "7\n", "")]
+    _daemon_says(fake, inst, 7, 8)
     runtime.start(inst, park={"node": {"name": "spare"}})
     assert not inst.config_path.exists()
     template = inst.spec.state_dir / "template.yaml"
     assert yaml.safe_load(template.read_text()) == {"node": {"name": "spare"}}
     assert f"-m zfast.routing.router -c {inst.config_path} --park {template} " in fake.execs()[-1][2]
-    assert inst.pid is None                         # pid 7 of no container here: not found
+    assert inst.pid is None                         # pids 7, 8 of no container here: not found
+    assert inst.proc.poll() == -9                   # no status written: its container is gone
+
+
+def test_a_start_whose_shell_never_says_its_pids_fails(fake, runtime, tmp_path, monkeypatch):
+    inst = runtime.create(_spec(tmp_path))
+    monkeypatch.setattr(lxdmod.time, "monotonic", iter([0, 0, 11, 11, 11]).__next__)
+    with pytest.raises(LxdError, match="did not start"):
+        runtime.start(inst)
+
+
+def test_a_daemon_that_exited_has_the_status_its_shell_wrote(tmp_path):
+    (tmp_path / "daemon.exit").write_text("3\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    proc = ContainerProcess(dead.pid, dead.pid, tmp_path / "daemon.exit")
+    assert proc.poll() == 3 and proc.returncode == 3
+
+
+def test_the_container_cgroup_is_its_inits_for_reading_only(tmp_path):
+    cg = ContainerCgroup.of(os.getpid(), root=tmp_path)        # a v1 layout under tmp_path
+    own = {ln.split(":", 2)[1]: ln.split(":", 2)[2]
+           for ln in open(f"/proc/{os.getpid()}/cgroup").read().splitlines()}
+    if cg is not None:
+        assert cg.paths["memory"] == tmp_path / "memory" / own["memory"].lstrip("/")
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")   # v2
+    cg = ContainerCgroup.of(os.getpid(), root=tmp_path)
+    assert cg.paths == {c: tmp_path / own[""].lstrip("/") for c in ("cpu", "memory")}
+    with pytest.raises(NotImplementedError):
+        cg.set_limits(1, 1)
+    cg.create()
+    cg.destroy()
+    assert ContainerCgroup.of(1 << 30) is None
 
 
 def test_resize_and_boost_patch_the_limits_live(fake, runtime, tmp_path):
@@ -179,7 +232,8 @@ def test_stop_signals_the_daemon_on_the_host(runtime, tmp_path):
     inst = LxdInstance(_spec(tmp_path), netns="c", cgroup=None, container="c")
     runtime.stop(inst)                               # no daemon: nothing to do
     daemon = subprocess.Popen(["sleep", "60"])
-    inst.daemon_pid = daemon.pid
+    inst.proc = ContainerProcess(daemon.pid, os.getpid(), tmp_path / "daemon.exit")
+    assert inst.pid == daemon.pid
     runtime.stop(inst, timeout=5)
     assert daemon.wait(1) == -15                     # SIGTERM (SIGUSR1 with keep_dataplane)
     assert inst.pid is None

@@ -15,9 +15,11 @@ the exact requests). A container:
   the pinned maps and the program cache bind-mounted at the same paths, so its daemon runs the host's zfast, writes daemon.log where
   ``last_words`` reads it, and a parked spare's instance.yaml appears where it polls.
 
-``start`` runs the daemon with ``exec`` (detached: setsid), and finds its pid on the host
-(the pid namespace's NSpid map), so ``Instance.pid``, ``stop`` and the repair controller's
-checks work as with a namespace.
+``start`` runs the daemon with ``exec`` (detached: setsid) under a shell that waits for it
+and writes its exit status into the state dir; both their host pids (the pid namespace's
+NSpid map) make ``inst.proc`` a ``ContainerProcess`` (``poll``, ``returncode``, ``pid``)
+and ``inst.cgroup`` is the container's own cgroup, read-only: the observer and the
+resizer, which read those directly, work as with a namespace.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from urllib.parse import quote
 
 import yaml
 
+from zfast.core.cgroups import ROOT as CGROUP_ROOT
+from zfast.core.cgroups import Cgroup
 from zfast.core.runtime import Instance, InstanceSpec, Link, Runtime, write_atomically
 from zfast.dataplane import pins
 from zfast.dataplane.progcache import cache_dir
@@ -141,14 +145,80 @@ class LxdClient:
         return int(meta.get("return", -1)), out[0], out[1]
 
 
+class ContainerProcess:
+    """A daemon in a container, seen from the host as a ``subprocess.Popen`` is (what the
+    observer asks: ``poll``, ``returncode``, ``pid``): it runs under a shell that waits
+    for it and writes its exit status to ``daemon.exit`` in the (bind-mounted) state dir."""
+
+    def __init__(self, pid: int | None, wrapper: int | None, exit_file: Path):
+        self.pid = pid                  # the daemon's host pid
+        self.wrapper = wrapper          # the shell's host pid
+        self.exit_file = exit_file
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        if self.wrapper and _alive(self.wrapper) and self.pid and _alive(self.pid):
+            return None
+        deadline = time.monotonic() + 0.2     # the shell writes it as the daemon ends
+        while True:
+            try:
+                self.returncode = int(self.exit_file.read_text().split()[0])
+                return self.returncode
+            except (OSError, ValueError, IndexError):
+                if not (self.wrapper and _alive(self.wrapper)) or time.monotonic() > deadline:
+                    self.returncode = -signal.SIGKILL   # its container (or shell) went with it
+                    return self.returncode
+                time.sleep(0.01)
+
+
+class ContainerCgroup(Cgroup):
+    """A container's own cgroup on the host, for reading (CPU used, throttling, memory: the
+    scaling and repair controllers' samples). LXD owns it: its limits go through the API."""
+
+    def __init__(self, paths: dict[str, Path], root: Path = CGROUP_ROOT):
+        super().__init__("-", root)
+        self.paths = paths
+
+    @classmethod
+    def of(cls, pid: int, root: Path = CGROUP_ROOT) -> ContainerCgroup | None:
+        """The cgroup of process ``pid`` (the container's init), v2 or v1."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        groups = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for ctl in controllers.split(",") if controllers else [""]:
+                groups[ctl] = path.lstrip("/")
+        if (root / "cgroup.controllers").exists():
+            return cls({c: root / groups.get("", "") for c in ("cpu", "memory")}, root)
+        if not all(c in groups for c in ("cpu", "cpuacct", "memory")):
+            return None
+        return cls({c: root / c / groups[c] for c in ("cpu", "cpuacct", "memory")}, root)
+
+    def create(self) -> None:
+        pass
+
+    def set_limits(self, cpu: float, memory: int) -> None:
+        raise NotImplementedError("an LXD container's limits are set through LXD")
+
+    def add(self, pid: int) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass
+
+
 @dataclass
 class LxdInstance(Instance):
     container: str = ""
-    daemon_pid: int | None = None      # on the host (its NSpid), None: no daemon started
 
     @property
-    def pid(self) -> int | None:       # type: ignore[override]
-        return self.daemon_pid if self.daemon_pid and _alive(self.daemon_pid) else None
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
 
 def _alive(pid: int) -> bool:
@@ -233,6 +303,8 @@ class LxdRuntime(Runtime):
             t1 = time.monotonic()
             self.client.put(f"{self._url(name)}/state", {"action": "start", "timeout": 30})
             t2 = time.monotonic()
+            init = (self.client.get(f"{self._url(name)}/state") or {}).get("pid")
+            inst.cgroup = ContainerCgroup.of(init) if init else None
             script = ["ip link set lo up",
                       "echo 1 > /proc/sys/net/ipv4/ip_forward",
                       "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
@@ -288,22 +360,37 @@ class LxdRuntime(Runtime):
             template = inst.spec.state_dir / "template.yaml"
             template.write_text(yaml.safe_dump(park, sort_keys=False))
             argv += ["--park", str(template)]
-        log = inst.spec.state_dir / "daemon.log"
+        sd = inst.spec.state_dir
+        log, pids, exit_file = sd / "daemon.log", sd / "daemon.pids", sd / "daemon.exit"
         inst.log_from = log.stat().st_size if log.exists() else 0
-        cmd = (f"cd / && setsid {shlex.join(argv)} >>{shlex.quote(str(log))} 2>&1 </dev/null & "
-               "echo $!")
-        out = self._sh(inst, [cmd])
-        inst.daemon_pid = self._host_pid(inst, int(out.split()[-1]))
+        pids.unlink(missing_ok=True)
+        exit_file.unlink(missing_ok=True)
+        # a shell that starts the daemon, says both pids, waits and writes the exit status
+        wrapper = ('"$@" & echo $$ $! > "$P.tmp" && mv "$P.tmp" "$P"; wait $!; '
+                   'echo $? > "$E"')
+        cmd = (f"cd / && P={shlex.quote(str(pids))} E={shlex.quote(str(exit_file))} "
+               f"setsid sh -c {shlex.quote(wrapper)} zfast-daemon {shlex.join(argv)} "
+               f">>{shlex.quote(str(log))} 2>&1 </dev/null &")
+        self._sh(inst, [cmd])
+        deadline = time.monotonic() + 10
+        while not pids.exists():
+            if time.monotonic() > deadline:
+                raise LxdError(f"{inst.container}: the daemon's shell did not start")
+            time.sleep(0.01)
+        shell, daemon = (int(x) for x in pids.read_text().split())
+        host = self._host_pids(inst, {shell, daemon})
+        inst.proc = ContainerProcess(host.get(daemon), host.get(shell), exit_file)
         inst.started = time.time()
 
-    def _host_pid(self, inst: LxdInstance, pid: int) -> int | None:
-        """The host's pid of the container's process ``pid`` (the last NSpid of a process in
-        the container's pid namespace)."""
+    def _host_pids(self, inst: LxdInstance, pids: set[int]) -> dict[int, int]:
+        """The host's pids of the container's processes ``pids`` (the last NSpid of a
+        process in the container's pid namespace)."""
         init = (self.client.get(f"{self._url(inst)}/state") or {}).get("pid")
+        found = {}
         try:
             ns = os.readlink(f"/proc/{init}/ns/pid")
         except (OSError, TypeError):
-            return None
+            return found
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
                 continue
@@ -311,11 +398,11 @@ class LxdRuntime(Runtime):
                 if os.readlink(p / "ns" / "pid") != ns:
                     continue
                 for line in (p / "status").read_text().splitlines():
-                    if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
-                        return int(p.name)
+                    if line.startswith("NSpid:") and int(line.split()[-1]) in pids:
+                        found[int(line.split()[-1])] = int(p.name)
             except (OSError, ValueError):
                 continue
-        return None
+        return found
 
     def stop(self, inst: Instance, keep_dataplane: bool = False, timeout: float = 15.0) -> None:
         pid = inst.pid
@@ -345,7 +432,6 @@ class LxdRuntime(Runtime):
         except LxdError as err:
             if err.code != 404:
                 raise
-        inst.daemon_pid = None
         # its pinned maps, in the host's bpffs (shared): they outlive the container, as a
         # namespace's daemon's outlive it (NetnsRuntime.destroy does the same)
         try:
@@ -357,6 +443,14 @@ class LxdRuntime(Runtime):
             pins.remove_pins(pin_dir(node))
 
     def usage(self, inst: Instance) -> dict:
+        """From the container's cgroup as NetnsRuntime's (memory: the working set, without
+        inactive page cache), else from LXD's view of it."""
+        if inst.cgroup is not None:
+            try:
+                used, limit = inst.cgroup.memory()
+                return {"cpu_ns": inst.cgroup.cpu_ns(), "memory": used, "memory_limit": limit}
+            except (OSError, ValueError):
+                pass
         try:
             state = self.client.get(f"{self._url(inst)}/state") or {}
         except (OSError, LxdError):
