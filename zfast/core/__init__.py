@@ -3,6 +3,7 @@
 runtime.py   the instance runtime: a network namespace with its links, a cgroup with CPU
              and memory limits, and a zfast daemon inside; behind an interface so that a
              real container manager (LXC/LXD, systemd) can be another implementation.
+lxd.py       that interface over LXD's REST API: each instance a privileged container.
 cgroups.py   CPU and memory limits and usage (cgroup v2, else v1).
 spare.py     a parked spare daemon (compiled ahead), in the daemon's process.
 plan.py      the instances' specs (addresses, sizes, project files) from the project file.

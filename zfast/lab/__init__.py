@@ -6,4 +6,5 @@ netns       namespaces, veths and bridges, made and torn down
 probe       TCP streams and UDP probes that notice a broken connection
 echo        the echo servers the backends run
 demo        `zfast demo`
+lxd         an LXD daemon of its own (LXD_DIR, preseed) and the instance image (mmdebstrap)
 """

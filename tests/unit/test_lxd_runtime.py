@@ -1,0 +1,263 @@
+"""The LXD runtime's requests, against a fake LXD REST server on a unix socket."""
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from tests.fakes.lxd import FakeLxd
+from zfast.core import lxd as lxdmod
+from zfast.core.lxd import (
+    ContainerCgroup,
+    ContainerProcess,
+    LxdClient,
+    LxdError,
+    LxdInstance,
+    LxdRuntime,
+    cpu_allowance,
+)
+from zfast.core.runtime import InstanceSpec, Link
+
+
+@pytest.fixture
+def fake(tmp_path):
+    with FakeLxd(tmp_path / "lxd.socket") as server:
+        yield server
+
+
+@pytest.fixture
+def runtime(fake, tmp_path):
+    return LxdRuntime("zfc-t", fake.path, image="zfast-img", repo=tmp_path / "repo",
+                      python="/venv/bin/python", shared=(tmp_path / "bpffs", tmp_path / "none"))
+
+
+def _spec(tmp_path, **kw):
+    args = dict(name="lb-a", kind="balancer",
+                links=[Link("zfpub", "eth0", ["10.0.0.2/24", "fd00::2/64"]),
+                       Link("zfpriv", "eth1", ["10.1.0.2/24"])],
+                cpu=0.25, memory=256 << 20, state_dir=tmp_path / "lb-a",
+                config={"node": {"name": "lb-a"}}, routes=[("10.9.0.0/16", "10.1.0.1")])
+    args.update(kw)
+    return InstanceSpec(**args)
+
+
+def body_of(calls):
+    return calls[0][2]
+
+
+def test_cpu_allowance_is_a_hard_quota_over_the_shortest_period_with_whole_ms():
+    assert cpu_allowance(0.5) == "5ms/10ms"
+    assert cpu_allowance(1.5) == "15ms/10ms"
+    assert cpu_allowance(0.25) == "5ms/20ms"
+    assert cpu_allowance(0.3) == "3ms/10ms"
+    assert cpu_allowance(0.02) == "1ms/50ms"
+    assert cpu_allowance(0.33) == "33ms/100ms"
+    assert cpu_allowance(0.001) == "1ms/100ms"      # LXD's floor: 1 ms
+
+
+def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links(fake, runtime, tmp_path):
+    spec = _spec(tmp_path)
+    (tmp_path / "bpffs").mkdir()
+    inst = runtime.create(spec)
+    assert isinstance(inst, LxdInstance) and inst.container == "zfc-t-lb-a"
+    assert inst.host_ifnames == ["lb-ah0", "lb-ah1"]
+    assert spec.state_dir.is_dir()
+    calls = fake.calls()
+    assert body_of(calls)["devices"]["zfast-share0"] == {
+        "type": "disk", "source": str(tmp_path / "bpffs"), "path": str(tmp_path / "bpffs")}
+    assert "zfast-share1" not in body_of(calls)["devices"]       # a missing one is left out
+    method, path, body = calls[0]
+    assert (method, path) == ("POST", "/1.0/instances")
+    assert body["name"] == "zfc-t-lb-a" and body["type"] == "container"
+    assert body["source"] == {"type": "image", "alias": "zfast-img"}
+    assert body["profiles"] == ["default"]
+    assert body["config"] == {"security.privileged": "true", "limits.cpu.allowance": "5ms/20ms",
+                              "limits.memory": str(256 << 20), "user.zfast.kind": "balancer"}
+    assert body["devices"]["eth0"] == {"type": "nic", "nictype": "bridged", "parent": "zfpub",
+                                       "name": "eth0", "host_name": "lb-ah0"}
+    assert body["devices"]["eth1"]["parent"] == "zfpriv"
+    assert body["devices"]["zfast-state"] == {"type": "disk", "source": str(spec.state_dir),
+                                              "path": str(spec.state_dir)}
+    assert body["devices"]["zfast-code"] == {"type": "disk", "source": str(tmp_path / "repo"),
+                                             "path": str(tmp_path / "repo"), "readonly": "true"}
+    assert calls[1] == ("PUT", "/1.0/instances/zfc-t-lb-a/state", {"action": "start", "timeout": 30})
+    assert calls[2][:2] == ("GET", "/1.0/instances/zfc-t-lb-a/state")     # its init: its cgroup
+    assert calls[3][:2] == ("POST", "/1.0/instances/zfc-t-lb-a/exec")
+    assert calls[3][2]["record-output"] is True and calls[3][2]["wait-for-websocket"] is False
+    sh, flags, script = calls[3][2]["command"]
+    assert (sh, flags) == ("/bin/sh", "-ec")
+    lines = script.splitlines()
+    assert "ip link set lo up" in lines
+    assert "echo 1 > /proc/sys/net/ipv4/ip_forward" in lines
+    assert "ip link set eth0 up" in lines and "ip link set eth1 up" in lines
+    assert "ip addr add 10.0.0.2/24 dev eth0" in lines
+    assert "ip addr add fd00::2/64 dev eth0 nodad" in lines
+    assert "ip addr add 10.1.0.2/24 dev eth1" in lines
+    assert lines[-1] == "ip route replace 10.9.0.0/16 via 10.1.0.1"
+    assert len(calls) == 4
+
+
+def test_a_create_whose_set_up_fails_leaves_no_container(fake, runtime, tmp_path):
+    fake.exec_results = [(1, "", "RTNETLINK answers: File exists\n")]
+    with pytest.raises(LxdError, match="File exists"):
+        runtime.create(_spec(tmp_path))
+    assert fake.instances == {}
+    assert [c[:2] for c in fake.calls()][-2:] == [("PUT", "/1.0/instances/zfc-t-lb-a/state"),
+                                                   ("DELETE", "/1.0/instances/zfc-t-lb-a")]
+    assert fake.calls()[-2][2] == {"action": "stop", "force": True}
+
+
+def test_a_failed_operation_raises(fake, runtime, tmp_path):
+    fake.fail_ops.add("/1.0/instances")
+    with pytest.raises(LxdError, match="it failed"):
+        runtime.create(_spec(tmp_path))
+
+
+def _daemon_says(fake, inst, shell: int, daemon: int):
+    """The fake's exec of a start: the wrapper's pid file, as the shell in it writes it."""
+    fake.on_exec = lambda cmd: (inst.spec.state_dir / "daemon.pids").write_text(
+        f"{shell} {daemon}\n") if "setsid" in cmd[-1] else None
+
+
+def test_start_writes_the_file_and_runs_the_daemon_detached_in_the_container(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    fake.requests.clear()
+    fake.state["pid"] = os.getpid()                 # "the container's init": our own pid namespace
+    me = os.getpid()
+    _daemon_says(fake, inst, me, me)
+    runtime.start(inst)
+    assert yaml.safe_load(inst.config_path.read_text()) == {"node": {"name": "lb-a"}}
+    cmd = fake.execs()[-1][2]
+    sd = inst.spec.state_dir
+    assert cmd == (f"cd / && P={sd}/daemon.pids E={sd}/daemon.exit setsid sh -c "
+                   """'"$@" & echo $$ $! > "$P.tmp" && mv "$P.tmp" "$P"; wait $!; echo $? > "$E"' """
+                   f"zfast-daemon /venv/bin/python -m zfast.cli up -c {inst.config_path} "
+                   f">>{sd}/daemon.log 2>&1 </dev/null &")
+    assert isinstance(inst.proc, ContainerProcess)
+    assert inst.pid == me and inst.proc.wrapper == me     # their host pids, via NSpid
+    assert inst.proc.poll() is None
+    assert inst.started > 0
+
+
+def test_a_parked_start_gets_the_template_and_no_instance_file(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path, kind="router"))
+    inst.config_path.write_text("stale")
+    _daemon_says(fake, inst, 7, 8)
+    runtime.start(inst, park={"node": {"name": "spare"}})
+    assert not inst.config_path.exists()
+    template = inst.spec.state_dir / "template.yaml"
+    assert yaml.safe_load(template.read_text()) == {"node": {"name": "spare"}}
+    assert f"-m zfast.routing.router -c {inst.config_path} --park {template} " in fake.execs()[-1][2]
+    assert inst.pid is None                         # pids 7, 8 of no container here: not found
+    assert inst.proc.poll() == -9                   # no status written: its container is gone
+
+
+def test_a_start_whose_shell_never_says_its_pids_fails(fake, runtime, tmp_path, monkeypatch):
+    inst = runtime.create(_spec(tmp_path))
+    monkeypatch.setattr(lxdmod.time, "monotonic", iter([0, 0, 11, 11, 11]).__next__)
+    with pytest.raises(LxdError, match="did not start"):
+        runtime.start(inst)
+
+
+def test_a_daemon_that_exited_has_the_status_its_shell_wrote(tmp_path):
+    (tmp_path / "daemon.exit").write_text("3\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    proc = ContainerProcess(dead.pid, dead.pid, tmp_path / "daemon.exit")
+    assert proc.poll() == 3 and proc.returncode == 3
+
+
+def test_the_container_cgroup_is_its_inits_for_reading_only(tmp_path):
+    cg = ContainerCgroup.of(os.getpid(), root=tmp_path)        # a v1 layout under tmp_path
+    own = {ln.split(":", 2)[1]: ln.split(":", 2)[2]
+           for ln in open(f"/proc/{os.getpid()}/cgroup").read().splitlines()}
+    if cg is not None:
+        assert cg.paths["memory"] == tmp_path / "memory" / own["memory"].lstrip("/")
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")   # v2
+    cg = ContainerCgroup.of(os.getpid(), root=tmp_path)
+    assert cg.paths == {c: tmp_path / own[""].lstrip("/") for c in ("cpu", "memory")}
+    with pytest.raises(NotImplementedError):
+        cg.set_limits(1, 1)
+    cg.create()
+    cg.destroy()
+    assert ContainerCgroup.of(1 << 30) is None
+
+
+def test_resize_and_boost_patch_the_limits_live(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    fake.requests.clear()
+    runtime.resize(inst, 0.5, 512 << 20)
+    assert fake.calls() == [("PATCH", "/1.0/instances/zfc-t-lb-a", {"config": {
+        "limits.cpu.allowance": "5ms/10ms", "limits.memory": str(512 << 20)}})]
+    assert (inst.spec.cpu, inst.spec.memory) == (0.5, 512 << 20)
+    runtime.boost(inst, 1.0)
+    assert fake.calls()[-1][2]["config"]["limits.cpu.allowance"] == "10ms/10ms"
+    runtime.boost(inst, None)
+    assert fake.calls()[-1][2]["config"] == {"limits.cpu.allowance": "5ms/10ms",
+                                            "limits.memory": str(512 << 20)}
+    assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/10ms",
+                                    "limits.memory": str(512 << 20)}
+    assert (inst.spec.cpu, inst.spec.memory) == (0.5, 512 << 20)     # a boost is no resize
+
+
+def test_usage_and_macs_come_from_the_state(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    fake.state.update(cpu={"usage": 123456789}, memory={"usage": 50 << 20, "total": 256 << 20},
+                      network={"eth0": {"hwaddr": "00:16:3e:00:00:01"},
+                               "eth1": {"hwaddr": "00:16:3e:00:00:02"},
+                               "lo": {"hwaddr": ""}})
+    assert runtime.usage(inst) == {"cpu_ns": 123456789, "memory": 50 << 20,
+                                   "memory_limit": 256 << 20}
+    assert runtime.macs(inst) == {"eth0": "00:16:3e:00:00:01", "eth1": "00:16:3e:00:00:02"}
+    assert fake.calls("GET")[-1][1] == "/1.0/instances/zfc-t-lb-a/state"
+
+
+def test_usage_of_a_gone_container_is_zero(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    fake.instances.clear()
+    assert runtime.usage(inst) == {"cpu_ns": 0, "memory": 0, "memory_limit": 0}
+    assert runtime.macs(inst) == {}
+
+
+def test_assign_sets_macs_then_addresses(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    runtime.assign(inst, [Link("zfpub", "eth0", ["10.0.0.7/24"])], {"eth0": "00:16:3e:aa:bb:cc"})
+    assert fake.execs()[-1][2].splitlines() == [
+        "ip link set dev eth0 address 00:16:3e:aa:bb:cc || true",
+        "ip addr add 10.0.0.7/24 dev eth0"]
+
+
+def test_stop_signals_the_daemon_on_the_host(runtime, tmp_path):
+    inst = LxdInstance(_spec(tmp_path), netns="c", cgroup=None, container="c")
+    runtime.stop(inst)                               # no daemon: nothing to do
+    daemon = subprocess.Popen(["sleep", "60"])
+    inst.proc = ContainerProcess(daemon.pid, os.getpid(), tmp_path / "daemon.exit")
+    assert inst.pid == daemon.pid
+    runtime.stop(inst, timeout=5)
+    assert daemon.wait(1) == -15                     # SIGTERM (SIGUSR1 with keep_dataplane)
+    assert inst.pid is None
+
+
+def test_destroy_forces_a_stop_then_deletes_and_tolerates_a_gone_one(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    fake.requests.clear()
+    runtime.destroy(inst)
+    assert [c[:2] for c in fake.calls()] == [("PUT", "/1.0/instances/zfc-t-lb-a/state"),
+                                             ("DELETE", "/1.0/instances/zfc-t-lb-a")]
+    assert fake.calls()[0][2] == {"action": "stop", "force": True}
+    assert fake.instances == {}
+    runtime.destroy(inst)                            # again: 404s are fine
+
+
+def test_last_words_read_the_bind_mounted_log(runtime, tmp_path):
+    inst = LxdInstance(_spec(tmp_path), netns="c", cgroup=None, container="c")
+    inst.spec.state_dir.mkdir()
+    (inst.spec.state_dir / "daemon.log").write_text("one\nzfast: error: no such interface\n\n")
+    assert runtime.last_words(inst) == "zfast: error: no such interface"
+
+
+def test_the_client_raises_lxds_error_with_its_code(fake):
+    with pytest.raises(LxdError) as err:
+        LxdClient(fake.path).get("/1.0/instances/nope")
+    assert err.value.code == 404 and "Instance not found" in str(err.value)

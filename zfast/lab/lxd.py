@@ -1,0 +1,447 @@
+"""An LXD daemon of our own, and the instance image built from Debian's packages.
+
+No systemd and no image server here (docs/operations.md, "LXD"): the daemon is started by
+hand (``lxd --group root`` with its own ``LXD_DIR``, ``lxd waitready``), preseeded with a
+``dir`` storage pool and a default profile holding the root disk, and no managed network
+(instances plug into the project's own bridges). The image is a ``mmdebstrap`` rootfs of
+Debian's packages, cached under ``IMAGE_CACHE`` by a hash of everything that goes into it,
+and imported into each daemon. zfast itself is not in the image: the runtime bind-mounts
+this checkout and its venv into every instance, so a change to zfast needs no new image.
+
+    python -m zfast.lab.lxd install          # apt: lxd, mmdebstrap (idempotent)
+    python -m zfast.lab.lxd image            # build (or find) the cached image
+    python -m zfast.lab.lxd up  DIR ADDR     # a daemon in DIR on ADDR (127.0.0.2:8443)
+    python -m zfast.lab.lxd down DIR         # its instances, the daemon, DIR: all gone
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from zfast.core.lxd import LxdClient, LxdError
+
+APT_PACKAGES = ("lxd", "mmdebstrap")
+# What a balancer or a router needs inside: Python and BCC's module for the daemon (its
+# program comes from the program cache: no kernel headers, no compile inside), iproute2 for
+# links, addresses and the XDP attach, tini as init (reaps the daemon's children, passes
+# signals on). The venv (bind-mounted with the checkout) is over /usr/bin/python3 with the
+# system site-packages, and takes these from Debian's: python3-yaml, python3-acme (which
+# brings josepy, requests and cryptography), as the bootstrap installs them on the host.
+# libbpfcc (BCC's syscall library, needed for a cache hit too) pulls LLVM: most of the
+# image's 400 MB. HAProxy for routers is a later addition (issue 18).
+IMAGE_PACKAGES = ("python3", "python3-bpfcc", "python3-yaml", "python3-acme", "iproute2", "tini")
+IMAGE_SUITE = "bookworm"
+IMAGE_VERSION = 1                     # bump when the build below changes
+IMAGE_CACHE = Path("/var/cache/zfast/lxd-image")
+DEB_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+LOCK = Path("/run/lock/zfast-bootstrap.lock")   # the bootstrap's: apt never runs twice at once
+
+# PID 1 of an instance: tini reaps orphans (a router's HAProxy workers, the daemon's
+# helpers) and ends the container when LXD sends it SIGPWR (a clean `stop`).
+INIT = "#!/bin/sh\nexec /usr/bin/tini -s -g -- /bin/sleep infinity\n"
+
+
+def say(msg: str) -> None:
+    print(f"zfast lxd: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- installation -------------------------------------------------------------------------
+
+def _lock():
+    path = LOCK if LOCK.parent.is_dir() else Path("/tmp/zfast-bootstrap.lock")
+    f = open(path, "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def missing_packages(pkgs=APT_PACKAGES) -> list[str]:
+    out = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev} ${Package}\n", *pkgs],
+                         capture_output=True, text=True)
+    have = {line.split()[1] for line in out.stdout.splitlines()
+            if len(line.split()) == 2 and line.startswith("ii")}
+    return [p for p in pkgs if p not in have]
+
+
+def install(pkgs=APT_PACKAGES) -> list[str]:
+    """Debian's packages installed when missing (under the bootstrap's lock); what it installed."""
+    if not missing_packages(pkgs):
+        return []
+    with _lock():
+        missing = missing_packages(pkgs)
+        if not missing:
+            return []
+        say(f"installing apt packages: {' '.join(missing)} ...")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for argv in (["apt-get", "update", "-q"],
+                     ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
+            out = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv[:2])} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        return missing
+
+
+# ---- the image ----------------------------------------------------------------------------
+
+@dataclass
+class Image:
+    alias: str
+    metadata: Path          # meta.tar.gz (metadata.yaml)
+    rootfs: Path            # rootfs.tar
+    key: str                # the hash of its inputs
+
+
+def image_key(packages=IMAGE_PACKAGES, suite=IMAGE_SUITE) -> str:
+    """A hash of what goes into the image: the packages, the suite, the host's Debian
+    sources (a snapshot date is in them), the init script and this build's version."""
+    h = hashlib.sha256()
+    sources = DEB_SOURCES.read_bytes() if DEB_SOURCES.exists() else b""
+    for part in (str(IMAGE_VERSION), suite, " ".join(sorted(packages)), INIT, platform.machine()):
+        h.update(part.encode() + b"\0")
+    h.update(sources)
+    return h.hexdigest()[:16]
+
+
+def _lxd_arch() -> str:
+    return {"x86_64": "x86_64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
+
+
+def build_image(cache: Path = IMAGE_CACHE, packages=IMAGE_PACKAGES, suite=IMAGE_SUITE) -> Image:
+    """The image's two files, built with mmdebstrap from the host's Debian sources when
+    the cache has none for these inputs (older builds are removed)."""
+    key = image_key(packages, suite)
+    out = cache / key
+    img = Image(f"zfast-{key}", out / "meta.tar.gz", out / "rootfs.tar", key)
+    if img.metadata.exists() and img.rootfs.exists():
+        return img
+    install(("mmdebstrap",))
+    cache.mkdir(parents=True, exist_ok=True)
+    with _lock():       # two builds at once: one builds, the other finds it
+        if img.metadata.exists() and img.rootfs.exists():
+            return img
+        for old in cache.iterdir():
+            if old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = cache / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        say(f"building the instance image {img.alias} (mmdebstrap {suite}: {' '.join(packages)}) ...")
+        hook = (f"printf '%s' {_sh_quote(INIT)} > \"$1/sbin/init\" && chmod 755 \"$1/sbin/init\""
+                " && rm -rf \"$1\"/usr/share/doc/* \"$1\"/usr/share/man/* \"$1\"/usr/share/locale/*"
+                " \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
+        argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar",
+                "--include=" + ",".join(packages), "--customize-hook=" + hook,
+                "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--aptopt=APT::Install-Recommends \"false\"",
+                suite, str(tmp / "rootfs.tar"), "-"]
+        sources = DEB_SOURCES.read_bytes() if DEB_SOURCES.exists() else b""
+        run = subprocess.run(argv, input=sources, capture_output=True)
+        if run.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"mmdebstrap failed: {run.stderr.decode(errors='replace')[-3000:]}")
+        meta = yaml.safe_dump({"architecture": _lxd_arch(), "creation_date": int(time.time()),
+                               "properties": {"description": f"zfast instance ({suite}, {key})",
+                                              "os": "debian", "release": suite}})
+        with tarfile.open(tmp / "meta.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo("metadata.yaml")
+            info.size, info.mtime = len(meta), int(time.time())
+            tar.addfile(info, io.BytesIO(meta.encode()))
+        os.replace(tmp, out)
+    return img
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# ---- the daemon ---------------------------------------------------------------------------
+
+class Daemon:
+    """One LXD daemon: its own LXD_DIR and address, started and stopped by us."""
+
+    def __init__(self, lxd_dir: Path | str, address: str = "127.0.0.2:8443", driver: str = "dir",
+                 pool_size: str = "4GiB"):
+        self.dir = Path(lxd_dir)
+        self.address = address
+        # `dir` unpacks the whole image for every instance (~5 s for its 400 MB here);
+        # `btrfs` (a loop file in LXD_DIR, btrfs-progs) unpacks it once and snapshots it
+        self.driver = driver
+        self.pool_size = pool_size
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "unix.socket"
+
+    @property
+    def env(self) -> dict:
+        return dict(os.environ, LXD_DIR=str(self.dir))
+
+    def client(self) -> LxdClient:
+        return LxdClient(self.socket)
+
+    def lxc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["lxc", *args], capture_output=True, text=True, env=self.env,
+                              check=check)
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Started and preseeded (a daemon already running in this dir is reused)."""
+        install(APT_PACKAGES + (("btrfs-progs",) if self.driver == "btrfs" else ()))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.socket.exists() and self._ready(1)):
+            log = open(self.dir / "daemon.log", "ab")
+            self.proc = subprocess.Popen(["lxd", "--group", "root", "--logfile",
+                                          str(self.dir / "lxd.log")], env=self.env,
+                                         stdout=log, stderr=log, start_new_session=True)
+            log.close()
+            if not self._ready(timeout):
+                tail = (self.dir / "lxd.log").read_text(errors="replace")[-2000:] \
+                    if (self.dir / "lxd.log").exists() else ""
+                self.down()
+                raise RuntimeError(f"lxd in {self.dir} did not become ready in {timeout} s: {tail}")
+        self.preseed()
+
+    def _ready(self, timeout: float) -> bool:
+        out = subprocess.run(["lxd", "waitready", f"--timeout={max(1, int(timeout))}"],
+                             env=self.env, capture_output=True)
+        return out.returncode == 0
+
+    def preseed(self) -> None:
+        """The address, a `dir` pool and a default profile with its root disk (no network:
+        ``lxd init --auto`` would want a managed bridge and fails to choose a subnet)."""
+        c = self.client()
+        if c.get("/1.0")["config"].get("core.https_address") == self.address and \
+                any(p.endswith("/default") for p in c.get("/1.0/storage-pools")):
+            return
+        seed = {"config": {"core.https_address": self.address},
+                "storage_pools": [{"name": "default", "driver": self.driver,
+                                   **({"config": {"size": self.pool_size}}
+                                      if self.driver == "btrfs" else {})}],
+                "profiles": [{"name": "default", "devices": {
+                    "root": {"type": "disk", "path": "/", "pool": "default"}}}]}
+        out = subprocess.run(["lxd", "init", "--preseed"], input=yaml.safe_dump(seed), text=True,
+                             env=self.env, capture_output=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"lxd init --preseed: {out.stderr.strip()}")
+
+    def import_image(self, img: Image) -> str:
+        """The image in this daemon under its alias (imported once); the alias."""
+        c = self.client()
+        try:
+            c.get(f"/1.0/images/aliases/{img.alias}")
+            return img.alias
+        except LxdError:
+            pass
+        self.lxc("image", "import", str(img.metadata), str(img.rootfs), "--alias", img.alias)
+        return img.alias
+
+    def down(self) -> None:
+        """Its instances (forced), the daemon (killed), its containers' cgroups, its mounts,
+        its directory: gone."""
+        names = self.container_names()
+        if self.socket.exists():
+            try:
+                c = self.client()
+                for url in c.get("/1.0/instances"):
+                    name = url.rsplit("/", 1)[-1]
+                    try:
+                        c.put(f"/1.0/instances/{name}/state", {"action": "stop", "force": True})
+                    except LxdError:
+                        pass
+                    c.delete(f"/1.0/instances/{name}")
+            except (OSError, LxdError):
+                pass
+        self._kill()
+        self._kill_containers()         # what a dead daemon could not stop
+        remove_cgroups(names)           # what LXC leaves of a container killed under it
+        if not _lxd_running():          # LXC's shared one, when no other LXD needs it
+            remove_cgroups([], pivot=True)
+        self._umount_under(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def container_names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.dir / "containers").iterdir())
+        except OSError:
+            return []
+
+    def crash(self) -> None:
+        """The daemon and its containers killed (SIGKILL), nothing cleaned up: a member
+        lost, not shut down. ``down`` still removes what is left."""
+        self._kill(signal.SIGKILL)
+        self._kill_containers()
+
+    def _monitors(self) -> dict[int, str]:
+        """Each running container's `[lxc monitor]` of this daemon: its pid, its name."""
+        prefix = f"[lxc monitor] {self.dir}/containers "
+        out = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(prefix):
+                out[int(p.name)] = cmd[len(prefix):].strip()
+        return out
+
+    def _kill_containers(self) -> None:
+        """Every container of this daemon: its init (SIGKILL ends its pid namespace, so all
+        in it), then its monitor."""
+        monitors = self._monitors()
+        for mon in monitors:
+            try:
+                children = Path(f"/proc/{mon}/task/{mon}/children").read_text().split()
+            except OSError:
+                children = []
+            for pid in [*map(int, children), mon]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in monitors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _kill(self, sig: int = signal.SIGTERM) -> None:
+        pids = set()
+        if self.proc is not None and self.proc.poll() is None:
+            pids.add(self.proc.pid)
+        # any lxd of this dir (one started by an earlier run): its environment says LXD_DIR
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                if (p / "comm").read_text().strip() != "lxd":
+                    continue
+                env = (p / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"LXD_DIR={self.dir}".encode() in env:
+                pids.add(int(p.name))
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline:
+            pids = {pid for pid in pids if _alive(pid)}
+            time.sleep(0.1)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc = None
+
+    @staticmethod
+    def _umount_under(path: Path) -> None:
+        root = str(path.resolve())
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m == root or m.startswith(root + "/")),
+                        key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def _lxd_running() -> bool:
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and _alive(int(p.name)):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def remove_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup"),
+                   pivot: bool = False) -> list[Path]:
+    """The empty cgroups LXC made for these containers (``lxc.payload.NAME``,
+    ``lxc.monitor.NAME``, and the ``NAME-<n>`` it picks when one is still there), in every
+    hierarchy: a container killed with its monitor leaves them, and the next container of
+    that name would get ``-1``. A group with a process in it stays (rmdir refuses)."""
+    wanted = {f"lxc.{kind}.{n}" for kind in ("payload", "monitor") for n in names}
+    if pivot:
+        wanted.add("lxc.pivot")     # where LXC moves its processes while it cleans up
+    removed = []
+    tops = [root] + [p for p in root.iterdir() if p.is_dir() and not p.name.startswith("lxc.")] \
+        if root.is_dir() else []
+    for top in tops:
+        try:
+            entries = list(top.iterdir())
+        except OSError:
+            continue
+        for group in entries:
+            base = group.name.rsplit("-", 1)
+            if not (group.name in wanted or (len(base) == 2 and base[1].isdigit()
+                                             and base[0] in wanted)):
+                continue
+            for dirpath, _, _ in sorted(os.walk(group), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+            if not group.exists():
+                removed.append(group)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zfast.lab.lxd")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("install")
+    sub.add_parser("image")
+    up = sub.add_parser("up")
+    up.add_argument("dir")
+    up.add_argument("address", nargs="?", default="127.0.0.2:8443")
+    down = sub.add_parser("down")
+    down.add_argument("dir")
+    args = ap.parse_args(argv)
+    if args.cmd == "install":
+        print(json.dumps({"installed": install()}))
+    elif args.cmd == "image":
+        t = time.monotonic()
+        img = build_image()
+        print(json.dumps({"alias": img.alias, "rootfs": str(img.rootfs),
+                          "seconds": round(time.monotonic() - t, 1)}))
+    elif args.cmd == "up":
+        d = Daemon(args.dir, args.address)
+        d.up()
+        d.import_image(build_image())
+        d.proc = None   # leave it running
+    elif args.cmd == "down":
+        Daemon(args.dir).down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
