@@ -36,11 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import yaml
-
 from zfast.core.cgroups import ROOT as CGROUP_ROOT
 from zfast.core.cgroups import Cgroup
-from zfast.core.runtime import Instance, InstanceSpec, Link, Runtime, write_atomically
+from zfast.core.runtime import (
+    Instance,
+    InstanceSpec,
+    Link,
+    Runtime,
+    daemon_argv,
+)
 from zfast.dataplane import pins
 from zfast.dataplane.progcache import cache_dir
 from zfast.node.daemon import down
@@ -159,7 +163,7 @@ class ContainerProcess:
     def poll(self) -> int | None:
         if self.returncode is not None:
             return self.returncode
-        if self.wrapper and _alive(self.wrapper) and self.pid and _alive(self.pid):
+        if self.wrapper and alive(self.wrapper) and self.pid and alive(self.pid):
             return None
         deadline = time.monotonic() + 0.2     # the shell writes it as the daemon ends
         while True:
@@ -167,7 +171,7 @@ class ContainerProcess:
                 self.returncode = int(self.exit_file.read_text().split()[0])
                 return self.returncode
             except (OSError, ValueError, IndexError):
-                if not (self.wrapper and _alive(self.wrapper)) or time.monotonic() > deadline:
+                if not (self.wrapper and alive(self.wrapper)) or time.monotonic() > deadline:
                     self.returncode = -signal.SIGKILL   # its container (or shell) went with it
                     return self.returncode
                 time.sleep(0.01)
@@ -221,7 +225,8 @@ class LxdInstance(Instance):
         return self.proc.pid if self.proc is not None else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """pid runs (exists and is not a zombie)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -350,16 +355,7 @@ class LxdRuntime(Runtime):
                 if ifname in wanted and n.get("hwaddr")}
 
     def start(self, inst: Instance, park: dict | None = None) -> None:
-        module = {"balancer": ["zfast.cli", "up"], "router": ["zfast.routing.router"]}.get(
-            inst.spec.kind, ["zfast.cli", "up"])
-        argv = [self.python, "-m", *module, "-c", str(inst.config_path)]
-        if park is None:
-            write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
-        else:
-            inst.config_path.unlink(missing_ok=True)
-            template = inst.spec.state_dir / "template.yaml"
-            template.write_text(yaml.safe_dump(park, sort_keys=False))
-            argv += ["--park", str(template)]
+        argv = daemon_argv(inst, self.python, park)
         sd = inst.spec.state_dir
         log, pids, exit_file = sd / "daemon.log", sd / "daemon.pids", sd / "daemon.exit"
         inst.log_from = log.stat().st_size if log.exists() else 0
@@ -410,14 +406,14 @@ class LxdRuntime(Runtime):
             return
         os.kill(pid, signal.SIGUSR1 if keep_dataplane else signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            while _alive(pid) and time.monotonic() < deadline + 5:
+            while alive(pid) and time.monotonic() < deadline + 5:
                 time.sleep(0.05)
 
     def destroy(self, inst: Instance) -> None:

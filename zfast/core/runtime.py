@@ -138,6 +138,22 @@ def pin_bridge_mac(bridge: str) -> str:
     return mac
 
 
+def daemon_argv(inst: Instance, python: str, park: dict | None = None) -> list[str]:
+    """The instance's daemon command line, its project file written first (a parked spare
+    gets a template to wait with instead): the same under every runtime."""
+    module = {"balancer": ["zfast.cli", "up"], "router": ["zfast.routing.router"]}.get(
+        inst.spec.kind, ["zfast.cli", "up"])
+    argv = [python, "-m", *module, "-c", str(inst.config_path)]
+    if park is None:
+        write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
+    else:
+        inst.config_path.unlink(missing_ok=True)
+        template = inst.spec.state_dir / "template.yaml"
+        template.write_text(yaml.safe_dump(park, sort_keys=False))
+        argv += ["--park", str(template)]
+    return argv
+
+
 class NetnsRuntime(Runtime):
     def __init__(self, prefix: str):
         self.prefix = prefix   # namespaces are <prefix>-<instance name>
@@ -201,16 +217,7 @@ class NetnsRuntime(Runtime):
             return {}
 
     def start(self, inst: Instance, park: dict | None = None) -> None:
-        module = {"balancer": ["zfast.cli", "up"], "router": ["zfast.routing.router"]}.get(
-            inst.spec.kind, ["zfast.cli", "up"])
-        argv = [sys.executable, "-m", *module, "-c", str(inst.config_path)]
-        if park is None:
-            write_atomically(inst.config_path, yaml.safe_dump(inst.spec.config, sort_keys=False))
-        else:
-            inst.config_path.unlink(missing_ok=True)
-            template = inst.spec.state_dir / "template.yaml"
-            template.write_text(yaml.safe_dump(park, sort_keys=False))
-            argv += ["--park", str(template)]
+        argv = daemon_argv(inst, sys.executable, park)
         log = open(inst.spec.state_dir / "daemon.log", "ab")
         inst.log_from = log.tell()
         inst.proc = subprocess.Popen(["ip", "netns", "exec", inst.netns, *argv],

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from zfast.core.lxd import LxdClient, LxdError
+from zfast.core.lxd import LxdClient, LxdError, alive
 
 APT_PACKAGES = ("lxd", "mmdebstrap")
 # What a balancer or a router needs inside: Python and BCC's module for the daemon (its
@@ -316,7 +316,7 @@ class Daemon:
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in monitors) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in monitors) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def _kill(self, sig: int = signal.SIGTERM) -> None:
@@ -342,7 +342,7 @@ class Daemon:
                 pass
         deadline = time.monotonic() + 10
         while pids and time.monotonic() < deadline:
-            pids = {pid for pid in pids if _alive(pid)}
+            pids = {pid for pid in pids if alive(pid)}
             time.sleep(0.1)
         for pid in pids:
             try:
@@ -368,7 +368,7 @@ class Daemon:
 def _lxd_running() -> bool:
     for p in Path("/proc").iterdir():
         try:
-            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and _alive(int(p.name)):
+            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and alive(int(p.name)):
                 return True
         except OSError:
             pass
@@ -407,12 +407,6 @@ def remove_cgroups(names: list[str], root: Path = Path("/sys/fs/cgroup"),
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def main(argv=None) -> int:
