@@ -471,13 +471,3 @@ class LxdRuntime(Runtime):
     def resize(self, inst: Instance, cpu: float, memory: int) -> None:
         self._set_limits(inst, cpu, memory)
         inst.spec.cpu, inst.spec.memory = cpu, memory
-
-    def last_words(self, inst: Instance, limit: int = 300) -> str:
-        try:
-            with open(inst.spec.state_dir / "daemon.log", "rb") as f:
-                f.seek(max(inst.log_from, f.seek(0, os.SEEK_END) - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            return ""
-        lines = [line.strip() for line in lines if line.strip()]
-        return lines[-1][:limit] if lines else ""

@@ -103,9 +103,17 @@ class Runtime(ABC):
         """Let the instance use up to ``cpu`` CPUs for a while (its start: the compile);
         None: back to its size (spec.cpu)."""
 
-    @abstractmethod
-    def last_words(self, inst: Instance) -> str:
-        """The last line its daemon printed (why it exited: a refusal, a traceback's end)."""
+    def last_words(self, inst: Instance, limit: int = 300) -> str:
+        """The last line its daemon printed (why it exited: a refusal, a traceback's end),
+        from daemon.log in its state dir: every runtime has the daemon write there."""
+        try:
+            with open(inst.spec.state_dir / "daemon.log", "rb") as f:
+                f.seek(max(inst.log_from, f.seek(0, os.SEEK_END) - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1][:limit] if lines else ""
 
     @abstractmethod
     def resize(self, inst: Instance, cpu: float, memory: int) -> None: ...
@@ -271,16 +279,6 @@ class NetnsRuntime(Runtime):
 
     def boost(self, inst: Instance, cpu: float | None) -> None:
         inst.cgroup.set_limits(inst.spec.cpu if cpu is None else cpu, inst.spec.memory)
-
-    def last_words(self, inst: Instance, limit: int = 300) -> str:
-        try:
-            with open(inst.spec.state_dir / "daemon.log", "rb") as f:
-                f.seek(max(inst.log_from, f.seek(0, os.SEEK_END) - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            return ""
-        lines = [line.strip() for line in lines if line.strip()]
-        return lines[-1][:limit] if lines else ""
 
     def resize(self, inst: Instance, cpu: float, memory: int) -> None:
         inst.cgroup.set_limits(cpu, memory)
