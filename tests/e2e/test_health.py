@@ -31,7 +31,7 @@ import pytest
 
 from tests.e2e.kit import cli, lab, maps, oracle, traffic
 from tests.e2e.kit.waiting import wait_tcp
-from zfast.api import ApiError, Client
+from zfast.api import Client
 from zfast.lab import topology
 from zfast.lab.netns import Topology, in_ns
 from zfast.paths import pin_dir
@@ -128,17 +128,7 @@ def start_node(L: topology.Lab, timeout: float = 120.0) -> Client:
     # -m from the repo root: tests.e2e.kit is importable there
     L.node_proc = L.topo.popen(L.lb, [sys.executable, "-m", "tests.e2e.kit.health_node",
                                       str(L.config_path)], cwd=cli.REPO)
-    client = Client(L.state_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if L.node_proc.poll() is not None:
-            raise RuntimeError(f"the health node exited with {L.node_proc.returncode}")
-        try:
-            client.get("/status")
-            return client
-        except ApiError:
-            time.sleep(0.2)
-    raise RuntimeError("the health node did not answer in time")
+    return topology.wait_answering(L.node_proc, L.state_dir, timeout, "the health node")
 
 
 @pytest.fixture(scope="module")

@@ -45,21 +45,28 @@ def start_echo_servers(topo: Topology, backends: list[str]) -> list:
             for i, ns in enumerate(backends)]
 
 
-def start_zfast(topo: Topology, ns: str, config_path: Path, state_dir: Path,
-                timeout: float = 60.0):
-    """`zfast up -c config_path` in namespace ns; (process, API client) once it answers."""
-    proc = topo.popen(ns, [sys.executable, "-m", "zfast.cli", "up", "-c", str(config_path)])
+def wait_answering(proc, state_dir: Path, timeout: float, what: str) -> Client:
+    """The API client of the daemon just started as proc, once it answers; RuntimeError
+    if it exits first or stays silent for timeout seconds."""
     client = Client(state_dir)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"zfast up ({config_path}) exited with {proc.returncode}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
             client.get("/status")
-            return proc, client
+            return client
         except ApiError:
             time.sleep(0.2)
-    raise RuntimeError(f"zfast up ({config_path}) did not answer in time")
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
+
+
+def start_zfast(topo: Topology, ns: str, config_path: Path, state_dir: Path,
+                timeout: float = 60.0, cwd: Path | None = None):
+    """`zfast up -c config_path` in namespace ns; (process, API client) once it answers."""
+    proc = topo.popen(ns, [sys.executable, "-m", "zfast.cli", "up", "-c", str(config_path)],
+                      cwd=cwd)
+    return proc, wait_answering(proc, state_dir, timeout, f"zfast up ({config_path})")
 
 
 @dataclass

@@ -6,13 +6,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.e2e.kit.cli import REPO, ZFAST, zfast
+from tests.e2e.kit.cli import REPO, zfast
 from tests.e2e.kit.traffic import PortPool
 from tests.e2e.kit.waiting import wait_accepting
 from zfast.api import Client
@@ -76,16 +75,6 @@ def start_node(lab_: topology.Lab, project: dict, timeout: float = 120.0) -> Cli
     """`zfast up` of this project file in the lab's balancer namespace (Lab.start_node
     writes the lab's own file; this one takes any, e.g. with a `store:` section)."""
     lab_.write_config(project)
-    lab_.node_proc = lab_.topo.popen(lab_.lb, [*ZFAST, "up", "-c", str(lab_.config_path)],
-                                     cwd=REPO)
-    client = Client(lab_.state_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if lab_.node_proc.poll() is not None:
-            raise RuntimeError(f"zfast up exited with {lab_.node_proc.returncode}")
-        try:
-            client.get("/status")
-            return client
-        except Exception:   # ApiError until the socket answers
-            time.sleep(0.2)
-    raise RuntimeError(f"zfast up did not answer within {timeout:.0f} s")
+    lab_.node_proc, client = topology.start_zfast(lab_.topo, lab_.lb, lab_.config_path,
+                                                  lab_.state_dir, timeout, cwd=REPO)
+    return client
