@@ -40,14 +40,11 @@ def layout_mismatch(dtype: np.dtype, cls: type[ctypes.Structure]) -> str | None:
     """How a numpy view differs from the C struct BCC made the class from: every C field
     at the same offset with the same size, the view's other fields only padding, the same
     total size; None when they agree."""
-    fields = getattr(cls, "_fields_", None)     # a bare byte array (a test's fake): size only
     c = {name: (getattr(cls, name).offset, getattr(cls, name).size)
-         for name, *_ in fields if not name.startswith("__pad")} if fields is not None else None
+         for name, *_ in cls._fields_ if not name.startswith("__pad")}
     py = {name: (dtype.fields[name][1], dtype.fields[name][0].itemsize) for name in dtype.names}
-    wrong = []
-    if c is not None:
-        wrong += [f"{n}: C {c[n]}, numpy {py.get(n)}" for n in c if py.get(n) != c[n]]
-        wrong += [f"{n}: not in the C struct" for n in py if n not in c and not n.startswith("pad")]
+    wrong = [f"{n}: C {c[n]}, numpy {py.get(n)}" for n in c if py.get(n) != c[n]]
+    wrong += [f"{n}: not in the C struct" for n in py if n not in c and not n.startswith("pad")]
     if ctypes.sizeof(cls) != dtype.itemsize:
         wrong.append(f"{ctypes.sizeof(cls)} bytes in C, {dtype.itemsize} in numpy")
     return "; ".join(wrong) or None
