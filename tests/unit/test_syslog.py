@@ -39,11 +39,21 @@ SEVERITIES = {"apply": 6, "role": 5, "repair": 5, "scale": 5, "firewall": 5, "ba
               "error": 3}
 
 
+SO_RCVBUFFORCE = 33   # asm-generic/socket.h; Python's socket module does not name it
+
+
 class Receiver:
     """A syslog server: one datagram socket, every message it gets."""
 
     def __init__(self, family: int, address):
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Room for every datagram a test sends: a receiving thread starved on a loaded
+        # machine must not lose them to a full socket buffer (~212 KiB by default; past
+        # net.core.rmem_max only with CAP_NET_ADMIN, hence FORCE first).
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.bind(address)
         self.sock.settimeout(0.1)
         self.address = self.sock.getsockname()
@@ -141,16 +151,17 @@ def test_a_restarted_receiver_gets_events_again(tmp_path):
 def test_full_queue_drops_the_oldest_and_counts(tmp_path):
     rx = Receiver(socket.AF_INET, ("127.0.0.1", 0))
     fwd = SyslogForwarder(f"udp://127.0.0.1:{rx.address[1]}", queue_size=10)
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
     real = fwd._send_one
 
     def slow(event):           # the receiver's side is stuck while 30 more come
+        holding.set()
         gate.wait(5)
         real(event)
 
     fwd._send_one = slow
     fwd.send({"time": "-", "kind": "apply", "seq": 0})
-    time.sleep(0.1)            # the thread holds event 0
+    assert holding.wait(5)     # the thread holds event 0 (a sleep raced it under load)
     started = time.perf_counter()
     for i in range(1, 31):
         fwd.send({"time": "-", "kind": "apply", "seq": i})
