@@ -130,7 +130,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     timings["container_start_s"] = round(time.monotonic() - t, 2)
     timings.update(runtime.last_create)
     assert c.get(f"/1.0/instances/{inst.container}/state")["status"] == "Running"
-    assert _ip("link", "show", "lb-e2eh0").stdout.find(f"master {BRIDGE}") > 0
+    assert _ip("link", "show", inst.host_ifnames[0]).stdout.find(f"master {BRIDGE}") > 0
 
     # it answers on the bridge
     deadline = time.monotonic() + 10

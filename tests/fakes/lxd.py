@@ -20,6 +20,9 @@ class FakeLxd:
                       "network": {}}
         self.fail_ops: set[str] = set()     # paths whose operation fails
         self.on_exec = None                  # called with each exec's command (what it "does")
+        self.members: dict[str, str] = {}    # a cluster's members: their status (none: no cluster)
+        self.pools = {"default"}
+        self.images: dict[str, str] = {"zfast-img": "f1n6erpr1nt"}    # alias: fingerprint
         self._ops: dict[str, dict] = {}
         self._logs: dict[str, bytes] = {}
         fake = self
@@ -82,7 +85,29 @@ class FakeLxd:
                      "operation": op, "metadata": self._ops[op]}
 
     def answer(self, method: str, path: str, body):
-        base = path.split("?")[0]
+        base, _, query = path.partition("?")
+        if base == "/1.0":
+            return self.sync({"config": {}, "environment": {"server_clustered": bool(self.members)}})
+        if base == "/1.0/cluster":
+            return self.sync({"enabled": bool(self.members)})
+        if base == "/1.0/cluster/members":
+            return self.sync([{"server_name": n, "status": st} for n, st in self.members.items()])
+        if base.startswith("/1.0/storage-pools/"):
+            if base.rsplit("/", 1)[1] in self.pools:
+                return self.sync({"name": base.rsplit("/", 1)[1]})
+            return self.error("Storage pool not found", 404)
+        if base.startswith("/1.0/images/aliases/"):
+            alias = base.rsplit("/", 1)[1]
+            if alias in self.images:
+                return self.sync({"name": alias, "target": self.images[alias]})
+            return self.error("Image alias not found", 404)
+        if base.startswith("/1.0/images/") and method == "DELETE":
+            fp = base.rsplit("/", 1)[1]
+            self.images = {a: f for a, f in self.images.items() if f != fp}
+            return self.async_op(base)
+        if base == "/1.0/instances" and method == "GET":
+            return self.sync(list(self.instances.values()) if "recursion=1" in query
+                             else [f"/1.0/instances/{n}" for n in self.instances])
         if base.startswith("/1.0/operations/") and base.endswith("/wait"):
             return self.sync(self._ops[base[: -len("/wait")]])
         if base in self._logs:
@@ -91,7 +116,8 @@ class FakeLxd:
                 return self.sync({})
             return 200, self._logs[base]
         if base == "/1.0/instances" and method == "POST":
-            self.instances[body["name"]] = dict(body)
+            target = query.partition("target=")[2] if "target=" in query else ""
+            self.instances[body["name"]] = dict(body, location=target or "none")
             return self.async_op(base)
         parts = base.split("/")
         if len(parts) >= 4 and parts[2] == "instances":
@@ -99,6 +125,8 @@ class FakeLxd:
             if name not in self.instances:
                 return self.error("Instance not found", 404)
             inst = self.instances[name]
+            if self.members.get(inst["location"], "Online") != "Online":
+                return self.error(f"Member {inst['location']} is offline", 503)
             rest = parts[4:]
             if not rest:
                 if method == "GET":

@@ -105,11 +105,18 @@ GOOD = {   # field path under core -> (value, what it reads as)
     "routers.count": (26, 26),
     "routers.cpu": (1024, 1024.0),
     "routers.memory": ("16Mi", 16 * MI),
+    "runtime.kind": ("lxd", "lxd"),
+    "runtime.socket": (["/var/lib/lxd1/unix.socket", "/var/lib/lxd2/unix.socket"],
+                       ("/var/lib/lxd1/unix.socket", "/var/lib/lxd2/unix.socket")),
+    "runtime.image": ("zfast-0123abcd", "zfast-0123abcd"),
+    "runtime.pool": ("fast", "fast"),
 }
 
 
 def _set(data: dict, path: str, value) -> None:
     *sections, key = path.split(".")
+    if sections == ["runtime"] and key != "kind":     # LXD's fields need kind: lxd
+        data["core"].setdefault("runtime", {})["kind"] = "lxd"
     target = data["core"]
     for section in sections:
         target = target.setdefault(section, {})
@@ -200,7 +207,29 @@ BAD = {   # case -> (field path under core, value), and the problem it gives
                            "core.routers.count: 0 is out of range (1-26)"),
     "routers count float": (("routers.count", 2.0),
                             "core.routers.count: 2.0 is not an integer"),
+    "runtime kind": (("runtime.kind", "docker"),
+                     'core.runtime.kind: "docker" is not one of netns, lxd'),
+    "runtime socket relative": (("runtime.socket", "lxd/unix.socket"),
+                                'core.runtime.socket: "lxd/unix.socket" is not an absolute path '
+                                'or a list of them'),
+    "runtime socket empty list": (("runtime.socket", []),
+                                  "core.runtime.socket: [] is not an absolute path"),
+    "runtime image": (("runtime.image", "my image"),
+                      'core.runtime.image: "my image" is not a name'),
+    "runtime pool": (("runtime.pool", 3), "core.runtime.pool: 3 is not a name"),
 }
+
+
+def test_a_runtime_setting_for_lxd_alone_is_refused_under_netns():
+    data = with_core(runtime={"kind": "netns", "socket": "/var/lib/lxd/unix.socket"})
+    assert problems_of(data) == ['core.runtime.socket: "/var/lib/lxd/unix.socket" is for '
+                                 'kind: lxd only']
+
+
+def test_runtime_defaults():
+    runtime = core_of().runtime
+    assert (runtime.kind, runtime.socket, runtime.image, runtime.pool) == \
+        ("netns", ("/var/lib/lxd/unix.socket",), None, "default")
 
 
 @pytest.mark.parametrize("change, expected", BAD.values(), ids=BAD)
@@ -225,7 +254,7 @@ def test_required_subnets(section):
 
 
 @pytest.mark.parametrize("section", ["core", "core.public", "core.private", "core.balancer",
-                                     "core.balancer.scale", "core.routers"])
+                                     "core.balancer.scale", "core.routers", "core.runtime"])
 def test_not_a_mapping(section):
     data = with_core()
     *parents, key = section.split(".")
@@ -237,12 +266,13 @@ def test_not_a_mapping(section):
 
 
 UNKNOWN = {   # a misspelt key in each mapping of core
-    "core": ("", "balancers", "balancer, private, public, routers"),
+    "core": ("", "balancers", "balancer, private, public, routers, runtime"),
     "core.public": ("public", "subnet4", "bridge, subnet, subnet6"),
     "core.private": ("private", "gw", "bridge, gateway, subnet"),
     "core.balancer": ("balancer", "flows", "cpu, flow_table, memory, scale"),
     "core.balancer.scale": ("balancer.scale", "cooldown", "cooldown_s, cpu, flow_table, memory"),
     "core.routers": ("routers", "counts", "count, cpu, memory"),
+    "core.runtime": ("runtime", "sockets", "image, kind, pool, socket"),
 }
 
 

@@ -49,7 +49,7 @@ def _minimal():
                         "domains": [{"host": "a.example.org", "service": "s", "port": 80}],
                         "routers": [{"address": "10.0.0.40"}]},
             "core": {"public": {"subnet": "10.230.0.0/24"}, "private": {"subnet": "10.231.0.0/24"},
-                     "balancer": {"scale": {}}, "routers": {}}}
+                     "balancer": {"scale": {}}, "routers": {}, "runtime": {}}}
 
 
 SECTIONS = {  # where each FIELDS section sits in _minimal()
@@ -72,6 +72,7 @@ SECTIONS = {  # where each FIELDS section sits in _minimal()
     "core.balancer": lambda d: d["core"]["balancer"],
     "core.balancer.scale": lambda d: d["core"]["balancer"]["scale"],
     "core.routers": lambda d: d["core"]["routers"],
+    "core.runtime": lambda d: d["core"]["runtime"],
 }
 
 

@@ -27,7 +27,9 @@ def fake(tmp_path):
 
 
 @pytest.fixture
-def runtime(fake, tmp_path):
+def runtime(fake, tmp_path, monkeypatch):
+    tags = iter(["beef", "cafe", "f00d", "d00d", "abba", "babe"])
+    monkeypatch.setattr(lxdmod.secrets, "token_hex", lambda n: next(tags))
     return LxdRuntime("zfc-t", fake.path, image="zfast-img", repo=tmp_path / "repo",
                       python="/venv/bin/python", shared=(tmp_path / "bpffs", tmp_path / "none"))
 
@@ -43,7 +45,13 @@ def _spec(tmp_path, **kw):
 
 
 def body_of(calls):
-    return calls[0][2]
+    return next(c[2] for c in calls if c[:2][0] == "POST" and c[1].startswith("/1.0/instances"))
+
+
+def instance_calls(fake):
+    """The requests about instances (not the cluster questions placement asks first)."""
+    return [c for c in fake.calls() if c[1].startswith("/1.0/instances/")
+            or (c[0] == "POST" and c[1].startswith("/1.0/instances"))]
 
 
 def test_cpu_allowance_is_a_hard_quota_over_the_shortest_period_with_whole_ms():
@@ -60,30 +68,36 @@ def test_create_makes_a_privileged_bridged_container_boots_it_and_sets_its_links
     spec = _spec(tmp_path)
     (tmp_path / "bpffs").mkdir()
     inst = runtime.create(spec)
-    assert isinstance(inst, LxdInstance) and inst.container == "zfc-t-lb-a"
-    assert inst.host_ifnames == ["lb-ah0", "lb-ah1"]
+    # a name of its own (its predecessor may still exist on a member that is down)
+    assert isinstance(inst, LxdInstance) and inst.container == "zfc-t-lb-a-beef"
+    assert inst.host_ifnames == ["lb-abeef0", "lb-abeef1"]
+    assert inst.member is None                                   # no cluster: no member
     assert spec.state_dir.is_dir()
-    calls = fake.calls()
+    assert fake.calls()[0] == ("GET", "/1.0/cluster", None)      # placement asks first
+    calls = instance_calls(fake)
     assert body_of(calls)["devices"]["zfast-share0"] == {
         "type": "disk", "source": str(tmp_path / "bpffs"), "path": str(tmp_path / "bpffs")}
     assert "zfast-share1" not in body_of(calls)["devices"]       # a missing one is left out
     method, path, body = calls[0]
     assert (method, path) == ("POST", "/1.0/instances")
-    assert body["name"] == "zfc-t-lb-a" and body["type"] == "container"
+    assert body["name"] == "zfc-t-lb-a-beef" and body["type"] == "container"
     assert body["source"] == {"type": "image", "alias": "zfast-img"}
-    assert body["profiles"] == ["default"]
-    assert body["config"] == {"security.privileged": "true", "limits.cpu.allowance": "5ms/20ms",
-                              "limits.memory": str(256 << 20), "user.zfast.kind": "balancer"}
+    assert body["profiles"] == []           # no profile (of the operator's or ours): its root here
+    assert body["devices"]["root"] == {"type": "disk", "path": "/", "pool": "default"}
+    assert body["config"] == {"security.privileged": "true", "boot.autostart": "false",
+                              "limits.cpu.allowance": "5ms/20ms",
+                              "limits.memory": str(256 << 20), "user.zfast.core": "zfc-t",
+                              "user.zfast.kind": "balancer"}
     assert body["devices"]["eth0"] == {"type": "nic", "nictype": "bridged", "parent": "zfpub",
-                                       "name": "eth0", "host_name": "lb-ah0"}
+                                       "name": "eth0", "host_name": "lb-abeef0"}
     assert body["devices"]["eth1"]["parent"] == "zfpriv"
     assert body["devices"]["zfast-state"] == {"type": "disk", "source": str(spec.state_dir),
                                               "path": str(spec.state_dir)}
     assert body["devices"]["zfast-code"] == {"type": "disk", "source": str(tmp_path / "repo"),
                                              "path": str(tmp_path / "repo"), "readonly": "true"}
-    assert calls[1] == ("PUT", "/1.0/instances/zfc-t-lb-a/state", {"action": "start", "timeout": 30})
-    assert calls[2][:2] == ("GET", "/1.0/instances/zfc-t-lb-a/state")     # its init: its cgroup
-    assert calls[3][:2] == ("POST", "/1.0/instances/zfc-t-lb-a/exec")
+    assert calls[1] == ("PUT", "/1.0/instances/zfc-t-lb-a-beef/state", {"action": "start", "timeout": 30})
+    assert calls[2][:2] == ("GET", "/1.0/instances/zfc-t-lb-a-beef/state")     # its init: its cgroup
+    assert calls[3][:2] == ("POST", "/1.0/instances/zfc-t-lb-a-beef/exec")
     assert calls[3][2]["record-output"] is True and calls[3][2]["wait-for-websocket"] is False
     sh, flags, script = calls[3][2]["command"]
     assert (sh, flags) == ("/bin/sh", "-ec")
@@ -103,8 +117,8 @@ def test_a_create_whose_set_up_fails_leaves_no_container(fake, runtime, tmp_path
     with pytest.raises(LxdError, match="File exists"):
         runtime.create(_spec(tmp_path))
     assert fake.instances == {}
-    assert [c[:2] for c in fake.calls()][-2:] == [("PUT", "/1.0/instances/zfc-t-lb-a/state"),
-                                                   ("DELETE", "/1.0/instances/zfc-t-lb-a")]
+    assert [c[:2] for c in fake.calls()][-2:] == [("PUT", "/1.0/instances/zfc-t-lb-a-beef/state"),
+                                                   ("DELETE", "/1.0/instances/zfc-t-lb-a-beef")]
     assert fake.calls()[-2][2] == {"action": "stop", "force": True}
 
 
@@ -188,7 +202,7 @@ def test_resize_and_boost_patch_the_limits_live(fake, runtime, tmp_path):
     inst = runtime.create(_spec(tmp_path))
     fake.requests.clear()
     runtime.resize(inst, 0.5, 512 << 20)
-    assert fake.calls() == [("PATCH", "/1.0/instances/zfc-t-lb-a", {"config": {
+    assert fake.calls() == [("PATCH", "/1.0/instances/zfc-t-lb-a-beef", {"config": {
         "limits.cpu.allowance": "5ms/10ms", "limits.memory": str(512 << 20)}})]
     assert (inst.spec.cpu, inst.spec.memory) == (0.5, 512 << 20)
     runtime.boost(inst, 1.0)
@@ -210,7 +224,7 @@ def test_usage_and_macs_come_from_the_state(fake, runtime, tmp_path):
     assert runtime.usage(inst) == {"cpu_ns": 123456789, "memory": 50 << 20,
                                    "memory_limit": 256 << 20}
     assert runtime.macs(inst) == {"eth0": "00:16:3e:00:00:01", "eth1": "00:16:3e:00:00:02"}
-    assert fake.calls("GET")[-1][1] == "/1.0/instances/zfc-t-lb-a/state"
+    assert fake.calls("GET")[-1][1] == "/1.0/instances/zfc-t-lb-a-beef/state"
 
 
 def test_usage_of_a_gone_container_is_zero(fake, runtime, tmp_path):
@@ -243,8 +257,8 @@ def test_destroy_forces_a_stop_then_deletes_and_tolerates_a_gone_one(fake, runti
     inst = runtime.create(_spec(tmp_path))
     fake.requests.clear()
     runtime.destroy(inst)
-    assert [c[:2] for c in fake.calls()] == [("PUT", "/1.0/instances/zfc-t-lb-a/state"),
-                                             ("DELETE", "/1.0/instances/zfc-t-lb-a")]
+    assert [c[:2] for c in fake.calls()] == [("PUT", "/1.0/instances/zfc-t-lb-a-beef/state"),
+                                             ("DELETE", "/1.0/instances/zfc-t-lb-a-beef")]
     assert fake.calls()[0][2] == {"action": "stop", "force": True}
     assert fake.instances == {}
     runtime.destroy(inst)                            # again: 404s are fine
@@ -261,3 +275,114 @@ def test_the_client_raises_lxds_error_with_its_code(fake):
     with pytest.raises(LxdError) as err:
         LxdClient(fake.path).get("/1.0/instances/nope")
     assert err.value.code == 404 and "Instance not found" in str(err.value)
+
+
+# ---- a cluster: placement, a lost member, orphans ------------------------------------------
+
+def _cluster(fake, *members):
+    fake.members = {m: "Online" for m in members}
+
+
+def _router(tmp_path, name):
+    return _spec(tmp_path, name=name, kind="router", state_dir=tmp_path / name,
+                 links=[Link("zfpriv", "eth0", ["10.1.0.9/24"])], routes=[])
+
+
+def test_the_pair_the_spare_and_the_routers_are_spread_over_the_members(fake, runtime, tmp_path):
+    _cluster(fake, "m1", "m2", "m3")
+    a = runtime.create(_spec(tmp_path))
+    b = runtime.create(_spec(tmp_path, name="lb-b", state_dir=tmp_path / "lb-b"))
+    ra, rb = runtime.create(_router(tmp_path, "rt-a")), runtime.create(_router(tmp_path, "rt-b"))
+    spare = runtime.create(_spec(tmp_path, name="spare1", kind="spare",
+                                 state_dir=tmp_path / "spare1"))
+    assert (a.member, b.member) == ("m1", "m2")
+    assert ra.member != rb.member and {ra.member, rb.member} <= {"m1", "m2", "m3"}
+    assert spare.member == "m3"          # away from both balancers: either's successor
+    posts = [c[1] for c in fake.calls("POST") if not c[1].endswith("/exec")]
+    assert posts[0] == "/1.0/instances?target=m1"
+    assert {c[:2] for c in fake.calls("GET")} >= {("GET", "/1.0/cluster/members?recursion=1"),
+                                                  ("GET", "/1.0/instances?recursion=1")}
+
+
+def test_a_successor_goes_away_from_the_surviving_peer(fake, runtime, tmp_path):
+    _cluster(fake, "m1", "m2", "m3")
+    a = runtime.create(_spec(tmp_path))
+    runtime.create(_spec(tmp_path, name="lb-b", state_dir=tmp_path / "lb-b"))
+    fake.members["m1"] = "Offline"       # lb-a's member lost
+    runtime.destroy(a)                   # LXD cannot: an orphan, not an error
+    assert runtime.orphans == {a.container: "m1"}
+    successor = runtime.create(_spec(tmp_path))
+    assert successor.member == "m3" and successor.container != a.container
+
+
+def test_an_orphan_is_deleted_once_its_member_is_back_and_said(fake, runtime, tmp_path):
+    _cluster(fake, "m1", "m2")
+    events = []
+    runtime.log = lambda kind, **f: events.append((kind, f))
+    a = runtime.create(_spec(tmp_path))
+    fake.members["m1"] = "Offline"
+    runtime.destroy(a)
+    assert events[-1][1]["action"] == "orphaned" and a.container in fake.instances
+    runtime.housekeeping()               # still down: left alone
+    assert a.container in fake.instances and runtime.orphans
+    fake.members["m1"] = "Online"        # back: no second copy of lb-a stays there
+    runtime.housekeeping()
+    assert a.container not in fake.instances and runtime.orphans == {}
+    assert events[-1] == ("repair", {"action": "orphan removed", "container": a.container,
+                                     "member": "m1"})
+
+
+def test_with_one_member_online_the_pair_shares_it_and_says_so(fake, runtime, tmp_path):
+    _cluster(fake, "m1", "m2")
+    fake.members["m2"] = "Offline"
+    events = []
+    runtime.log = lambda kind, **f: events.append((kind, f))
+    runtime.create(_spec(tmp_path))
+    b = runtime.create(_spec(tmp_path, name="lb-b", state_dir=tmp_path / "lb-b"))
+    assert b.member == "m1"
+    assert events and events[-1][0] == "error" and events[-1][1]["what"] == "placement"
+    fake.members["m1"] = "Offline"
+    with pytest.raises(LxdError, match="no member"):
+        runtime.create(_spec(tmp_path, name="lb-c", state_dir=tmp_path / "lb-c"))
+
+
+def test_open_checks_the_pool_and_the_image_and_removes_a_dead_cores_containers(fake, runtime,
+                                                                               tmp_path):
+    left = runtime.create(_spec(tmp_path))                      # a core that died
+    fake.instances["someone-else"] = {"name": "someone-else", "config": {}, "location": "none"}
+    runtime.open()
+    assert set(fake.instances) == {"someone-else"} and left.container not in fake.instances
+    runtime.pool = "nvme"
+    with pytest.raises(LxdError, match="core.runtime.pool: LXD has no storage pool 'nvme'"):
+        runtime.open()
+    runtime.pool, runtime.image = "default", "nope"
+    with pytest.raises(LxdError, match="core.runtime.image: LXD has no image 'nope'"):
+        runtime.open()
+
+
+def test_close_removes_every_container_and_the_image_it_imported(fake, runtime, tmp_path):
+    runtime.create(_spec(tmp_path))
+    runtime.imported = "zfast-img"
+    runtime.close()
+    assert fake.instances == {} and fake.images == {}
+    runtime.imported = None
+    fake.images = {"theirs": "fp"}
+    runtime.close()                                              # an image not ours stays
+    assert fake.images == {"theirs": "fp"}
+
+
+def test_the_client_tries_the_next_socket_when_one_refuses(fake, tmp_path):
+    dead = tmp_path / "dead.socket"
+    client = LxdClient([dead, fake.path])
+    assert client.get("/1.0")["config"] == {}
+    assert client.socket_path == str(fake.path)                  # sticks to the one that answers
+    with pytest.raises(LxdError, match="no LXD daemon answers.*is lxd running"):
+        LxdClient([dead]).get("/1.0")
+
+
+def test_host_pid_of_a_pid_in_the_container(fake, runtime, tmp_path):
+    inst = runtime.create(_spec(tmp_path))
+    inst.init = os.getpid()                    # "the container": our own pid namespace
+    assert runtime.host_pid(inst, os.getpid()) == os.getpid()
+    assert runtime.host_pid(inst, None) is None
+    assert runtime.host_pid(inst, 1 << 22) is None

@@ -24,6 +24,11 @@
         count: 2                 # HTTP balancer instances
         cpu: 0.5
         memory: 256Mi
+      runtime:                   # optional: what an instance is
+        kind: netns              # netns (default: a namespace and a cgroup) or lxd (a container)
+        socket: /var/lib/lxd/unix.socket   # lxd: the API; a list: one per member, tried in order
+        image: zfast-...         # lxd: an image alias; default the one zfast builds and imports
+        pool: default            # lxd: the storage pool of the containers' root disks
 
 Only `zfast core up` reads it; the instances' files are made without it.
 """
@@ -117,9 +122,55 @@ class CoreRouters:
                           doc="memory limit of each router")
 
 
+class Sockets(kinds.Scalar):
+    """One path, or a list of them (each a member of one cluster on this machine)."""
+    failed = ()
+
+    def parse(self, value):
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, str) and v.startswith("/") for v in items):
+            raise kinds.Bad("is not an absolute path or a list of them")
+        return tuple(items)
+
+    def describe(self):
+        return "absolute path, or a list of them"
+
+
+LXD_SOCKET = "/var/lib/lxd/unix.socket"      # Debian's LXD_DIR
+
+
+def read_core_runtime(problems: Problems, path: str, value: Any) -> CoreRuntime:
+    section = Reader(problems, path, value, CoreRuntime)
+    runtime = CoreRuntime(**section.read_all())
+    if runtime.kind == "netns":
+        for name in ("socket", "image", "pool"):
+            if section.present(name):
+                problems.add(f"{path}.{name}", section.raw(name), "is for kind: lxd only")
+    return runtime
+
+
+@dataclass(frozen=True)
+class CoreRuntime:
+    """What an instance is: a network namespace with a cgroup on this host, or an LXD
+    container (on any member of a cluster: zfast/core/lxd.py)."""
+    kind: str = setting(kinds.Choice(("netns", "lxd")), default="netns",
+                        doc="`netns`: namespaces and cgroups here; `lxd`: LXD containers")
+    socket: tuple[str, ...] = setting(Sockets(), default=(LXD_SOCKET,),
+                                      shown_default=f"`{LXD_SOCKET}`",
+                                      doc="lxd: its API's unix socket; a list: one per member "
+                                          "on this machine, the next tried when one is down")
+    image: str | None = setting(kinds.Name(), default=None,
+                                shown_default="zfast's, built from Debian's packages",
+                                doc="lxd: the image alias instances start from")
+    pool: str = setting(kinds.Name(), default="default",
+                        doc="lxd: the storage pool of the instances' root disks")
+
+
 @dataclass(frozen=True)
 class Core:
     public: CorePublic = setting(Section(CorePublic))
     private: CorePrivate = setting(Section(CorePrivate, read=read_core_private))
     balancer: CoreBalancer = setting(Section(CoreBalancer), default=CoreBalancer())
     routers: CoreRouters = setting(Section(CoreRouters), default=CoreRouters())
+    runtime: CoreRuntime = setting(Section(CoreRuntime, read=read_core_runtime),
+                                   default=CoreRuntime())

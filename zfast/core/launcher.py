@@ -83,17 +83,22 @@ class Launcher:
         self.grace: dict[str, float] = {}     # how long each may take to answer first
 
     def open(self) -> None:
+        self.runtime.open()
         self.cgroup.create()
         if not self.cgroup.v2:      # v2 keeps processes out of inner groups
             self.cgroup.add(os.getpid())
 
     def close(self) -> None:
-        """Every instance and the spare removed, then the core's cgroup."""
+        """Every instance and the spare removed, what the runtime made, the core's cgroup."""
         self.drop_spare()
         for inst in list(self.instances.values()):
             self.runtime.stop(inst)
             self.runtime.destroy(inst)
         self.instances.clear()
+        try:
+            self.runtime.close()
+        except Exception as err:        # the rest must still go
+            self.events.log("error", what="runtime close", error=str(err))
         if not self.cgroup.v2:
             for controller in ("cpu", "cpuacct", "memory"):
                 (self.cgroup.root / controller / "cgroup.procs").write_text(str(os.getpid()))
@@ -110,7 +115,8 @@ class Launcher:
         self.instances[spec.name] = inst
         self.grace[spec.name] = CACHED_GRACE_S if cached(spec) else START_GRACE_S
         self.events.log("repair", instance=spec.name, action="started", pid=inst.pid,
-                        restarts=restarts, start_cpu=boost or spec.cpu)
+                        restarts=restarts, start_cpu=boost or spec.cpu,
+                        **({"member": inst.member} if inst.member else {}))
         return inst
 
     def _boost_start(self, inst: Instance) -> float | None:
@@ -160,7 +166,8 @@ class Launcher:
     def soft_stop(self, name: str) -> None:
         """A router's HAProxy soft stop (SIGUSR1): listeners closed, each keep-alive
         connection closed after its current response."""
-        pid = haproxy_pid(self.instances[name])
+        inst = self.instances[name]
+        pid = self.runtime.host_pid(inst, haproxy_pid(inst))
         try:
             if pid:
                 os.kill(pid, signal.SIGUSR1)
@@ -207,9 +214,9 @@ class Launcher:
         raw["node"]["state_dir"] = str(sp.spec.state_dir)
         new = replace(spec, state_dir=sp.spec.state_dir, config=raw)
         self.runtime.assign(sp, new.links, macs)
-        inst = Instance(new, sp.netns, sp.cgroup, sp.proc, started=time.time(),
-                        restarts=restarts, host_ifnames=sp.host_ifnames,
-                        cpu_ns_before=self.runtime.usage(sp)["cpu_ns"])
+        # the spare's own instance (a runtime's subclass, its container) under the new spec
+        inst = replace(sp, spec=new, started=time.time(), restarts=restarts,
+                       cpu_ns_before=self.runtime.usage(sp)["cpu_ns"])
         # the rest of its start (the maps filled, the attach, the flow dump) with the top
         # of scale.cpu, as a new instance's; its own size once it answers (end_boost)
         self._boost_start(inst)

@@ -27,9 +27,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from urllib.parse import quote
 
 from zfast.core.cgroups import ROOT as CGROUP_ROOT
 from zfast.core.cgroups import Cgroup
+from zfast.core.placement import choose_member, shares_member
 from zfast.core.runtime import (
     Instance,
     InstanceSpec,
@@ -52,6 +55,7 @@ from zfast.paths import BPFFS, pin_dir
 
 REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
 OP_TIMEOUT_S = 60
+DELETE_TIMEOUT_S = 10.0   # a stop or delete that a down member cannot answer
 
 
 class LxdError(RuntimeError):
@@ -73,23 +77,39 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class LxdClient:
-    """LXD's REST API on its unix socket: JSON in and out, async operations waited for."""
+    """LXD's REST API on its unix socket: JSON in and out, async operations waited for.
 
-    def __init__(self, socket_path: Path | str, timeout: float = 30.0):
-        self.socket_path = str(socket_path)
+    Several sockets (one per member of a cluster on this machine): a request goes to the
+    one that answered last, and to the next when it cannot connect (a lost member's socket
+    refuses): nothing was sent then, so any request may go again."""
+
+    def __init__(self, sockets: Path | str | tuple | list, timeout: float = 30.0):
+        self.sockets = [str(p) for p in ((sockets,) if isinstance(sockets, (str, Path))
+                                         else sockets)]
+        self.socket_path = self.sockets[0]
         self.timeout = timeout
 
     def raw(self, method: str, path: str, body: dict | None = None,
             timeout: float | None = None) -> tuple[int, bytes]:
-        conn = _UnixConnection(self.socket_path, timeout or self.timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        order = [self.socket_path] + [p for p in self.sockets if p != self.socket_path]
+        failed = []
+        for sock in order:
+            conn = _UnixConnection(sock, timeout or self.timeout)
+            try:
+                try:
+                    conn.connect()
+                except OSError as err:
+                    failed.append(f"{sock}: {err.strerror or err}")
+                    continue
+                self.socket_path = sock
+                data = json.dumps(body).encode() if body is not None else None
+                headers = {"Content-Type": "application/json"} if data is not None else {}
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+        raise LxdError(f"no LXD daemon answers ({'; '.join(failed)}): is lxd running?")
 
     def request(self, method: str, path: str, body: dict | None = None, wait: bool = True,
                 timeout: float | None = None):
@@ -102,7 +122,9 @@ class LxdClient:
             raise LxdError(f"{method} {path}: {doc.get('error') or status}",
                            doc.get("error_code") or status)
         if doc.get("type") == "async":
-            return self.wait(doc["operation"]) if wait else doc["metadata"]
+            if not wait:
+                return doc["metadata"]
+            return self.wait(doc["operation"], int(timeout) if timeout else OP_TIMEOUT_S)
         return doc.get("metadata")
 
     def wait(self, operation: str, timeout: int = OP_TIMEOUT_S) -> dict:
@@ -219,6 +241,7 @@ class ContainerCgroup(Cgroup):
 @dataclass
 class LxdInstance(Instance):
     container: str = ""
+    init: int | None = None          # the host pid of its init
 
     @property
     def daemon_pid(self) -> int | None:
@@ -247,13 +270,13 @@ def cpu_allowance(cpu: float) -> str:
 
 
 class LxdRuntime(Runtime):
-    def __init__(self, prefix: str, socket_path: Path | str, image: str,
-                 profiles: tuple[str, ...] = ("default",), repo: Path = REPO,
-                 python: str | None = None, shared: tuple[Path, ...] | None = None):
-        self.prefix = prefix          # containers are <prefix>-<instance name>
+    def __init__(self, prefix: str, socket_path: Path | str | tuple | list, image: str | None,
+                 pool: str = "default", repo: Path = REPO, python: str | None = None,
+                 shared: tuple[Path, ...] | None = None):
+        self.prefix = prefix.replace("_", "-")   # containers are <prefix>-<instance>-<tag>
         self.client = LxdClient(socket_path)
-        self.image = image            # an alias in that daemon (zfast.lab.lxd imports it)
-        self.profiles = list(profiles)
+        self.image = image            # an alias in the daemon; None: zfast's, imported at open
+        self.pool = pool              # the root disks' (no profile: nothing of ours to remove)
         self.repo = Path(repo)
         # the host's interpreter (the venv's, over /usr/bin/python3: the image's is the same)
         self.python = python or sys.executable
@@ -262,23 +285,106 @@ class LxdRuntime(Runtime):
         # cache (the core compiles into it, instances load from it)
         self.last_create: dict = {}
         self.shared = tuple(Path(p) for p in ((BPFFS, cache_dir()) if shared is None else shared))
+        self.imported: str | None = None     # the image alias open() imported (close removes it)
+        self.orphans: dict[str, str | None] = {}   # containers not yet deleted: their member
 
-    def container_of(self, name: str) -> str:
-        return f"{self.prefix}-{name}".replace("_", "-")
+    # ---- the daemon, the image, what an earlier core left -------------------------------
 
-    @staticmethod
-    def _host_ifname(spec: InstanceSpec, i: int) -> str:
-        return f"{spec.name[:10]}h{i}"[:15]
+    def open(self) -> None:
+        """The daemon answers, the pool and the image exist (zfast's is imported when the
+        file names none), and no container of an earlier core of this project is left."""
+        self.client.get("/1.0")
+        try:
+            self.client.get(f"/1.0/storage-pools/{quote(self.pool)}")
+        except LxdError as err:
+            raise LxdError(f"core.runtime.pool: LXD has no storage pool {self.pool!r} ({err})") from None
+        if self.image is None:
+            self.image, self.imported = self._import_zfast_image()
+        else:
+            try:
+                self.client.get(f"/1.0/images/aliases/{quote(self.image)}")
+            except LxdError:
+                raise LxdError(f"core.runtime.image: LXD has no image {self.image!r}") from None
+        for name, member in self.containers().items():
+            self.log("repair", action="leftover removed", container=name, member=member)
+            self._delete(name, member)
 
-    def _url(self, inst_or_name) -> str:
-        name = inst_or_name.container if isinstance(inst_or_name, LxdInstance) else inst_or_name
-        return f"/1.0/instances/{quote(name)}"
+    def _import_zfast_image(self) -> tuple[str, str | None]:
+        """zfast's instance image (built from Debian's packages when the cache has none:
+        zfast/lab/lxd.py) in the daemon: (its alias, the alias when we imported it)."""
+        from zfast.lab.lxd import build_image  # noqa: PLC0415 -- the lab's image build, mmdebstrap
+        img = build_image()
+        try:
+            self.client.get(f"/1.0/images/aliases/{quote(img.alias)}")
+            return img.alias, None
+        except LxdError:
+            pass
+        env = dict(os.environ, LXD_DIR=str(Path(self.client.socket_path).parent))
+        out = subprocess.run(["lxc", "image", "import", str(img.metadata), str(img.rootfs),
+                              "--alias", img.alias], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise LxdError(f"lxc image import: {out.stderr.strip()}")
+        self.log("repair", action="image imported", image=img.alias)
+        return img.alias, img.alias
 
-    def _devices(self, spec: InstanceSpec) -> dict:
-        devices = {}
-        for i, link in enumerate(spec.links):
+    def close(self) -> None:
+        """Every container of this core gone (an orphan on a member still down is said,
+        never waited for), then the image it imported."""
+        self.housekeeping()
+        for name, member in self.containers().items():
+            self._delete(name, member)
+        if self.imported:
+            try:
+                fingerprint = self.client.get(
+                    f"/1.0/images/aliases/{quote(self.imported)}")["target"]
+                self.client.delete(f"/1.0/images/{fingerprint}")
+            except (OSError, LxdError) as err:
+                self.log("error", what="image removal", image=self.imported, error=str(err))
+            self.imported = None
+
+    def containers(self) -> dict[str, str | None]:
+        """This core's containers (tagged user.zfast.core): their members."""
+        out = {}
+        for c in self.client.get("/1.0/instances?recursion=1") or []:
+            if (c.get("config") or {}).get("user.zfast.core") == self.prefix:
+                out[c["name"]] = c.get("location") or None
+        return out
+
+    # ---- placement ----------------------------------------------------------------------
+
+    def online_members(self) -> list[str] | None:
+        """The cluster's members that are up; None: no cluster (one daemon)."""
+        if not (self.client.get("/1.0/cluster") or {}).get("enabled"):
+            return None
+        return sorted(m["server_name"] for m in self.client.get("/1.0/cluster/members?recursion=1")
+                      if m.get("status") == "Online")
+
+    def placed(self) -> list[tuple[str, str]]:
+        """(kind, member) of every container of this core."""
+        return [((c.get("config") or {}).get("user.zfast.kind", ""), c.get("location") or "")
+                for c in self.client.get("/1.0/instances?recursion=1") or []
+                if (c.get("config") or {}).get("user.zfast.core") == self.prefix]
+
+    def _target(self, spec: InstanceSpec) -> str | None:
+        online = self.online_members()
+        if online is None:
+            return None
+        placed = self.placed()
+        member = choose_member(spec.kind, online, placed)
+        if member is None:
+            raise LxdError("no member of the LXD cluster is online")
+        if shares_member(spec.kind, member, placed):
+            self.log("error", instance=spec.name, what="placement", member=member,
+                     error=f"shares {member} with another of its group: no other member is online")
+        return member
+
+    # ---- an instance --------------------------------------------------------------------
+
+    def _devices(self, spec: InstanceSpec, hosts: list[str]) -> dict:
+        devices = {"root": {"type": "disk", "path": "/", "pool": self.pool}}
+        for link, host in zip(spec.links, hosts):
             devices[link.ifname] = {"type": "nic", "nictype": "bridged", "parent": link.bridge,
-                                    "name": link.ifname, "host_name": self._host_ifname(spec, i)}
+                                    "name": link.ifname, "host_name": host}
         devices["zfast-state"] = {"type": "disk", "source": str(spec.state_dir),
                                   "path": str(spec.state_dir)}
         devices["zfast-code"] = {"type": "disk", "source": str(self.repo), "path": str(self.repo),
@@ -288,28 +394,35 @@ class LxdRuntime(Runtime):
         return devices
 
     def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
-        """The container made, booted (its init only) and its links configured; ``group``
-        has no meaning here (each container is its own cgroup under LXD's)."""
-        name = self.container_of(spec.name)
+        """The container made on the member placement chooses, booted (its init only) and
+        its links configured; ``group`` has no meaning here (each container is its own
+        cgroup under LXD's). A successor never takes its predecessor's names: that one
+        may still exist on a member that is down."""
+        tag = secrets.token_hex(2)
+        name = f"{self.prefix}-{spec.name}-{tag}".replace("_", "-")
+        hosts = [f"{spec.name[:8]}{tag}{i}"[:15] for i in range(len(spec.links))]
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        self.client.post("/1.0/instances", {
+        target = self._target(spec)
+        self.client.post("/1.0/instances" + (f"?target={quote(target)}" if target else ""), {
             "name": name, "type": "container",
             "source": {"type": "image", "alias": self.image},
-            "profiles": self.profiles,
+            "profiles": [],
             "config": {"security.privileged": "true",
+                       "boot.autostart": "false",   # a member back from the dead starts none
                        "limits.cpu.allowance": cpu_allowance(spec.cpu),
                        "limits.memory": str(int(spec.memory)),
+                       "user.zfast.core": self.prefix,
                        "user.zfast.kind": spec.kind},
-            "devices": self._devices(spec)})
-        inst = LxdInstance(spec, netns=name, cgroup=None, container=name,
-                           host_ifnames=[self._host_ifname(spec, i) for i in range(len(spec.links))])
+            "devices": self._devices(spec, hosts)})
+        inst = LxdInstance(spec, netns=name, cgroup=None, container=name, host_ifnames=hosts,
+                           member=target)
         try:
             t1 = time.monotonic()
             self.client.put(f"{self._url(name)}/state", {"action": "start", "timeout": 30})
             t2 = time.monotonic()
-            init = (self.client.get(f"{self._url(name)}/state") or {}).get("pid")
-            inst.cgroup = ContainerCgroup.of(init) if init else None
+            inst.init = (self.client.get(f"{self._url(name)}/state") or {}).get("pid")
+            inst.cgroup = ContainerCgroup.of(inst.init) if inst.init else None
             script = ["ip link set lo up",
                       "echo 1 > /proc/sys/net/ipv4/ip_forward",
                       "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
@@ -325,8 +438,12 @@ class LxdRuntime(Runtime):
         # where a create's time goes: the instance's rootfs (a `dir` pool unpacks the whole
         # image), its boot, the links' set-up
         self.last_create = {"create_s": round(t1 - t0, 2), "boot_s": round(t2 - t1, 2),
-                            "setup_s": round(time.monotonic() - t2, 2)}
+                            "setup_s": round(time.monotonic() - t2, 2), "member": target}
         return inst
+
+    def _url(self, inst_or_name) -> str:
+        name = inst_or_name.container if isinstance(inst_or_name, LxdInstance) else inst_or_name
+        return f"/1.0/instances/{quote(name)}"
 
     @staticmethod
     def _address_cmds(links: list[Link]) -> list[str]:
@@ -381,7 +498,7 @@ class LxdRuntime(Runtime):
     def _host_pids(self, inst: LxdInstance, pids: set[int]) -> dict[int, int]:
         """The host's pids of the container's processes ``pids`` (the last NSpid of a
         process in the container's pid namespace)."""
-        init = (self.client.get(f"{self._url(inst)}/state") or {}).get("pid")
+        init = inst.init or (self.client.get(f"{self._url(inst)}/state") or {}).get("pid")
         found = {}
         try:
             ns = os.readlink(f"/proc/{init}/ns/pid")
@@ -418,25 +535,70 @@ class LxdRuntime(Runtime):
 
     def destroy(self, inst: Instance) -> None:
         """The container stopped (forced: whatever runs in it dies) and deleted; its host
-        veths go with it; its daemon's pinned maps removed."""
-        try:
-            self.client.put(f"{self._url(inst)}/state", {"action": "stop", "force": True})
-        except LxdError:
-            pass      # not running (or gone)
-        try:
-            self.client.delete(self._url(inst))
-        except LxdError as err:
-            if err.code != 404:
-                raise
+        veths go with it; its daemon's pinned maps removed. A container whose member is
+        down stays an orphan, deleted by ``housekeeping`` once the member is back."""
+        daemon = inst.proc.pid if isinstance(inst.proc, ContainerProcess) else None
+        if daemon and alive(daemon):      # dead before its maps go (even if LXD cannot stop it)
+            try:
+                os.kill(daemon, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5
+            while alive(daemon) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._delete(inst.container, inst.member)
         # its pinned maps, in the host's bpffs (shared): they outlive the container, as a
         # namespace's daemon's outlive it (NetnsRuntime.destroy does the same)
-        try:
-            down(inst.spec.state_dir)
-        except Exception:
-            pass
+        if not (daemon and alive(daemon)):   # down() signals the pid its lock names: a
+            try:                             # container's own, meaningless here while it runs
+                down(inst.spec.state_dir)
+            except Exception:
+                pass
         node = (inst.spec.config.get("node") or {}).get("name")
         if node:
             pins.remove_pins(pin_dir(node))
+
+    def _delete(self, name: str, member: str | None) -> bool:
+        """Stopped (forced) and deleted; an orphan when LXD cannot (its member is down)."""
+        try:
+            try:
+                self.client.request("PUT", f"{self._url(name)}/state",
+                                    {"action": "stop", "force": True}, timeout=DELETE_TIMEOUT_S)
+            except LxdError as err:
+                if err.code == 404:
+                    self.orphans.pop(name, None)
+                    return True
+            self.client.request("DELETE", self._url(name), timeout=DELETE_TIMEOUT_S)
+        except (OSError, LxdError) as err:
+            if isinstance(err, LxdError) and err.code == 404:
+                self.orphans.pop(name, None)
+                return True
+            if name not in self.orphans:
+                self.log("repair", action="orphaned", container=name, member=member,
+                         error=str(err))
+            self.orphans[name] = member
+            return False
+        self.orphans.pop(name, None)
+        return True
+
+    def housekeeping(self) -> None:
+        """Orphans deleted once their member is online again: a member that returns must
+        not keep (or, were it to start them, run) a second copy of an instance."""
+        if not self.orphans:
+            return
+        try:
+            online = self.online_members()
+        except (OSError, LxdError):
+            return
+        for name, member in list(self.orphans.items()):
+            if online is None or member in online:
+                if self._delete(name, member):
+                    self.log("repair", action="orphan removed", container=name, member=member)
+
+    def host_pid(self, inst: Instance, pid: int | None) -> int | None:
+        if pid is None or not isinstance(inst, LxdInstance):
+            return None
+        return self._host_pids(inst, {pid}).get(pid)
 
     def usage(self, inst: Instance) -> dict:
         """From the container's cgroup as NetnsRuntime's (memory: the working set, without

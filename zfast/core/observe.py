@@ -86,7 +86,7 @@ class Observer:
                 use = self.runtime.usage(inst)
                 state.memory, state.memory_limit = use["memory"], use["memory_limit"]
         if inst.spec.kind == "router":
-            state.haproxy_running = _running(haproxy_pid(inst))
+            state.haproxy_running = _running(self.runtime.host_pid(inst, haproxy_pid(inst)))
         state.answered = name in self.answered
         state.last_status = self.statuses.get(name)
         return state

@@ -46,6 +46,7 @@ def status(svc: CoreService) -> dict:
         out.append({
             "name": name, "kind": inst.spec.kind, "role": role, "pid": inst.pid,
             "netns": inst.netns,
+            "member": inst.member,        # the LXD cluster member (None: this host)
             "addresses": [a for link in inst.spec.links for a in link.addresses],
             "cpu": inst.spec.cpu, "memory": inst.spec.memory,
             "flow_table": inst.spec.config.get("datapath", {}).get("flow_table"),

@@ -20,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -59,6 +60,7 @@ class Instance:
     cpu_ns_before: int = 0      # CPU its cgroup had used before it became this instance (a spare's compile)
     log_from: int = 0           # where its daemon's output starts in daemon.log (shared by its predecessors)
     host_ifnames: list[str] = field(default_factory=list)   # its links' ends on the bridges
+    member: str | None = None   # the cluster member it runs on (None: this host, no cluster)
 
     @property
     def pid(self) -> int | None:
@@ -70,6 +72,24 @@ class Instance:
 
 
 class Runtime(ABC):
+    # what a runtime does on its own (an orphan removed, a placement it could not keep):
+    # the service sets it to its event log's ``log(kind, **fields)``
+    log: Callable[..., None] = staticmethod(lambda kind, **fields: None)
+
+    def open(self) -> None:
+        """Before the first instance: what the runtime needs (and a clear error if it cannot)."""
+
+    def close(self) -> None:
+        """After the last instance is destroyed: what ``open`` made, removed."""
+
+    def housekeeping(self) -> None:
+        """Now and then (the core's scaling tick): what could not be done at once."""
+
+    def host_pid(self, inst: Instance, pid: int | None) -> int | None:
+        """The host's pid of process ``pid`` as the instance sees it (a pid file in its
+        state dir); None when it is not running there."""
+        return pid
+
     @abstractmethod
     def create(self, spec: InstanceSpec, group: str | None = None) -> Instance:
         """Make the instance (not started); ``group``: a parent for its resource limits."""

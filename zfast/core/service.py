@@ -22,6 +22,7 @@ import yaml
 
 from zfast import config
 from zfast.api import Server
+from zfast.config.core import CoreRuntime
 from zfast.controllers import scaling
 from zfast.controllers.logger import LoggerController
 from zfast.controllers.repair import (
@@ -42,6 +43,7 @@ from zfast.controllers.repair import (
 )
 from zfast.core.cgroups import hierarchy_problem, parse_size
 from zfast.core.launcher import Launcher, ensure_bridges
+from zfast.core.lxd import LxdError, LxdRuntime
 from zfast.core.observe import Observer
 from zfast.core.plan import CoreError, Plan, parse_core
 from zfast.core.resizer import Resizer
@@ -60,17 +62,25 @@ SCALE_EVERY_S = 1.0        # the scaling controller's sample
 __all__ = ["CoreError", "CoreService"]     # CoreError: what `zfast core up` reports
 
 
+def make_runtime(spec: CoreRuntime, prefix: str) -> Runtime:
+    """The instances' runtime the project file's core.runtime names."""
+    if spec.kind == "lxd":
+        return LxdRuntime(prefix, spec.socket, spec.image, pool=spec.pool)
+    return NetnsRuntime(prefix=prefix)
+
+
 class CoreService:
     def __init__(self, project: config.Project, state_dir: Path, runtime: Runtime | None = None):
         core = parse_core(project)
-        problem = hierarchy_problem()   # before anything is made: nothing to undo then
-        if problem:
+        self.prefix = f"zfc-{project.project}"[:20]
+        self.runtime = runtime or make_runtime(project.core.runtime, self.prefix)
+        problem = hierarchy_problem() if isinstance(self.runtime, NetnsRuntime) else None
+        if problem:                     # before anything is made: nothing to undo then
             raise CoreError(problem)
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix = f"zfc-{project.project}"[:20]
-        self.runtime = runtime or NetnsRuntime(prefix=self.prefix)
         self.events = LoggerController(self.state_dir, f"{project.project}-core")
+        self.runtime.log = self.events.log
         bounds = scaling.bounds_from(core.scale, parse_size)
         self.plan = Plan(project, core, self.state_dir)
         self.launcher = Launcher(self.runtime, self.prefix, self.state_dir, self.events,
@@ -94,6 +104,16 @@ class CoreService:
         return self.launcher.instances
 
     def up(self) -> None:
+        """Every instance started; on a failure, what was made is removed again."""
+        try:
+            self._up()
+        except Exception as err:
+            self.down()
+            if isinstance(err, LxdError):
+                raise CoreError(f"LXD: {err}") from None
+            raise
+
+    def _up(self) -> None:
         if not self.plan.key_file.exists():
             write_key(self.plan.key_file)
         for br in ensure_bridges((self.plan.core.public_bridge, self.plan.core.private_bridge)):
@@ -170,6 +190,7 @@ class CoreService:
             self._carry_out(action, now)
 
     def scale_tick(self) -> None:
+        self.runtime.housekeeping()
         now = time.time()
         planned = self.resizer.tick(now, self.observer, self._well, replacing=self.repair.busy)
         if planned is not None:
