@@ -549,7 +549,8 @@ def core_status(state_dir, as_json):
         return
     click.echo(f"project {st['project']}")
     for i in st["instances"]:
-        click.echo(f"  {i['name']:<6} {i['kind']:<9} {str(i['role']):<8} pid {i['pid']} "
+        where = f" on {i['member']}" if i.get("member") else ""
+        click.echo(f"  {i['name']:<6} {i['kind']:<9} {str(i['role']):<8} pid {i['pid']}{where} "
                    f"cpu {i['cpu']} mem {i['memory'] >> 20} MiB restarts {i['restarts']} "
                    f"{'healthy' if i['healthy'] else 'UNHEALTHY: ' + '; '.join(i['problems'])}")
     for name, d in st["controllers"].items():

@@ -21,6 +21,7 @@ class FakeLxd:
         self.fail_ops: set[str] = set()     # paths whose operation fails
         self.on_exec = None                  # called with each exec's command (what it "does")
         self.members: dict[str, str] = {}    # a cluster's members: their status (none: no cluster)
+        self.member_urls: dict[str, str] = {}   # their API addresses, where given
         self.pools = {"default"}
         self.images: dict[str, str] = {"zfast-img": "f1n6erpr1nt"}    # alias: fingerprint
         self._ops: dict[str, dict] = {}
@@ -54,7 +55,7 @@ class FakeLxd:
             daemon_threads = True
 
         self.server = Server(str(self.path), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -91,7 +92,8 @@ class FakeLxd:
         if base == "/1.0/cluster":
             return self.sync({"enabled": bool(self.members)})
         if base == "/1.0/cluster/members":
-            return self.sync([{"server_name": n, "status": st} for n, st in self.members.items()])
+            return self.sync([{"server_name": n, "status": st, "url": self.member_urls.get(n, "")}
+                              for n, st in self.members.items()])
         if base.startswith("/1.0/storage-pools/"):
             if base.rsplit("/", 1)[1] in self.pools:
                 return self.sync({"name": base.rsplit("/", 1)[1]})

@@ -386,3 +386,28 @@ def test_host_pid_of_a_pid_in_the_container(fake, runtime, tmp_path):
     assert runtime.host_pid(inst, os.getpid()) == os.getpid()
     assert runtime.host_pid(inst, None) is None
     assert runtime.host_pid(inst, 1 << 22) is None
+
+
+def test_a_member_whose_address_refuses_is_down_before_lxd_says_so(fake, runtime, tmp_path):
+    """LXD calls a member Offline only after 10 s or more; a request it forwards there
+    meanwhile stalls. A refused connection to the member's address is enough to know."""
+    import socket as socketmod
+    _cluster(fake, "m1", "m2")
+    listener = socketmod.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    closed = socketmod.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    fake.member_urls = {"m1": f"https://127.0.0.1:{dead_port}", "m2": f"https://127.0.0.1:{port}"}
+    a = runtime.create(_spec(tmp_path))
+    assert a.member == "m2"                     # m1 "Online" to LXD, but it refuses
+    runtime._member_urls["m2"] = f"https://127.0.0.1:{dead_port}"    # now m2 is gone too
+    fake.requests.clear()
+    assert runtime.macs(a) == {}
+    runtime.destroy(a)
+    assert runtime.orphans == {a.container: "m2"}
+    assert not [c for c in fake.calls() if c[1].startswith("/1.0/instances/")]   # never asked
+    listener.close()

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from zfast.core.cgroups import ROOT as CGROUP_ROOT
 from zfast.core.cgroups import Cgroup
@@ -56,6 +56,7 @@ from zfast.paths import BPFFS, pin_dir
 REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
 OP_TIMEOUT_S = 60
 DELETE_TIMEOUT_S = 10.0   # a stop or delete that a down member cannot answer
+REACH_TIMEOUT_S = 0.5     # a member's API address that does not accept in this is down
 
 
 class LxdError(RuntimeError):
@@ -287,6 +288,7 @@ class LxdRuntime(Runtime):
         self.shared = tuple(Path(p) for p in ((BPFFS, cache_dir()) if shared is None else shared))
         self.imported: str | None = None     # the image alias open() imported (close removes it)
         self.orphans: dict[str, str | None] = {}   # containers not yet deleted: their member
+        self._member_urls: dict[str, str] = {}     # each member's API address (https://host:port)
 
     # ---- the daemon, the image, what an earlier core left -------------------------------
 
@@ -353,11 +355,29 @@ class LxdRuntime(Runtime):
     # ---- placement ----------------------------------------------------------------------
 
     def online_members(self) -> list[str] | None:
-        """The cluster's members that are up; None: no cluster (one daemon)."""
+        """The cluster's members that are up; None: no cluster (one daemon). LXD calls a
+        member Offline only after its heartbeats have failed for cluster.offline_threshold
+        (10 s at least); one whose address refuses us is down already."""
         if not (self.client.get("/1.0/cluster") or {}).get("enabled"):
             return None
-        return sorted(m["server_name"] for m in self.client.get("/1.0/cluster/members?recursion=1")
-                      if m.get("status") == "Online")
+        members = self.client.get("/1.0/cluster/members?recursion=1") or []
+        self._member_urls.update({m["server_name"]: m.get("url", "") for m in members})
+        return sorted(m["server_name"] for m in members
+                      if m.get("status") == "Online" and self.reachable(m["server_name"]))
+
+    def reachable(self, member: str | None) -> bool:
+        """Whether the member's API address accepts a connection (a request LXD forwards
+        to a member that is gone stalls until LXD gives up on it): no member (no cluster)
+        or an address we do not know counts as reachable."""
+        url = self._member_urls.get(member or "")
+        if not member or not url:
+            return True
+        host, _, port = urlsplit(url).netloc.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port or 8443)), REACH_TIMEOUT_S).close()
+            return True
+        except (OSError, ValueError):
+            return False
 
     def placed(self) -> list[tuple[str, str]]:
         """(kind, member) of every container of this core."""
@@ -463,6 +483,8 @@ class LxdRuntime(Runtime):
         self._sh(inst, lines + self._address_cmds(links))
 
     def macs(self, inst: Instance) -> dict[str, str]:
+        if not self.reachable(inst.member):
+            return {}
         try:
             net = (self.client.get(f"{self._url(inst)}/state") or {}).get("network") or {}
         except (OSError, LxdError):
@@ -560,6 +582,12 @@ class LxdRuntime(Runtime):
 
     def _delete(self, name: str, member: str | None) -> bool:
         """Stopped (forced) and deleted; an orphan when LXD cannot (its member is down)."""
+        if not self.reachable(member):
+            if name not in self.orphans:
+                self.log("repair", action="orphaned", container=name, member=member,
+                         error=f"member {member} unreachable")
+            self.orphans[name] = member
+            return False
         try:
             try:
                 self.client.request("PUT", f"{self._url(name)}/state",
