@@ -1,6 +1,9 @@
 """The LXD lab's pieces that need no daemon: the image's cache key and cache, the
 cgroups a killed container leaves."""
 
+import os
+import time
+
 from zfast.lab import lxd
 
 
@@ -42,3 +45,24 @@ def test_remove_cgroups_takes_only_the_named_containers_empty_groups(tmp_path):
                  "memory/lxc.pivot", "memory/lxc.payload.a"):
         assert (tmp_path / kept).exists(), kept
     assert lxd.remove_cgroups([], root=tmp_path, pivot=True) == [tmp_path / "memory/lxc.pivot"]
+
+
+def test_an_image_build_prunes_only_builds_unused_for_a_while(tmp_path):
+    now = time.time()
+    for name, age in (("keep", 30 * 86400), ("recent", 3600), ("old", lxd.IMAGE_KEEP_S + 60),
+                      (".half.tmp", 0)):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = lxd.prune_images(tmp_path, keep="keep", now=now)
+    assert sorted(p.name for p in removed) == [".half.tmp", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "recent"]
+
+
+def test_a_cache_hit_marks_the_build_used(tmp_path, monkeypatch):
+    key = lxd.image_key()
+    (tmp_path / key).mkdir()
+    (tmp_path / key / "meta.tar.gz").write_bytes(b"m")
+    (tmp_path / key / "rootfs.tar").write_bytes(b"r")
+    os.utime(tmp_path / key, (1, 1))
+    lxd.build_image(cache=tmp_path)
+    assert time.time() - (tmp_path / key).stat().st_mtime < 60

@@ -49,6 +49,7 @@ IMAGE_PACKAGES = ("python3", "python3-bpfcc", "python3-yaml", "python3-acme", "i
 IMAGE_SUITE = "bookworm"
 IMAGE_VERSION = 1                     # bump when the build below changes
 IMAGE_CACHE = Path("/var/cache/zfast/lxd-image")
+IMAGE_KEEP_S = 7 * 24 * 3600           # a build unused this long is removed by the next build
 DEB_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 LOCK = Path("/run/lock/zfast-bootstrap.lock")   # the bootstrap's: apt never runs twice at once
 
@@ -123,20 +124,20 @@ def _lxd_arch() -> str:
 
 def build_image(cache: Path = IMAGE_CACHE, packages=IMAGE_PACKAGES, suite=IMAGE_SUITE) -> Image:
     """The image's two files, built with mmdebstrap from the host's Debian sources when
-    the cache has none for these inputs (older builds are removed)."""
+    the cache has none for these inputs (builds unused for ``IMAGE_KEEP_S`` are removed)."""
     key = image_key(packages, suite)
     out = cache / key
     img = Image(f"zfast-{key}", out / "meta.tar.gz", out / "rootfs.tar", key)
     if img.metadata.exists() and img.rootfs.exists():
+        _used(out)
         return img
     install(("mmdebstrap",))
     cache.mkdir(parents=True, exist_ok=True)
     with _lock():       # two builds at once: one builds, the other finds it
         if img.metadata.exists() and img.rootfs.exists():
+            _used(out)
             return img
-        for old in cache.iterdir():
-            if old.name != key:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_images(cache, keep=key)
         tmp = cache / f".{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -163,6 +164,33 @@ def build_image(cache: Path = IMAGE_CACHE, packages=IMAGE_PACKAGES, suite=IMAGE_
             tar.addfile(info, io.BytesIO(meta.encode()))
         os.replace(tmp, out)
     return img
+
+
+def _used(build: Path) -> None:
+    """A build's directory's mtime is when it was last used (prune_images reads it)."""
+    try:
+        os.utime(build)
+    except OSError:
+        pass
+
+
+def prune_images(cache: Path, keep: str, now: float | None = None) -> list[Path]:
+    """Builds not used for ``IMAGE_KEEP_S`` (and unfinished ones) removed; ``keep`` stays.
+    Not every other build: two checkouts of different image versions (a branch, main)
+    building in turn would each remove the other's and rebuild it every run."""
+    now = time.time() if now is None else now
+    removed = []
+    for old in cache.iterdir():
+        if old.name == keep:
+            continue
+        try:
+            stale = old.name.startswith(".") or now - old.stat().st_mtime > IMAGE_KEEP_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
 
 
 def _sh_quote(s: str) -> str:
