@@ -66,3 +66,7 @@ def test_a_cache_hit_marks_the_build_used(tmp_path, monkeypatch):
     os.utime(tmp_path / key, (1, 1))
     lxd.build_image(cache=tmp_path)
     assert time.time() - (tmp_path / key).stat().st_mtime < 60
+
+
+def test_the_image_has_haproxy_for_routers():
+    assert "haproxy" in lxd.IMAGE_PACKAGES

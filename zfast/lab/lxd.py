@@ -44,10 +44,13 @@ APT_PACKAGES = ("lxd", "mmdebstrap")
 # system site-packages, and takes these from Debian's: python3-yaml, python3-acme (which
 # brings josepy, requests and cryptography), as the bootstrap installs them on the host.
 # libbpfcc (BCC's syscall library, needed for a cache hit too) pulls LLVM: most of the
-# image's 400 MB. HAProxy for routers is a later addition (issue 18).
-IMAGE_PACKAGES = ("python3", "python3-bpfcc", "python3-yaml", "python3-acme", "iproute2", "tini")
+# image's 400 MB. HAProxy for routers (issue 18): Debian's 2.6, with its `haproxy` user
+# (the router drops to it); mmdebstrap's policy-rc.d keeps its postinst from starting the
+# service in the chroot, and it needs no systemd (libsystemd0 only).
+IMAGE_PACKAGES = ("python3", "python3-bpfcc", "python3-yaml", "python3-acme", "iproute2", "tini",
+                  "haproxy")
 IMAGE_SUITE = "bookworm"
-IMAGE_VERSION = 1                     # bump when the build below changes
+IMAGE_VERSION = 2                     # bump when the build below changes
 IMAGE_CACHE = Path("/var/cache/zfast/lxd-image")
 IMAGE_KEEP_S = 7 * 24 * 3600           # a build unused this long is removed by the next build
 DEB_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
