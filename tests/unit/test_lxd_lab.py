@@ -4,6 +4,8 @@ cgroups a killed container leaves."""
 import os
 import time
 
+import pytest
+
 from zfast.lab import lxd
 
 
@@ -70,3 +72,17 @@ def test_a_cache_hit_marks_the_build_used(tmp_path, monkeypatch):
 
 def test_the_image_has_haproxy_for_routers():
     assert "haproxy" in lxd.IMAGE_PACKAGES
+
+
+def test_the_client_waits_for_a_cluster_s_operation_keeping_its_query(tmp_path, monkeypatch):
+    asked = []
+    client = lxd.Client(tmp_path / "s")
+    monkeypatch.setattr(client, "request", lambda method, path, body=None, wait=True,
+                        timeout=None: asked.append(path) or {"status_code": 200})
+    client.wait("/1.0/operations/abc?project=default", timeout=7)
+    client.wait("/1.0/operations/def", timeout=7)
+    assert asked == ["/1.0/operations/abc/wait?timeout=7&project=default",
+                     "/1.0/operations/def/wait?timeout=7"]
+    monkeypatch.setattr(client, "request", lambda *a, **k: {"status_code": 400, "err": "no"})
+    with pytest.raises(lxd.LxdError, match="no"):
+        client.wait("/1.0/operations/x")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from zfast.core.lxd import LxdClient, LxdError, alive
+from zfast.core.lxd import OP_TIMEOUT_S, LxdClient, LxdError, alive
 
 APT_PACKAGES = ("lxd", "mmdebstrap")
 # What a balancer or a router needs inside: Python and BCC's module for the daemon (its
@@ -202,6 +202,31 @@ def _sh_quote(s: str) -> str:
 
 # ---- the daemon ---------------------------------------------------------------------------
 
+class Client(LxdClient):
+    """The core's client, with an operation waited for where a cluster puts it: a
+    clustered daemon's operation URLs carry ``?project=default``, and ``/wait`` appended
+    after that query is a plain GET of the operation, answered at once while it runs."""
+
+    def wait(self, operation: str, timeout: int = OP_TIMEOUT_S) -> dict:
+        path, _, query = operation.partition("?")
+        op = self.request("GET", f"{path}/wait?timeout={timeout}" + (f"&{query}" if query else ""),
+                          timeout=timeout + 5)
+        if op.get("status_code") != 200:
+            raise LxdError(f"{operation}: {op.get('err') or op.get('status')}",
+                           op.get("status_code") or 0)
+        return op
+
+
+def pool_seed(driver: str = "dir", size: str = "4GiB") -> dict:
+    """The storage pool "default": `dir`, or `btrfs` on a loop file of that size."""
+    return {"name": "default", "driver": driver,
+            **({"config": {"size": size}} if driver == "btrfs" else {})}
+
+
+PROFILE_SEED = {"name": "default", "devices": {
+    "root": {"type": "disk", "path": "/", "pool": "default"}}}
+
+
 class Daemon:
     """One LXD daemon: its own LXD_DIR and address, started and stopped by us."""
 
@@ -223,8 +248,8 @@ class Daemon:
     def env(self) -> dict:
         return dict(os.environ, LXD_DIR=str(self.dir))
 
-    def client(self) -> LxdClient:
-        return LxdClient(self.socket)
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout)
 
     def lxc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["lxc", *args], capture_output=True, text=True, env=self.env,
@@ -232,9 +257,16 @@ class Daemon:
 
     def up(self, timeout: float = 60.0) -> None:
         """Started and preseeded (a daemon already running in this dir is reused)."""
+        self.start(timeout)
+        self.preseed()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Running and answering (one already running in this dir is reused): a new
+        ``LXD_DIR`` is an empty daemon, an old one the daemon it was (a cluster member
+        started again rejoins as itself)."""
         install(APT_PACKAGES + (("btrfs-progs",) if self.driver == "btrfs" else ()))
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not (self.socket.exists() and self._ready(1)):
+        if not (self.socket.exists() and self.running() and self._ready(1)):
             log = open(self.dir / "daemon.log", "ab")
             self.proc = subprocess.Popen(["lxd", "--group", "root", "--logfile",
                                           str(self.dir / "lxd.log")], env=self.env,
@@ -245,7 +277,6 @@ class Daemon:
                     if (self.dir / "lxd.log").exists() else ""
                 self.down()
                 raise RuntimeError(f"lxd in {self.dir} did not become ready in {timeout} s: {tail}")
-        self.preseed()
 
     def _ready(self, timeout: float) -> bool:
         out = subprocess.run(["lxd", "waitready", f"--timeout={max(1, int(timeout))}"],
@@ -259,16 +290,16 @@ class Daemon:
         if c.get("/1.0")["config"].get("core.https_address") == self.address and \
                 any(p.endswith("/default") for p in c.get("/1.0/storage-pools")):
             return
-        seed = {"config": {"core.https_address": self.address},
-                "storage_pools": [{"name": "default", "driver": self.driver,
-                                   **({"config": {"size": self.pool_size}}
-                                      if self.driver == "btrfs" else {})}],
-                "profiles": [{"name": "default", "devices": {
-                    "root": {"type": "disk", "path": "/", "pool": "default"}}}]}
+        self.init({"config": {"core.https_address": self.address},
+                   "storage_pools": [pool_seed(self.driver, self.pool_size)],
+                   "profiles": [PROFILE_SEED]})
+
+    def init(self, seed: dict) -> None:
+        """``lxd init --preseed`` with this document."""
         out = subprocess.run(["lxd", "init", "--preseed"], input=yaml.safe_dump(seed), text=True,
                              env=self.env, capture_output=True)
         if out.returncode != 0:
-            raise RuntimeError(f"lxd init --preseed: {out.stderr.strip()}")
+            raise RuntimeError(f"lxd init --preseed in {self.dir}: {out.stderr.strip()}")
 
     def import_image(self, img: Image) -> str:
         """The image in this daemon under its alias (imported once); the alias."""
@@ -350,11 +381,12 @@ class Daemon:
         while any(alive(pid) for pid in monitors) and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _kill(self, sig: int = signal.SIGTERM) -> None:
+    def pids(self) -> set[int]:
+        """Every lxd of this dir, ours or one an earlier run started: its environment
+        says LXD_DIR."""
         pids = set()
         if self.proc is not None and self.proc.poll() is None:
             pids.add(self.proc.pid)
-        # any lxd of this dir (one started by an earlier run): its environment says LXD_DIR
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
                 continue
@@ -364,8 +396,15 @@ class Daemon:
                 env = (p / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if f"LXD_DIR={self.dir}".encode() in env:
+            if f"LXD_DIR={self.dir}".encode() in env and alive(int(p.name)):
                 pids.add(int(p.name))
+        return pids
+
+    def running(self) -> bool:
+        return bool(self.pids())
+
+    def _kill(self, sig: int = signal.SIGTERM) -> None:
+        pids = self.pids()
         for pid in pids:
             try:
                 os.kill(pid, sig)
