@@ -199,3 +199,23 @@ def test_parse_target():
                 "udp://127.0.0.1:99999"):
         with pytest.raises(ValueError):
             parse_target(bad)
+
+
+def test_a_unix_receiver_that_falls_behind_loses_nothing(tmp_path):
+    """A unix datagram socket queues 10 datagrams (net.unix.max_dgram_qlen): a syslogd
+    busy for a moment must get every event once it reads again, none counted as errors."""
+    path = str(tmp_path / "slow.sock")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    log = LoggerController(tmp_path / "state", "lb-a", syslog=f"unix://{path}", hostname="h")
+    try:
+        logged = [log.log("repair", n=i) for i in range(40)]
+        time.sleep(0.3)                   # not reading: the queue fills, the forwarder waits
+        rx.settimeout(2)
+        got = [rx.recv(65536) for _ in logged]
+        assert log.forwarder.flush(5)
+    finally:
+        log.close()
+        rx.close()
+    assert [json.loads(parse_message(raw).msg)["n"] for raw in got] == list(range(40))
+    assert log.status()["syslog"]["errors"] == 0 and log.status()["syslog"]["sent"] == 40

@@ -20,6 +20,7 @@ import collections
 import errno
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ FACILITY_DAEMON = 3
 BOM = "\ufeff"
 MAX_BYTES = 8192       # a datagram above this is shortened (long fields first)
 QUEUE_SIZE = 10000
+BUSY_WAIT_S = 1.0      # how long one event waits for a receiver that is behind
 
 SEVERITY = {"emerg": 0, "alert": 1, "crit": 2, "error": 3, "warning": 4, "notice": 5,
             "info": 6, "debug": 7}
@@ -276,8 +278,16 @@ class SyslogForwarder:
     def _connect(self) -> None:
         t = self.target
         if t.kind == "unix":
+            # connected: then poll() says when the receiver's queue has room again
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._addr = t.path
+            s.setblocking(False)
+            try:
+                s.connect(t.path)
+            except OSError:
+                s.close()
+                raise
+            self._sock, self._addr = s, None
+            return
         else:
             info = socket.getaddrinfo(t.host, t.port, type=socket.SOCK_DGRAM)[0]
             s = socket.socket(info[0], socket.SOCK_DGRAM)
@@ -287,22 +297,37 @@ class SyslogForwarder:
 
     def _send_one(self, event: dict) -> None:
         data = format_event(event, self.hostname, self.procid, self.facility, self.max_bytes)
-        for attempt in (0, 1):
+        deadline = time.monotonic() + BUSY_WAIT_S
+        fresh = False
+        while True:
             try:
                 if self._sock is None:
                     self._connect()
-                self._sock.sendto(data, self._addr)
+                if self._addr is None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, self._addr)
                 self.sent += 1
                 return
             except OSError as err:
                 self.last_error = f"{type(err).__name__}: {err}"
+                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    # the receiver is behind (a unix socket queues 10 datagrams: its
+                    # net.unix.max_dgram_qlen): wait for room, on this thread, not the node's
+                    left = deadline - time.monotonic()
+                    if left > 0 and select.select([], [self._sock], [], left)[1]:
+                        time.sleep(0.001)     # never a spin, whatever poll says
+                        continue
+                    self.errors += 1
+                    return
                 # a restarted syslogd (new socket), a changed address: try once afresh
                 if self._sock is not None:
                     self._sock.close()
                     self._sock = None
-                if attempt or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EMSGSIZE):
+                if fresh or err.errno == errno.EMSGSIZE:
                     self.errors += 1
                     return
+                fresh = True
 
     def _run(self) -> None:
         while True:
