@@ -1,6 +1,7 @@
 """The LXD runtime's requests, against a fake LXD REST server on a unix socket."""
 
 import os
+import socket
 import subprocess
 
 import pytest
@@ -391,13 +392,12 @@ def test_host_pid_of_a_pid_in_the_container(fake, runtime, tmp_path):
 def test_a_member_whose_address_refuses_is_down_before_lxd_says_so(fake, runtime, tmp_path):
     """LXD calls a member Offline only after 10 s or more; a request it forwards there
     meanwhile stalls. A refused connection to the member's address is enough to know."""
-    import socket as socketmod
     _cluster(fake, "m1", "m2")
-    listener = socketmod.socket()
+    listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    closed = socketmod.socket()
+    closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead_port = closed.getsockname()[1]
     closed.close()
@@ -411,3 +411,17 @@ def test_a_member_whose_address_refuses_is_down_before_lxd_says_so(fake, runtime
     assert runtime.orphans == {a.container: "m2"}
     assert not [c for c in fake.calls() if c[1].startswith("/1.0/instances/")]   # never asked
     listener.close()
+
+
+def test_the_client_waits_for_a_cluster_s_operation_keeping_its_query(tmp_path, monkeypatch):
+    asked = []
+    client = LxdClient(tmp_path / "s")
+    monkeypatch.setattr(client, "request", lambda method, path, body=None, wait=True,
+                        timeout=None: asked.append(path) or {"status_code": 200})
+    client.wait("/1.0/operations/abc?project=default", timeout=7)
+    client.wait("/1.0/operations/def", timeout=7)
+    assert asked == ["/1.0/operations/abc/wait?timeout=7&project=default",
+                     "/1.0/operations/def/wait?timeout=7"]
+    monkeypatch.setattr(client, "request", lambda *a, **k: {"status_code": 400, "err": "no"})
+    with pytest.raises(LxdError, match="no"):
+        client.wait("/1.0/operations/x")

@@ -40,6 +40,7 @@ from urllib.parse import quote, urlsplit
 
 from zfast.core.cgroups import ROOT as CGROUP_ROOT
 from zfast.core.cgroups import Cgroup
+from zfast.core.lxdimage import build_image
 from zfast.core.placement import choose_member, shares_member
 from zfast.core.runtime import (
     Instance,
@@ -129,8 +130,12 @@ class LxdClient:
         return doc.get("metadata")
 
     def wait(self, operation: str, timeout: int = OP_TIMEOUT_S) -> dict:
-        """The operation's end; raises when it failed."""
-        op = self.request("GET", f"{operation}/wait?timeout={timeout}", timeout=timeout + 5)
+        """The operation's end; raises when it failed. A clustered daemon's operation URLs
+        carry ``?project=default``: ``/wait`` goes before that query (after it, the GET is
+        of the operation itself, answered at once while it runs)."""
+        path, _, query = operation.partition("?")
+        op = self.request("GET", f"{path}/wait?timeout={timeout}" + (f"&{query}" if query else ""),
+                          timeout=timeout + 5)
         if op.get("status_code") != 200:
             raise LxdError(f"{operation}: {op.get('err') or op.get('status')}",
                            op.get("status_code") or 0)
@@ -313,8 +318,7 @@ class LxdRuntime(Runtime):
 
     def _import_zfast_image(self) -> tuple[str, str | None]:
         """zfast's instance image (built from Debian's packages when the cache has none:
-        zfast/lab/lxd.py) in the daemon: (its alias, the alias when we imported it)."""
-        from zfast.lab.lxd import build_image  # noqa: PLC0415 -- the lab's image build, mmdebstrap
+        zfast/core/lxdimage.py) in the daemon: (its alias, the alias when we imported it)."""
         img = build_image()
         try:
             self.client.get(f"/1.0/images/aliases/{quote(img.alias)}")
