@@ -82,8 +82,9 @@ class FakeLxd:
         self._ops[op] = {"id": op, "status": "Success" if ok else "Failure",
                          "status_code": 200 if ok else 400, "err": "" if ok else "it failed",
                          "metadata": metadata}
+        # a clustered LXD's operation URLs carry the project, as a query
         return 202, {"type": "async", "status": "Operation created", "status_code": 100,
-                     "operation": op, "metadata": self._ops[op]}
+                     "operation": f"{op}?project=default", "metadata": self._ops[op]}
 
     def answer(self, method: str, path: str, body):
         base, _, query = path.partition("?")
