@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from tests.e2e.kit.router import BACKEND_SERVER
 from tests.e2e.kit.waiting import wait_for
 from tests.e2e.kit.web import get
 from zfast.api import Client
+from zfast.lab import lxd
 from zfast.lab.netns import Topology, in_ns
 
 PROJECT = "rcore"
@@ -45,7 +47,8 @@ CLIENT = "10.238.0.1"          # the host namespace's address on the public brid
 BACKENDS = {"app": "10.239.0.2", "api": "10.239.0.3"}
 
 
-def project_file(pebble: Pebble, extra_domains: list | None = None) -> dict:
+def project_file(pebble: Pebble, extra_domains: list | None = None,
+                 runtime: dict | None = None) -> dict:
     services = [{"name": name, "vip": vip, "ports": [{"port": 80, "proto": "tcp", "target_port": 8080}],
                  "backends": [{"address": BACKENDS[name]}]}
                 for name, vip in (("app", "10.239.0.10"), ("api", "10.239.0.11"))]
@@ -63,7 +66,8 @@ def project_file(pebble: Pebble, extra_domains: list | None = None) -> dict:
                  "private": {"bridge": "zrpriv0", "subnet": "10.239.0.0/24",
                              "gateway": "10.239.0.254"},
                  "balancer": {"cpu": 1, "memory": "512Mi"},
-                 "routers": {"count": 2, "cpu": 0.5, "memory": "256Mi"}},
+                 "routers": {"count": 2, "cpu": 0.5, "memory": "256Mi"},
+                 **({"runtime": runtime} if runtime else {})},
     }
 
 
@@ -85,8 +89,10 @@ class Env:
                 and all(i["healthy"] for i in st["instances"]))
 
     def router_netns(self) -> list[str]:
-        """Each router instance's namespace (its HAProxy listens on every address there)."""
-        return [i["netns"] for i in self.status()["instances"] if i["kind"] == "router"]
+        """Each router instance's network namespace, as its daemon's (a namespace or a
+        container's: its HAProxy listens on every address there)."""
+        return [f"/proc/{i['pid']}/ns/net" for i in self.status()["instances"]
+                if i["kind"] == "router"]
 
     def acme_for(self, *hosts: str) -> bool:
         certs = self.certs()
@@ -99,13 +105,21 @@ class Env:
         return ctx
 
 
-@pytest.fixture(scope="module")
-def env():
+@pytest.fixture(scope="module", params=["netns", "lxd"])
+def env(request):
+    """The core service with its instances as namespaces, or as containers of a 3-member
+    LXD cluster whose daemons run in the "host" namespace (its bridges reach them all)."""
     assert os.geteuid() == 0, "the routing tests need root (namespaces, XDP, cgroups)"
     subprocess.run(["rm", "-rf", str(STATE)])
     STATE.mkdir(parents=True)
+    cluster = None
     with Topology(prefix="zfrc") as topo:
         host = topo.add_ns("host")
+        if request.param == "lxd":
+            cluster = lxd.Cluster(Path(f"/tmp/zfast-lxd-routing-{uuid.uuid4().hex[:6]}"),
+                                  size=3, port=48443, driver="btrfs", netns=host)
+            topo.at_close(cluster.down)
+            cluster.up(import_image=False)
         topo.bridge(host, "zrpub0", [f"{CLIENT}/24"])
         topo.bridge(host, "zrpriv0")
         for i, (name, ip) in enumerate(BACKENDS.items(), 1):
@@ -113,15 +127,19 @@ def env():
             topo.popen(ns, [sys.executable, "-c", BACKEND_SERVER, name, ip, "8080"])
         with Pebble(STATE.parent / "test-routing-pebble", addr=ADDR, netns=host) as pebble:
             cfg = STATE.parent / "test-routing-core.yaml"
-            cfg.write_text(yaml.safe_dump(project_file(pebble)))
+            runtime = ({"kind": "lxd", "socket": [str(p) for p in cluster.sockets().values()]}
+                       if cluster else None)
+            cfg.write_text(yaml.safe_dump(project_file(pebble, runtime=runtime)))
             err = open(STATE.parent / "test-routing-core.err", "wb")
             proc = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-m", "zfast.cli",
                  "core", "up", "-c", str(cfg), "--state-dir", str(STATE)],
                 stdout=subprocess.DEVNULL, stderr=err)
             e = Env(topo, host, pebble, proc, cfg)
+            e.cluster = cluster
             try:
-                wait_for("the core service complete", lambda: proc.poll() is None and e.complete(), 120, 0.3)
+                wait_for("the core service complete", lambda: proc.poll() is None and e.complete(),
+                         300 if cluster else 120, 0.3)
                 wait_for("ACME certificates", lambda: e.acme_for("app.example.org", "api.example.org"), 60, 0.3)
                 # every router serves them (each reads the store every 0.5 s), asked one
                 # by one: through the VIP a few requests may all meet the same router
@@ -139,6 +157,8 @@ def env():
     assert f"zfc-{PROJECT}" not in left, left
     assert subprocess.run(["pgrep", "-f", str(STATE)], capture_output=True).returncode != 0, \
         "a process of the core service is left"
+    if cluster is not None:
+        assert not cluster.base.exists(), f"{cluster.base} left behind"
 
 
 def https_get(env: Env, host: str, path: str = "/", address: str = ADDR,
@@ -299,6 +319,14 @@ def test_core_status_and_stats_show_the_routers(env):
     st = json.loads(zfast("core", "status", "--json", "--state-dir", str(STATE), check=True).stdout)
     routers = [i for i in st["instances"] if i["kind"] == "router"]
     assert len(routers) == 2 and all(r["healthy"] and r["pid"] for r in routers)
+    balancers = [i for i in st["instances"] if i["kind"] == "balancer"]
+    if env.cluster is None:
+        assert all(i["member"] is None for i in st["instances"])
+    else:       # each pair on two different members of the cluster
+        assert len({r["member"] for r in routers}) == 2, routers
+        assert len({b["member"] for b in balancers}) == 2, balancers
+        online = {m["server_name"] for m in env.cluster.members()}
+        assert all(i["member"] in online for i in st["instances"]), st
     for _ in range(6):
         assert https_get(env, "api.example.org")[0] == 200
     stats = json.loads(zfast("core", "stats", "--json", "--state-dir", str(STATE), check=True).stdout)["instances"]

@@ -9,6 +9,7 @@ import yaml
 
 from tests.fakes.lxd import FakeLxd
 from zfast.core import lxd as lxdmod
+from zfast.core.launcher import Launcher
 from zfast.core.lxd import (
     ContainerCgroup,
     ContainerProcess,
@@ -347,6 +348,14 @@ def test_with_one_member_online_the_pair_shares_it_and_says_so(fake, runtime, tm
         runtime.create(_spec(tmp_path, name="lb-c", state_dir=tmp_path / "lb-c"))
 
 
+def test_the_cores_state_dir_is_mounted_whole_when_the_instance_is_under_it(fake, tmp_path):
+    runtime = LxdRuntime("zfc-t", fake.path, image="zfast-img", repo=tmp_path / "repo",
+                         shared=(), core_dir=tmp_path)
+    runtime.create(_spec(tmp_path))           # state dir tmp_path/lb-a: the pair's key beside it
+    assert body_of(fake.calls())["devices"]["zfast-state"] == {
+        "type": "disk", "source": str(tmp_path), "path": str(tmp_path)}
+
+
 def test_open_checks_the_pool_and_the_image_and_removes_a_dead_cores_containers(fake, runtime,
                                                                                tmp_path):
     left = runtime.create(_spec(tmp_path))                      # a core that died
@@ -404,7 +413,7 @@ def test_a_member_whose_address_refuses_is_down_before_lxd_says_so(fake, runtime
     fake.member_urls = {"m1": f"https://127.0.0.1:{dead_port}", "m2": f"https://127.0.0.1:{port}"}
     a = runtime.create(_spec(tmp_path))
     assert a.member == "m2"                     # m1 "Online" to LXD, but it refuses
-    runtime._member_urls["m2"] = f"https://127.0.0.1:{dead_port}"    # now m2 is gone too
+    runtime.cluster.urls["m2"] = f"https://127.0.0.1:{dead_port}"    # now m2 is gone too
     fake.requests.clear()
     assert runtime.macs(a) == {}
     runtime.destroy(a)
@@ -425,3 +434,37 @@ def test_the_client_waits_for_a_cluster_s_operation_keeping_its_query(tmp_path, 
     monkeypatch.setattr(client, "request", lambda *a, **k: {"status_code": 400, "err": "no"})
     with pytest.raises(LxdError, match="no"):
         client.wait("/1.0/operations/x")
+
+
+def test_a_spare_beside_a_balancer_is_better_placed_once_a_member_is_free(fake, runtime, tmp_path):
+    _cluster(fake, "m1", "m2", "m3")
+    fake.members["m3"] = "Offline"
+    runtime.create(_spec(tmp_path))
+    runtime.create(_spec(tmp_path, name="lb-b", state_dir=tmp_path / "lb-b"))
+    spare = runtime.create(_spec(tmp_path, name="spare1", kind="spare",
+                                 state_dir=tmp_path / "spare1"))
+    assert spare.member == "m1"              # beside lb-a: no member without a balancer
+    assert not runtime.better_placed(spare)
+    fake.members["m3"] = "Online"            # back: a spare made now would go there
+    assert runtime.better_placed(spare)
+
+
+def test_the_launcher_passes_over_a_spare_on_the_surviving_peers_member(tmp_path):
+    events = []
+
+    class Log:
+        def log(self, kind, **fields):
+            events.append((kind, fields))
+
+    launcher = Launcher(runtime=None, prefix="zfc-t", state_dir=tmp_path, events=Log(), max_cpu=1)
+    lb_b = LxdInstance(_spec(tmp_path, name="lb-b"), netns="c1", cgroup=None, member="m2")
+    spare = LxdInstance(_spec(tmp_path, name="spare1", kind="spare"), netns="c2", cgroup=None,
+                        member="m2")
+    launcher.instances["lb-b"] = lb_b
+    assert launcher._beside_a_balancer(spare)
+    assert events[-1] == ("repair", {"action": "spare passed over", "spare": "spare1",
+                                     "member": "m2", "beside": "lb-b"})
+    spare.member = "m3"
+    assert not launcher._beside_a_balancer(spare)
+    lb_b.member = spare.member = None        # no cluster: never
+    assert not launcher._beside_a_balancer(spare)

@@ -182,7 +182,7 @@ class Launcher:
         self.runtime.destroy(inst)
         self.boosted.discard(name)
         try:
-            if from_spare and self.spare_ready():
+            if from_spare and self.spare_ready() and not self._beside_a_balancer(self.spare):
                 self._activate_spare(spec, restarts, macs)
             else:
                 self.launch(spec, restarts)
@@ -190,6 +190,24 @@ class Launcher:
             self.events.log("error", instance=name, error=f"cannot recreate: {err}")
 
     # ---- the spare ----------------------------------------------------------------------
+
+    def _beside_a_balancer(self, sp: Instance) -> bool:
+        """Whether the spare runs on the member of a balancer (the surviving peer): as its
+        successor it would put the pair on one member, so a new instance goes elsewhere."""
+        peer = next((i for i in self.instances.values() if sp.member
+                     and i.member == sp.member and i.spec.kind == "balancer"), None)
+        if peer is not None:
+            self.events.log("repair", action="spare passed over", spare=sp.spec.name,
+                            member=sp.member, beside=peer.spec.name)
+        return peer is not None
+
+    def move_misplaced_spare(self) -> None:
+        """A spare sharing a member with a balancer while a member of the cluster has none
+        (one came back): removed, so that the next is parked there."""
+        sp = self.spare
+        if sp is not None and self.runtime.better_placed(sp):
+            self.events.log("repair", action="spare moved", spare=sp.spec.name, member=sp.member)
+            self.drop_spare()
 
     def spare_ready(self) -> bool:
         sp = self.spare

@@ -24,24 +24,22 @@ resizer, which read those directly, work as with a namespace.
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from zfast.core.cgroups import ROOT as CGROUP_ROOT
 from zfast.core.cgroups import Cgroup
+from zfast.core.lxdapi import OP_TIMEOUT_S, LxdClient, LxdError  # noqa: F401 -- theirs, here too
+from zfast.core.lxdcluster import ClusterView
 from zfast.core.lxdimage import build_image
-from zfast.core.placement import choose_member, shares_member
 from zfast.core.runtime import (
     Instance,
     InstanceSpec,
@@ -55,126 +53,7 @@ from zfast.node.daemon import down
 from zfast.paths import BPFFS, pin_dir
 
 REPO = Path(__file__).resolve().parents[2]     # this checkout: bind-mounted into instances
-OP_TIMEOUT_S = 60
 DELETE_TIMEOUT_S = 10.0   # a stop or delete that a down member cannot answer
-REACH_TIMEOUT_S = 0.5     # a member's API address that does not accept in this is down
-
-
-class LxdError(RuntimeError):
-    def __init__(self, msg: str, code: int = 0):
-        super().__init__(msg)
-        self.code = code
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("lxd", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
-
-
-class LxdClient:
-    """LXD's REST API on its unix socket: JSON in and out, async operations waited for.
-
-    Several sockets (one per member of a cluster on this machine): a request goes to the
-    one that answered last, and to the next when it cannot connect (a lost member's socket
-    refuses): nothing was sent then, so any request may go again."""
-
-    def __init__(self, sockets: Path | str | tuple | list, timeout: float = 30.0):
-        self.sockets = [str(p) for p in ((sockets,) if isinstance(sockets, (str, Path))
-                                         else sockets)]
-        self.socket_path = self.sockets[0]
-        self.timeout = timeout
-
-    def raw(self, method: str, path: str, body: dict | None = None,
-            timeout: float | None = None) -> tuple[int, bytes]:
-        order = [self.socket_path] + [p for p in self.sockets if p != self.socket_path]
-        failed = []
-        for sock in order:
-            conn = _UnixConnection(sock, timeout or self.timeout)
-            try:
-                try:
-                    conn.connect()
-                except OSError as err:
-                    failed.append(f"{sock}: {err.strerror or err}")
-                    continue
-                self.socket_path = sock
-                data = json.dumps(body).encode() if body is not None else None
-                headers = {"Content-Type": "application/json"} if data is not None else {}
-                conn.request(method, path, body=data, headers=headers)
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-        raise LxdError(f"no LXD daemon answers ({'; '.join(failed)}): is lxd running?")
-
-    def request(self, method: str, path: str, body: dict | None = None, wait: bool = True,
-                timeout: float | None = None):
-        status, data = self.raw(method, path, body, timeout)
-        try:
-            doc = json.loads(data or b"{}")
-        except ValueError:
-            raise LxdError(f"{method} {path}: HTTP {status}, not JSON", status) from None
-        if doc.get("type") == "error" or status >= 400:
-            raise LxdError(f"{method} {path}: {doc.get('error') or status}",
-                           doc.get("error_code") or status)
-        if doc.get("type") == "async":
-            if not wait:
-                return doc["metadata"]
-            return self.wait(doc["operation"], int(timeout) if timeout else OP_TIMEOUT_S)
-        return doc.get("metadata")
-
-    def wait(self, operation: str, timeout: int = OP_TIMEOUT_S) -> dict:
-        """The operation's end; raises when it failed. A clustered daemon's operation URLs
-        carry ``?project=default``: ``/wait`` goes before that query (after it, the GET is
-        of the operation itself, answered at once while it runs)."""
-        path, _, query = operation.partition("?")
-        op = self.request("GET", f"{path}/wait?timeout={timeout}" + (f"&{query}" if query else ""),
-                          timeout=timeout + 5)
-        if op.get("status_code") != 200:
-            raise LxdError(f"{operation}: {op.get('err') or op.get('status')}",
-                           op.get("status_code") or 0)
-        return op
-
-    def get(self, path: str):
-        return self.request("GET", path)
-
-    def put(self, path: str, body: dict):
-        return self.request("PUT", path, body)
-
-    def patch(self, path: str, body: dict):
-        return self.request("PATCH", path, body)
-
-    def post(self, path: str, body: dict):
-        return self.request("POST", path, body)
-
-    def delete(self, path: str):
-        return self.request("DELETE", path)
-
-    def exec(self, name: str, command: list[str], env: dict | None = None) -> tuple[int, str, str]:
-        """Run a command in the instance to its end: (exit status, stdout, stderr)."""
-        op = self.post(f"/1.0/instances/{quote(name)}/exec",
-                       {"command": command, "environment": env or {}, "interactive": False,
-                        "wait-for-websocket": False, "record-output": True})
-        meta = op.get("metadata") or {}
-        out = []
-        for fd in ("1", "2"):
-            log = (meta.get("output") or {}).get(fd)
-            if not log:
-                out.append("")
-                continue
-            status, data = self.raw("GET", log)
-            out.append(data.decode(errors="replace") if status == 200 else "")
-            try:
-                self.raw("DELETE", log)
-            except OSError:
-                pass
-        return int(meta.get("return", -1)), out[0], out[1]
 
 
 class ContainerProcess:
@@ -278,7 +157,7 @@ def cpu_allowance(cpu: float) -> str:
 class LxdRuntime(Runtime):
     def __init__(self, prefix: str, socket_path: Path | str | tuple | list, image: str | None,
                  pool: str = "default", repo: Path = REPO, python: str | None = None,
-                 shared: tuple[Path, ...] | None = None):
+                 shared: tuple[Path, ...] | None = None, core_dir: Path | None = None):
         self.prefix = prefix.replace("_", "-")   # containers are <prefix>-<instance>-<tag>
         self.client = LxdClient(socket_path)
         self.image = image            # an alias in the daemon; None: zfast's, imported at open
@@ -291,9 +170,12 @@ class LxdRuntime(Runtime):
         # cache (the core compiles into it, instances load from it)
         self.last_create: dict = {}
         self.shared = tuple(Path(p) for p in ((BPFFS, cache_dir()) if shared is None else shared))
+        # the core's state dir: the instances' own dirs under it, and what they share (the
+        # pair's key, the store the routers and balancers follow)
+        self.core_dir = Path(core_dir) if core_dir else None
         self.imported: str | None = None     # the image alias open() imported (close removes it)
         self.orphans: dict[str, str | None] = {}   # containers not yet deleted: their member
-        self._member_urls: dict[str, str] = {}     # each member's API address (https://host:port)
+        self.cluster = ClusterView(self.client, self.prefix, lambda *a, **k: self.log(*a, **k))
 
     # ---- the daemon, the image, what an earlier core left -------------------------------
 
@@ -356,51 +238,10 @@ class LxdRuntime(Runtime):
                 out[c["name"]] = c.get("location") or None
         return out
 
-    # ---- placement ----------------------------------------------------------------------
+    # ---- placement (zfast/core/lxdcluster.py) ------------------------------------------
 
-    def online_members(self) -> list[str] | None:
-        """The cluster's members that are up; None: no cluster (one daemon). LXD calls a
-        member Offline only after its heartbeats have failed for cluster.offline_threshold
-        (10 s at least); one whose address refuses us is down already."""
-        if not (self.client.get("/1.0/cluster") or {}).get("enabled"):
-            return None
-        members = self.client.get("/1.0/cluster/members?recursion=1") or []
-        self._member_urls.update({m["server_name"]: m.get("url", "") for m in members})
-        return sorted(m["server_name"] for m in members
-                      if m.get("status") == "Online" and self.reachable(m["server_name"]))
-
-    def reachable(self, member: str | None) -> bool:
-        """Whether the member's API address accepts a connection (a request LXD forwards
-        to a member that is gone stalls until LXD gives up on it): no member (no cluster)
-        or an address we do not know counts as reachable."""
-        url = self._member_urls.get(member or "")
-        if not member or not url:
-            return True
-        host, _, port = urlsplit(url).netloc.rpartition(":")
-        try:
-            socket.create_connection((host.strip("[]"), int(port or 8443)), REACH_TIMEOUT_S).close()
-            return True
-        except (OSError, ValueError):
-            return False
-
-    def placed(self) -> list[tuple[str, str]]:
-        """(kind, member) of every container of this core."""
-        return [((c.get("config") or {}).get("user.zfast.kind", ""), c.get("location") or "")
-                for c in self.client.get("/1.0/instances?recursion=1") or []
-                if (c.get("config") or {}).get("user.zfast.core") == self.prefix]
-
-    def _target(self, spec: InstanceSpec) -> str | None:
-        online = self.online_members()
-        if online is None:
-            return None
-        placed = self.placed()
-        member = choose_member(spec.kind, online, placed)
-        if member is None:
-            raise LxdError("no member of the LXD cluster is online")
-        if shares_member(spec.kind, member, placed):
-            self.log("error", instance=spec.name, what="placement", member=member,
-                     error=f"shares {member} with another of its group: no other member is online")
-        return member
+    def better_placed(self, inst: Instance) -> bool:
+        return self.cluster.better_placed(inst)
 
     # ---- an instance --------------------------------------------------------------------
 
@@ -409,8 +250,9 @@ class LxdRuntime(Runtime):
         for link, host in zip(spec.links, hosts):
             devices[link.ifname] = {"type": "nic", "nictype": "bridged", "parent": link.bridge,
                                     "name": link.ifname, "host_name": host}
-        devices["zfast-state"] = {"type": "disk", "source": str(spec.state_dir),
-                                  "path": str(spec.state_dir)}
+        state = self.core_dir if self.core_dir and spec.state_dir.is_relative_to(self.core_dir) \
+            else spec.state_dir
+        devices["zfast-state"] = {"type": "disk", "source": str(state), "path": str(state)}
         devices["zfast-code"] = {"type": "disk", "source": str(self.repo), "path": str(self.repo),
                                  "readonly": "true"}
         for i, path in enumerate(p for p in self.shared if p.is_dir()):
@@ -427,7 +269,7 @@ class LxdRuntime(Runtime):
         hosts = [f"{spec.name[:8]}{tag}{i}"[:15] for i in range(len(spec.links))]
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        target = self._target(spec)
+        target = self.cluster.target(spec)
         self.client.post("/1.0/instances" + (f"?target={quote(target)}" if target else ""), {
             "name": name, "type": "container",
             "source": {"type": "image", "alias": self.image},
@@ -487,7 +329,7 @@ class LxdRuntime(Runtime):
         self._sh(inst, lines + self._address_cmds(links))
 
     def macs(self, inst: Instance) -> dict[str, str]:
-        if not self.reachable(inst.member):
+        if not self.cluster.reachable(inst.member):
             return {}
         try:
             net = (self.client.get(f"{self._url(inst)}/state") or {}).get("network") or {}
@@ -586,7 +428,7 @@ class LxdRuntime(Runtime):
 
     def _delete(self, name: str, member: str | None) -> bool:
         """Stopped (forced) and deleted; an orphan when LXD cannot (its member is down)."""
-        if not self.reachable(member):
+        if not self.cluster.reachable(member):
             if name not in self.orphans:
                 self.log("repair", action="orphaned", container=name, member=member,
                          error=f"member {member} unreachable")
@@ -619,7 +461,7 @@ class LxdRuntime(Runtime):
         if not self.orphans:
             return
         try:
-            online = self.online_members()
+            online = self.cluster.online()
         except (OSError, LxdError):
             return
         for name, member in list(self.orphans.items()):

@@ -85,6 +85,11 @@ class Runtime(ABC):
     def housekeeping(self) -> None:
         """Now and then (the core's scaling tick): what could not be done at once."""
 
+    def better_placed(self, inst: Instance) -> bool:
+        """Whether a new instance of its kind would now go to a member where none of its
+        group runs while it shares one (placement after a member came back)."""
+        return False
+
     def host_pid(self, inst: Instance, pid: int | None) -> int | None:
         """The host's pid of process ``pid`` as the instance sees it (a pid file in its
         state dir); None when it is not running there."""

@@ -62,10 +62,10 @@ SCALE_EVERY_S = 1.0        # the scaling controller's sample
 __all__ = ["CoreError", "CoreService"]     # CoreError: what `zfast core up` reports
 
 
-def make_runtime(spec: CoreRuntime, prefix: str) -> Runtime:
+def make_runtime(spec: CoreRuntime, prefix: str, state_dir: Path) -> Runtime:
     """The instances' runtime the project file's core.runtime names."""
     if spec.kind == "lxd":
-        return LxdRuntime(prefix, spec.socket, spec.image, pool=spec.pool)
+        return LxdRuntime(prefix, spec.socket, spec.image, pool=spec.pool, core_dir=state_dir)
     return NetnsRuntime(prefix=prefix)
 
 
@@ -73,11 +73,11 @@ class CoreService:
     def __init__(self, project: config.Project, state_dir: Path, runtime: Runtime | None = None):
         core = parse_core(project)
         self.prefix = f"zfc-{project.project}"[:20]
-        self.runtime = runtime or make_runtime(project.core.runtime, self.prefix)
+        self.state_dir = Path(state_dir)
+        self.runtime = runtime or make_runtime(project.core.runtime, self.prefix, self.state_dir)
         problem = hierarchy_problem() if isinstance(self.runtime, NetnsRuntime) else None
         if problem:                     # before anything is made: nothing to undo then
             raise CoreError(problem)
-        self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.events = LoggerController(self.state_dir, f"{project.project}-core")
         self.runtime.log = self.events.log
@@ -191,6 +191,8 @@ class CoreService:
 
     def scale_tick(self) -> None:
         self.runtime.housekeeping()
+        if not self.repair.busy:
+            self.launcher.move_misplaced_spare()
         now = time.time()
         planned = self.resizer.tick(now, self.observer, self._well, replacing=self.repair.busy)
         if planned is not None:

@@ -52,6 +52,20 @@ from zfast.core.lxdimage import (  # noqa: F401 -- the lab's names for them, as 
 
 # ---- the daemon ---------------------------------------------------------------------------
 
+# In a mount namespace of the daemon's own: a sysfs of its network namespace over /sys,
+# with the host's cgroup and bpf mounts moved onto it; then the command.
+NETNS_SYSFS = """T=$(mktemp -d /tmp/zfast-lxd-sysfs.XXXXXX)
+mkdir "$T/cgroup" "$T/bpf"
+mount --rbind /sys/fs/cgroup "$T/cgroup"
+mount --rbind /sys/fs/bpf "$T/bpf"
+mount -t sysfs sysfs /sys
+mount --move "$T/cgroup" /sys/fs/cgroup
+mount --move "$T/bpf" /sys/fs/bpf
+rmdir "$T/cgroup" "$T/bpf" "$T"
+exec "$@"
+"""
+
+
 def pool_seed(driver: str = "dir", size: str = "4GiB") -> dict:
     """The storage pool "default": `dir`, or `btrfs` on a loop file of that size."""
     return {"name": "default", "driver": driver,
@@ -74,6 +88,9 @@ class Daemon:
         self.driver = driver
         self.pool_size = pool_size
         self.proc: subprocess.Popen | None = None
+        # a named network namespace to run in (None: ours): its containers' host ends go
+        # there, onto that namespace's bridges
+        self.netns: str | None = None
 
     @property
     def socket(self) -> Path:
@@ -103,7 +120,7 @@ class Daemon:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not (self.socket.exists() and self.running() and self._ready(1)):
             log = open(self.dir / "daemon.log", "ab")
-            self.proc = subprocess.Popen(["lxd", "--group", "root", "--logfile",
+            self.proc = subprocess.Popen([*self._enter(daemon=True), "lxd", "--group", "root", "--logfile",
                                           str(self.dir / "lxd.log")], env=self.env,
                                          stdout=log, stderr=log, start_new_session=True)
             log.close()
@@ -112,6 +129,19 @@ class Daemon:
                     if (self.dir / "lxd.log").exists() else ""
                 self.down()
                 raise RuntimeError(f"lxd in {self.dir} did not become ready in {timeout} s: {tail}")
+
+    def _enter(self, daemon: bool = False) -> list[str]:
+        """The command prefix that runs in the daemon's network namespace. The daemon also
+        needs a sysfs of that namespace: LXD looks for a NIC's parent bridge in
+        /sys/class/net, and a sysfs shows the namespace that mounted it (as ``ip netns
+        exec`` does, but keeping the cgroup and bpf mounts that LXC needs)."""
+        if not self.netns:
+            return []
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"]
+        if daemon:
+            enter += ["unshare", "--mount", "--propagation", "slave",
+                      "sh", "-ec", NETNS_SYSFS, "lxd-in-netns"]
+        return enter
 
     def _ready(self, timeout: float) -> bool:
         out = subprocess.run(["lxd", "waitready", f"--timeout={max(1, int(timeout))}"],
@@ -131,8 +161,10 @@ class Daemon:
 
     def init(self, seed: dict) -> None:
         """``lxd init --preseed`` with this document."""
-        out = subprocess.run(["lxd", "init", "--preseed"], input=yaml.safe_dump(seed), text=True,
-                             env=self.env, capture_output=True)
+        # in its namespace: a join's client side reaches the members' addresses itself
+        out = subprocess.run([*self._enter(), "lxd", "init", "--preseed"],
+                             input=yaml.safe_dump(seed), text=True, env=self.env,
+                             capture_output=True)
         if out.returncode != 0:
             raise RuntimeError(f"lxd init --preseed in {self.dir}: {out.stderr.strip()}")
 
@@ -373,13 +405,25 @@ class Cluster:
     network namespace (an instance on any member plugs into the same host bridges)."""
 
     def __init__(self, base: Path | str, size: int = 3, port: int = 8443, driver: str = "dir",
-                 pool_size: str = "4GiB"):
+                 pool_size: str = "4GiB", netns: str | None = None):
         self.base = Path(base)
         self.driver, self.pool_size = driver, pool_size
         self.daemons = {f"m{i}": Daemon(self.base / f"m{i}", f"127.0.0.{1 + i}:{port}",
                                         driver, pool_size) for i in range(1, size + 1)}
+        self.netns = netns
         self.image: Image | None = None
         self.timings: dict[str, float] = {}
+
+    @property
+    def netns(self) -> str | None:
+        """The named network namespace every member runs in (None: ours); set before up."""
+        return self._netns
+
+    @netns.setter
+    def netns(self, name: str | None) -> None:
+        self._netns = name
+        for d in self.daemons.values():
+            d.netns = name
 
     @classmethod
     def found(cls, base: Path | str, port: int = 8443) -> Cluster:
@@ -421,7 +465,8 @@ class Cluster:
 
     # -- up
 
-    def up(self, timeout: float = 60.0, image: Image | None = None) -> Image:
+    def up(self, timeout: float = 60.0, image: Image | None = None,
+           import_image: bool = True) -> Image | None:
         """Every member started and in the cluster, the cluster's config set, the image
         imported and on every member; what is up already is reused (a member's dir that
         holds a daemon's state is started again and rejoins as itself). Its timings in
@@ -439,12 +484,13 @@ class Cluster:
                                      self.driver, self.pool_size))
             self.timings[f"{name}_s"] = round(time.monotonic() - t, 2)
         self._configure(first)
-        t = time.monotonic()
-        self.image = image or build_image()
-        self.timings["image_build_s"] = round(time.monotonic() - t, 2)
-        t = time.monotonic()
-        self._import_everywhere(self.image)
-        self.timings["image_import_s"] = round(time.monotonic() - t, 2)
+        if import_image:        # (not: a user of the cluster imports its own, e.g. the core)
+            t = time.monotonic()
+            self.image = image or build_image()
+            self.timings["image_build_s"] = round(time.monotonic() - t, 2)
+            t = time.monotonic()
+            self._import_everywhere(self.image)
+            self.timings["image_import_s"] = round(time.monotonic() - t, 2)
         for name in self.daemons:
             self.wait_status(name, "Online", timeout)
         self.timings["up_s"] = round(time.monotonic() - t0, 2)

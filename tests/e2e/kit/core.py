@@ -20,8 +20,10 @@ from zfast.lab.netns import Topology
 
 
 class Core:
-    def __init__(self, state: Path, topo, proc: subprocess.Popen, cli: str):
+    def __init__(self, state: Path, topo, proc: subprocess.Popen, cli: str,
+                 err: Path | None = None):
         self.state, self.topo, self.proc, self.cli = state, topo, proc, cli
+        self.err = err              # its stderr
 
     def status(self) -> dict:
         return Client(self.state, timeout=5).get("/status")
@@ -56,6 +58,8 @@ class Core:
         end = time.monotonic() + timeout
         last = None
         while time.monotonic() < end:
+            assert self.proc.poll() is None, f"the core exited ({self.proc.returncode}): " \
+                f"{self.err.read_text()[-2000:] if self.err else ''}"
             try:
                 last = self.status()
             except ApiError:
@@ -86,11 +90,12 @@ class Core:
 
 @contextmanager
 def core_service(prefix: str, state: Path, project: dict, backends: tuple[str, ...],
-                 client: str) -> Iterator[Core]:
+                 client: str, setup=None) -> Iterator[Core]:
     """`zfast core up` of project in a namespace "host" of its own, an echo backend
     (TCP 8080) at each of backends on the private bridge, a client at client (an
     address/len) on the public one; after it, the core must have exited 0 and left no
-    instance behind."""
+    instance behind. ``setup(topo, host)``: what the core needs first (an LXD cluster in
+    that namespace); what it registers with ``topo.at_close`` runs after the core stopped."""
     assert os.geteuid() == 0, "the core tests need root (namespaces, cgroups, XDP)"
     subprocess.run(["rm", "-rf", str(state)])
     core = project["core"]
@@ -101,12 +106,14 @@ def core_service(prefix: str, state: Path, project: dict, backends: tuple[str, .
         host = topo.add_ns("host")
         state.mkdir(parents=True, exist_ok=True)
         cfg.write_text(yaml.safe_dump(project))
+        if setup is not None:
+            setup(topo, host)
         proc = start_core(topo, host, cfg, state, err, priv)
         for i, ip in enumerate(backends, 1):
             ns = plug(topo, host, f"be{i}", f"bh{i}", priv, [f"{ip}/24"], gateway)
             topo.popen(ns, [sys.executable, "-m", "zfast.lab.echo", "--name", f"be{i}", "--port", "8080"])
         plug(topo, host, "cli", "ch", pub, [client])
-        yield Core(state, topo, proc, topo.ns("cli"))
+        yield Core(state, topo, proc, topo.ns("cli"), err)
     assert proc.returncode == 0, err.read_text()[-2000:]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"zfc-{project['project']}" not in left, f"instances left behind: {left}"
