@@ -99,6 +99,12 @@ class Plan:
         dp = dict(raw.get("datapath") or {})
         dp["flow_table"] = self.core.flow_table
         raw["datapath"] = dp
+        acme = (raw.get("routing") or {}).get("acme")
+        if isinstance(acme, dict) and "ca_bundle" in acme:
+            # the ACME client is the core's (routing/renewal.py): no instance reads the CA
+            # bundle, and a container (on another member) has no such path
+            raw["routing"] = dict(raw["routing"], acme={k: v for k, v in acme.items()
+                                                        if k != "ca_bundle"})
         if self.core.routers:
             priv = self._private_addresses()
             raw["routing"] = dict(raw["routing"])
