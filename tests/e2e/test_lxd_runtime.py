@@ -223,7 +223,7 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     runtime.stop(inst)
     runtime.destroy(inst)
     assert c.get("/1.0/instances") == []
-    assert _ip("link", "show", "lb-e2eh0", check=False).returncode != 0
+    assert _ip("link", "show", inst.host_ifnames[0], check=False).returncode != 0
     assert not pin_dir("lxdlab-lb").exists(), "destroy left the daemon's pinned maps"
     assert [p.rsplit("/", 1)[-1] for p in c.get("/1.0/profiles")] == ["default"]
     managed = [n["name"] for n in c.request("GET", "/1.0/networks?recursion=1") if n["managed"]]
@@ -254,6 +254,6 @@ def test_a_crashed_daemon_takes_its_instances_with_it_and_leaves_nothing(daemon,
     assert not _lxd_pids(d.dir)
     assert subprocess.run(["ping", "-c1", "-W1", INST_ADDR], capture_output=True).returncode != 0
     deadline = time.monotonic() + 5          # its veth goes with its network namespace
-    while _ip("link", "show", "lb-crashh0", check=False).returncode == 0:
+    while _ip("link", "show", inst.host_ifnames[0], check=False).returncode == 0:
         assert time.monotonic() < deadline, "the crashed instance's veth is still there"
         time.sleep(0.1)

@@ -21,6 +21,11 @@ class LxdError(RuntimeError):
         self.code = code
 
 
+class LxdUnreachable(LxdError, ConnectionError):
+    """No daemon answers on any socket (an OSError too: callers that catch a refused
+    connection catch it)."""
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float):
         super().__init__("lxd", timeout=timeout)
@@ -66,7 +71,7 @@ class LxdClient:
                 return resp.status, resp.read()
             finally:
                 conn.close()
-        raise LxdError(f"no LXD daemon answers ({'; '.join(failed)}): is lxd running?")
+        raise LxdUnreachable(f"no LXD daemon answers ({'; '.join(failed)}): is lxd running?")
 
     def request(self, method: str, path: str, body: dict | None = None, wait: bool = True,
                 timeout: float | None = None):
