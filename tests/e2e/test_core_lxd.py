@@ -90,6 +90,8 @@ def core():
                 left["images"] = client.get("/1.0/images")
                 left["profiles"] = [p for p in client.get("/1.0/profiles")
                                     if not p.endswith("/default")]
+                left["networks"] = [n["name"] for n in client.get("/1.0/networks?recursion=1")
+                                    if n.get("managed")]
             finally:
                 cluster.down()
         topo.at_close(after_the_core)
@@ -105,7 +107,8 @@ def core():
         timings["pair_up_s"] = round(time.monotonic() - t, 1)
         print(f"\nLXD core timings: {json.dumps(timings)}")
         yield c
-    assert left == {"containers": [], "images": [], "profiles": []}, f"core down left {left}"
+    assert left == {"containers": [], "images": [], "profiles": [], "networks": []}, \
+        f"core down left {left}"
     assert not base.exists(), f"{base} left behind"
 
 
