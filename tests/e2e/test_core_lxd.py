@@ -31,6 +31,7 @@ import pytest
 
 from tests.e2e.kit.cli import zfast
 from tests.e2e.kit.core import Core, core_service
+from tests.e2e.kit.lxd import kernel_limits
 from zfast.core.lxd import LxdClient, cpu_allowance
 from zfast.lab import lxd
 from zfast.lab.probe import Stream, streams_alive
@@ -181,23 +182,6 @@ def test_losing_the_actives_member_keeps_every_stream_and_the_pair_apart(core):
         s.close()
 
 
-def _kernel_limits(pid: int) -> tuple[int, float]:
-    """(memory limit, CPUs) of the cgroup of host process pid."""
-    groups = {}
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for ctl in controllers.split(",") if controllers else [""]:
-            groups[ctl] = path
-    if "memory" in groups:      # cgroup v1
-        mem = Path(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes").read_text()
-        cpu = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}")
-        quota = int((cpu / "cpu.cfs_quota_us").read_text())
-        return int(mem), quota / int((cpu / "cpu.cfs_period_us").read_text())
-    base = Path(f"/sys/fs/cgroup{groups['']}")
-    quota, period = (base / "cpu.max").read_text().split()
-    return int((base / "memory.max").read_text()), int(quota) / int(period)
-
-
 def test_scaling_decisions_show_in_the_containers_lxd_limits_live(core):
     pair = core.wait_pair(120)
     before = {name: (i["pid"], i["restarts"], i["netns"]) for name, i in pair.items()}
@@ -221,7 +205,7 @@ def test_scaling_decisions_show_in_the_containers_lxd_limits_live(core):
         config = client.get(f"/1.0/instances/{inst['netns']}")["config"]
         assert config["limits.cpu.allowance"] == cpu_allowance(inst["cpu"]), (config, inst)
         assert config["limits.memory"] == str(inst["memory"]), (config, inst)
-        memory, cpus = _kernel_limits(inst["pid"])
+        memory, cpus, _ = kernel_limits(inst["pid"])
         assert memory == inst["memory"] and abs(cpus - inst["cpu"]) < 1e-6, (memory, cpus, inst)
         assert (inst["cpu"] if resource == "cpu" else inst["memory"]) == e["new"] or \
             any(x.get("instance") == name and x.get("resource") == resource

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.kit.lxd import lxc_cgroups, lxd_pids
 from zfast.core.lxd import LxdError
 from zfast.lab import lxd
 
@@ -23,24 +24,6 @@ PREFIX = "zflc-"            # our containers (the runtime test's are zfl-...)
 # through the leader that is the threshold after the last heartbeat it got (< threshold
 # after the loss), through another member up to one more heartbeat round later
 LEADER_SLACK_S, OTHER_SLACK_S = 10, 20
-
-
-def _lxd_pids(lxd_dir: Path) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and \
-                    f"LXD_DIR={lxd_dir}".encode() in (p / "environ").read_bytes().split(b"\0"):
-                pids.append(int(p.name))
-        except OSError:
-            pass
-    return pids
-
-
-def _cgroups(prefix: str) -> list[str]:
-    root = Path("/sys/fs/cgroup")
-    return [str(g) for top in [root, *root.iterdir()] if top.is_dir()
-            for g in top.glob(f"lxc.*.{prefix}*")]
 
 
 @pytest.fixture
@@ -63,11 +46,11 @@ def cluster(need_root):
         print("LXD cluster timings:", json.dumps(timings), file=sys.stderr)
         assert not base.exists(), f"{base} left behind"
         for d in dirs:
-            assert not _lxd_pids(d), f"an lxd daemon of {d} left running"
+            assert not lxd_pids(d), f"an lxd daemon of {d} left running"
         assert str(base) not in Path("/proc/self/mounts").read_text(), "mounts left"
         loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         assert str(base) not in loops, f"a loop device left: {loops}"
-        assert not _cgroups(PREFIX), f"cgroups left: {_cgroups(PREFIX)}"
+        assert not lxc_cgroups(PREFIX), f"cgroups left: {lxc_cgroups(PREFIX)}"
         monitors = subprocess.run(["pgrep", "-af", "lxc monitor"], capture_output=True,
                                   text=True).stdout
         assert str(base) not in monitors, f"a container's monitor left: {monitors}"
@@ -114,7 +97,7 @@ def test_a_member_lost_is_noticed_and_restored_without_its_instance(cluster):
     # m2 lost: the cluster says Offline within the threshold (+ a heartbeat round)
     t = time.monotonic()
     cl.lose("m2")
-    assert not _lxd_pids(cl.daemons["m2"].dir)
+    assert not lxd_pids(cl.daemons["m2"].dir)
     assert not Path(f"/proc/{lost_init}").exists() or \
         Path(f"/proc/{lost_init}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     cl.wait_status("m2", "Offline", lxd.OFFLINE_THRESHOLD_S + 30, via="m1")

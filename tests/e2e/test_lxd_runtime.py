@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.e2e.kit.lxd import kernel_limits, lxc_cgroups, lxd_pids
 from zfast.api import ApiError, Client
 from zfast.core.lxd import LxdRuntime
 from zfast.core.runtime import InstanceSpec, Link
@@ -28,18 +29,6 @@ PRIVATE_CIDR, INST_PRIVATE = "10.250.8.1/24", "10.250.8.2"
 
 def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-def _lxd_pids(lxd_dir: Path) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and (p / "comm").read_text().strip() == "lxd" and \
-                    f"LXD_DIR={lxd_dir}".encode() in (p / "environ").read_bytes().split(b"\0"):
-                pids.append(int(p.name))
-        except OSError:
-            pass
-    return pids
 
 
 def balancer_project(state_dir: Path) -> dict:
@@ -104,10 +93,9 @@ def daemon(request, need_root, tmp_path):
             _ip("link", "del", br, check=False)
         print("LXD timings:", json.dumps(timings), file=sys.stderr)
         assert not lxd_dir.exists(), f"{lxd_dir} left behind"
-        groups = [str(g) for top in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").iterdir()]
-                  if top.is_dir() for g in top.glob("lxc.*.zfl-*")]
+        groups = lxc_cgroups("zfl-")
         assert not groups, f"cgroups left: {groups}"
-        assert not _lxd_pids(lxd_dir), "an lxd daemon left running"
+        assert not lxd_pids(lxd_dir), "an lxd daemon left running"
         assert str(lxd_dir) not in Path("/proc/self/mounts").read_text(), "mounts left"
         assert _ip("link", "show", BRIDGE, check=False).returncode != 0
         assert _ip("link", "show", PRIVATE, check=False).returncode != 0
@@ -184,31 +172,16 @@ def test_an_lxd_instance_on_a_host_bridge_resized_live_and_removed(daemon, tmp_p
     # limits, live: LXD's config and the kernel's (the container's cgroup, read on the host)
     init_pid = c.get(f"/1.0/instances/{inst.container}/state")["pid"]
 
-    def kernel_limits():
-        groups = {}
-        for line in Path(f"/proc/{init_pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            for ctl in controllers.split(",") if controllers else [""]:
-                groups[ctl] = path
-        if "memory" in groups:      # cgroup v1
-            mem = Path(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes")
-            quota = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_quota_us").read_text()
-            period = Path(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.cfs_period_us").read_text()
-            return int(mem.read_text()), int(quota) / int(period), int(period)
-        base = Path(f"/sys/fs/cgroup{groups['']}")
-        quota, period = (base / "cpu.max").read_text().split()
-        return int((base / "memory.max").read_text()), int(quota) / int(period), int(period)
-
     assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/10ms",
                                     "limits.memory": str(256 << 20)}
-    assert kernel_limits() == (256 << 20, 0.5, 10_000)   # 10 ms periods
+    assert kernel_limits(init_pid) == (256 << 20, 0.5, 10_000)   # 10 ms periods
     runtime.resize(inst, 0.25, 128 << 20)
     assert runtime.limits(inst) == {"limits.cpu.allowance": "5ms/20ms",
                                     "limits.memory": str(128 << 20)}
-    assert kernel_limits() == (128 << 20, 0.25, 20_000)
+    assert kernel_limits(init_pid) == (128 << 20, 0.25, 20_000)
     runtime.boost(inst, 1.0)
     assert runtime.limits(inst)["limits.cpu.allowance"] == "10ms/10ms"
-    assert kernel_limits() == (128 << 20, 1.0, 10_000)
+    assert kernel_limits(init_pid) == (128 << 20, 1.0, 10_000)
     runtime.boost(inst, None)
     assert runtime.limits(inst)["limits.cpu.allowance"] == "5ms/20ms"
     state = c.get(f"/1.0/instances/{inst.container}/state")
@@ -251,7 +224,7 @@ def test_a_crashed_daemon_takes_its_instances_with_it_and_leaves_nothing(daemon,
     d.crash()
     assert not Path(f"/proc/{init_pid}").exists() or \
         Path(f"/proc/{init_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    assert not _lxd_pids(d.dir)
+    assert not lxd_pids(d.dir)
     assert subprocess.run(["ping", "-c1", "-W1", INST_ADDR], capture_output=True).returncode != 0
     deadline = time.monotonic() + 5          # its veth goes with its network namespace
     while _ip("link", "show", inst.host_ifnames[0], check=False).returncode == 0:
