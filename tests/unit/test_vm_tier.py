@@ -117,7 +117,7 @@ QEMU_DEFAULT = bits(0, 1, 2, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
 
 
 def test_qemus_default_virtio_net_takes_native_xdp():
-    assert virtio.max_mtu() == 3506
+    assert virtio.max_mtu() == 4064     # measured in the 6.1.0-57 guest
     assert virtio.problems(QEMU_DEFAULT, 1500) == []
 
 
@@ -131,8 +131,9 @@ def test_offloads_the_guest_cannot_turn_off_are_named_with_the_qemu_fix():
 
 def test_an_mtu_above_one_page_is_refused_before_6_3_only():
     [p] = virtio.problems(QEMU_DEFAULT, 9000)
-    assert "MTU 9000 is above 3506" in p
-    assert virtio.problems(QEMU_DEFAULT, 3506) == []
+    assert "MTU 9000 is above 4064" in p
+    assert virtio.problems(QEMU_DEFAULT, 4064) == []
+    assert virtio.problems(QEMU_DEFAULT, 4065) != []
     assert virtio.problems(QEMU_DEFAULT, 9000, release=(6, 8)) == []
 
 
@@ -144,22 +145,26 @@ def test_mergeable_buffers_need_any_layout():
 
 def test_a_queue_note_when_xdp_sends_share_queues():
     assert virtio.queue_note(2, 4, 2) == ""
-    note = virtio.queue_note(1, 1, 2)
-    assert "1 of 1 queue pairs" in note and "give the VM 3 queue pairs" in note
+    assert virtio.queue_note(2, 8, 4) == ""
+    note = virtio.queue_note(1, 1, 2, "eth0")
+    assert "1 of 1 queue pairs" in note and "give the VM 4 queue pairs" in note
+    assert "ethtool" not in note
+    three = virtio.queue_note(2, 3, 2, "eth0")
+    assert three.endswith("or use 1 (ethtool -L eth0 combined 1)")
 
 
 def test_native_named_in_the_project_file_is_refused_in_one_line():
     with pytest.raises(loader.DatapathError) as err:
         loader.virtio_tries("eth0", "native", ["native"], "mode native set",
-                            ["MTU 9000 is above 3506"])
+                            ["MTU 9000 is above 4064"])
     assert "\n" not in str(err.value)
     assert str(err.value) == ("cannot attach zfast to eth0 in native mode: virtio_net refuses "
-                              "XDP here: MTU 9000 is above 3506")
+                              "XDP here: MTU 9000 is above 4064")
 
 
 def test_auto_goes_on_to_generic_and_says_why():
     tries, why = loader.virtio_tries("eth0", "auto", ["native", "generic"], "a NIC driver",
-                                     ["MTU 9000 is above 3506"])
+                                     ["MTU 9000 is above 4064"])
     assert tries == ["generic"]
-    assert why == "a NIC driver; not native: virtio_net refuses XDP here (MTU 9000 is above 3506)"
+    assert why == "a NIC driver; not native: virtio_net refuses XDP here (MTU 9000 is above 4064)"
     assert loader.virtio_tries("eth0", "native", ["native"], "w", []) == (["native"], "w")

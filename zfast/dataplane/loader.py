@@ -550,6 +550,8 @@ class Loaded:
         virtio_nic = "native" in tries and virtio.is_virtio(ifname)
         if virtio_nic:
             tries, why = virtio_tries(ifname, mode, tries, why, virtio.refusal(ifname))
+            # read before the attach: with XDP on, the driver counts its XDP queues in use too
+            queue_note = virtio.attach_note(ifname)
         for m in tries:
             try:
                 if m == "tc":
@@ -563,9 +565,8 @@ class Loaded:
                 continue
             if m == "generic" and len(tries) > 1:
                 why += f"; no native XDP in this driver ({last})"
-            if m == "native" and virtio_nic:
-                note = virtio.attach_note(ifname)
-                why += f"; {note}" if note else ""
+            if m == "native" and virtio_nic and queue_note:
+                why += f"; {queue_note}"
             att = Attachment(ifname, m, self.prog_id_of(m), why)
             self.attached[ifname] = att
             return att

@@ -6,13 +6,18 @@ virtio_net (Linux 6.1, Debian 12's kernel; `virtnet_xdp_set`) attaches an XDP pr
   With the control feature the driver turns them off itself while XDP is on; without it only
   the hypervisor can (qemu: guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,
   guest_csum=off);
-- a frame fits one page with XDP's headroom: the MTU at most 3506 with 4 KiB pages (before
-  6.3, which added multi-buffer XDP; the driver logs "XDP requires MTU less than N");
+- a frame fits one page: the MTU at most PAGE_SIZE - 32 (struct padded_vnet_hdr), 4064 with
+  4 KiB pages, before 6.3 added multi-buffer XDP. Measured in Debian's 6.1.0-57 guest: 4064
+  attaches, 4065 is refused with EINVAL alone (the driver logs "XDP requires MTU less than
+  4064"), which is all an attach would otherwise say;
 - with mergeable receive buffers, the header may share a descriptor (ANY_LAYOUT or VERSION_1).
 
 It then wants one transmit queue per CPU for XDP_TX and redirects on top of the queues in use:
 with fewer, 6.1 still attaches, and sends those frames through shared queues under a lock
-(slower, not refused). The note says so, so that an operator can give the VM more queues.
+(slower, not refused; the driver logs "XDP request 3 queues but max is 1"). The note says so,
+and how to get lock-free sends: 2 x CPUs queue pairs (the driver uses one per CPU itself),
+or fewer in use. zfast does not change the channels itself: that moves receive spreading,
+the operator's choice.
 """
 
 from __future__ import annotations
@@ -30,14 +35,12 @@ ANY_LAYOUT, VERSION_1 = 27, 32
 RX_OFFLOADS = {GUEST_CSUM: "guest_csum", GUEST_TSO4: "guest_tso4", GUEST_TSO6: "guest_tso6",
                GUEST_ECN: "guest_ecn", GUEST_UFO: "guest_ufo"}
 
-XDP_HEADROOM = 256
-SHARED_INFO = 320        # SKB_DATA_ALIGN(sizeof(struct skb_shared_info)) on x86_64
-ETH_HLEN = 14
+PADDED_VNET_HDR = 32     # sizeof(struct padded_vnet_hdr), virtio_net.c
 
 
 def max_mtu(page_size: int = 4096) -> int:
-    """The largest MTU 6.1's virtio_net attaches XDP at: a frame and its headroom in a page."""
-    return page_size - ((XDP_HEADROOM + SHARED_INFO + 63) // 64 * 64) - ETH_HLEN
+    """The largest MTU 6.1's virtio_net attaches XDP at: a frame and its header in a page."""
+    return page_size - PADDED_VNET_HDR
 
 
 def has(features: str, bit: int) -> bool:
@@ -63,14 +66,18 @@ def problems(features: str, mtu: int, release: tuple[int, int] = (6, 1),
     return out
 
 
-def queue_note(current: int, maximum: int, cpus: int) -> str:
+def queue_note(current: int, maximum: int, cpus: int, ifname: str = "IFACE") -> str:
     """A phrase when XDP_TX and redirects go through shared queues under a lock (6.1 wants
-    one more transmit queue per CPU on top of those in use); empty when it has enough."""
+    one more transmit queue per CPU on top of those in use); empty when it has enough. The
+    driver uses min(maximum, cpus) queue pairs by default: a VM needs 2 x CPUs of them, or
+    fewer in use."""
     if current + cpus <= maximum:
         return ""
+    fix = f"give the VM {2 * cpus} queue pairs (qemu: queues=N on the tap, mq=on on the NIC)"
+    if maximum > cpus:
+        fix += f", or use {maximum - cpus} (ethtool -L {ifname} combined {maximum - cpus})"
     return (f"virtio-net: {current} of {maximum} queue pairs in use and XDP wants {cpus} more "
-            f"(one per CPU): XDP_TX and redirects share queues under a lock; give the VM "
-            f"{current + cpus} queue pairs (qemu: queues=N, mq=on) for lock-free sends")
+            f"(one per CPU): XDP_TX and redirects share queues under a lock; {fix}")
 
 
 # ---- reading the device -----------------------------------------------------------------------
@@ -116,4 +123,4 @@ def refusal(ifname: str) -> list[str]:
 
 def attach_note(ifname: str) -> str:
     ch = channels(ifname)
-    return queue_note(ch[0], ch[1], os.cpu_count() or 1) if ch else ""
+    return queue_note(ch[0], ch[1], os.cpu_count() or 1, ifname) if ch else ""

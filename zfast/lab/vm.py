@@ -219,12 +219,19 @@ def run(args) -> int:
 def drive(args, net: vmnet.HostNet, xchg: Path, proc, timeline: dict, report: list[str],
           t0: float) -> int:
     """The host's part while the guest runs: wait for its node, send the traffic, check."""
+    if wait_file(xchg / "booted.json", proc, args.timeout):
+        timeline["boot_s"] = round(time.monotonic() - t0, 1)
+        timeline["guest_uptime_at_start_s"] = json.loads(
+            (xchg / "booted.json").read_text())["uptime_s"]
     if not wait_file(xchg / "fixtures.json", proc, args.timeout):
         say("the guest ended (or timed out) before the fixtures finished")
         return 1
     timeline["boot_and_fixtures_s"] = round(time.monotonic() - t0, 1)
     fx = json.loads((xchg / "fixtures.json").read_text())
     timeline["fixtures_s"] = fx.get("seconds")
+    say(f"fixtures: {fx['summary']} (program cache: {fx.get('cache_entries_before')} entries "
+        f"before, {fx.get('compiled')} compiled by this run)")
+    report.append(f"fixtures' compiles this run: {fx.get('compiled')}")
     t1 = time.monotonic()
     if not wait_file(xchg / "ready.json", proc, args.timeout):
         say("the guest's node never answered")
@@ -242,6 +249,8 @@ def drive(args, net: vmnet.HostNet, xchg: Path, proc, timeline: dict, report: li
         say(f"guest NIC {i['ifname']} ({i['role']}, driver {i['driver']}): XDP mode {i['xdp']}"
             f" — {i['why']}")
         report.append(f"XDP on {i['ifname']} ({i['role']}, {i['driver']}): {i['xdp']}")
+        if i.get("kernel_says"):
+            say(f"guest kernel on {i['ifname']}: {i['kernel_says']}")
     if any(m != "native" for m in modes):
         say("FAIL: not native XDP on every virtio-net NIC")
         rc = 1

@@ -107,7 +107,8 @@ def fixtures(repo: Path, cache: Path, xchg: Path, tests: list[str], all_loads: b
     env = {**os.environ, "ZFAST_TEST_PROGRAM_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     if not all_loads:
         env["ZFAST_TEST_LOADS"] = "cached"
-    cached = any(cache.glob("*.zfc"))
+    before = {p.name for p in cache.glob("*.zfc")}
+    cached = bool(before)
     say(f"packet fixtures: pytest {' '.join(tests)} ("
         + ("program cache has entries" if cached else "program cache empty: the first load compiles")
         + ")")
@@ -123,8 +124,11 @@ def fixtures(repo: Path, cache: Path, xchg: Path, tests: list[str], all_loads: b
             sys.stdout.flush()
         rc = proc.wait()
     summary = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+    new = sorted({p.name for p in cache.glob("*.zfc")} - before)
     write_json(xchg / "fixtures.json", {"rc": rc, "summary": summary, "seconds":
-                                        round(time.monotonic() - t0, 1), "tests": tests})
+                                        round(time.monotonic() - t0, 1), "tests": tests,
+                                        "cache_entries_before": len(before),
+                                        "compiled": len(new)})
     say(f"packet fixtures: exit {rc}, {time.monotonic() - t0:.0f} s")
     return rc
 
@@ -167,9 +171,12 @@ def node(nics: dict[str, str], xchg: Path, go_timeout: float) -> int:
         return 1
     up_s = time.monotonic() - t0
     interfaces = []
+    dmesg = sh("dmesg", check=False).stdout.splitlines()
     for role, ifname in nics.items():
         prog = attached_prog(ifname)
+        locked = [ln.strip() for ln in dmesg if f" {ifname}: XDP request" in ln]
         interfaces.append({"role": role, "ifname": ifname, "driver": driver(ifname),
+                           "kernel_says": locked[-1] if locked else "",
                            "xdp": prog[1] if prog else None,
                            "why": next((i["why"] for i in status["interfaces"]
                                         if i["name"] == ifname), "")})
@@ -208,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-loads", action="store_true")
     p.add_argument("--go-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
-    say(f"kernel {os.uname().release}, {os.cpu_count()} vCPUs")
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    write_json(args.xchg / "booted.json", {"uptime_s": uptime})
+    say(f"kernel {os.uname().release}, {os.cpu_count()} vCPUs, up {uptime:.1f} s")
     os.environ["ZFAST_CACHE_DIR"] = str(args.cache)
     nics = prepare()
     rc = fixtures(args.repo, args.cache, args.xchg, args.tests, args.all_loads)
