@@ -168,3 +168,20 @@ def test_auto_goes_on_to_generic_and_says_why():
     assert tries == ["generic"]
     assert why == "a NIC driver; not native: virtio_net refuses XDP here (MTU 9000 is above 4064)"
     assert loader.virtio_tries("eth0", "native", ["native"], "w", []) == (["native"], "w")
+
+
+def test_pktgen_nic_only_when_asked():
+    assert vmnet.nic_opts(pktgen=True).count("-device") == 3
+    assert f"virtio-net-pci,netdev=gen,mac={vmnet.GEN_MAC}" in vmnet.nic_opts(pktgen=True)
+    assert set(vmnet.taps()) == {"pub", "priv"}
+
+
+def test_pktgen_counts_must_agree_with_zfast_stats_and_the_backends():
+    zfast = {"app": 9990, "10.1.0.2": 4340, "10.1.0.3": 5650}
+    backends = ["10.1.0.2", "10.1.0.3"]
+    assert vm.pktgen_verdict(9990, zfast, {"be1": 4340, "be2": 5650}, backends) == []
+    assert vm.pktgen_verdict(68476, {**zfast, "app": 51844}, {"be1": 4340, "be2": 5650},
+                             backends) == ["pktgen: sent 68476, zfast stats counted 51844"]
+    assert vm.pktgen_verdict(9990, zfast, {"be1": 4339, "be2": 5650}, backends) == [
+        "pktgen: zfast sent 4340 to be1, it received 4339"]
+    assert vm.pktgen_verdict(None, zfast, {}, backends) == ["pktgen: no count of what it sent"]

@@ -163,13 +163,14 @@ def run(args) -> int:
     report: list[str] = []     # what the summary repeats: XDP modes, counts
     rc = 1
     with Topology(prefix="zfvm") as topo:
-        net = vmnet.build(topo, xchg, queues=args.queues)
+        net = vmnet.build(topo, xchg, queues=args.queues, pktgen=args.pktgen)
         guest_cmd = " ".join([sys.executable, "-m", "zfast.lab.vmguest", "--repo", str(repo),
                               "--xchg", str(xchg), "--cache", str(CACHE),
                               *(["--all-loads"] if args.all_loads else []),
+                              *(["--pktgen"] if args.pktgen else []),
                               "--tests", *args.tests])
         argv = vng_argv(vng, vmlinuz, accel.name, guest_cmd, cpus=args.cpus, memory=args.memory,
-                        rwdirs=(CACHE, xchg), qemu_opts=tuple(vmnet.nic_opts(args.queues)),
+                        rwdirs=(CACHE, xchg), qemu_opts=tuple(vmnet.nic_opts(args.queues, args.pktgen)),
                         cwd=repo)
         say(f"booting the guest ({args.cpus} vCPUs, {args.memory}, 2 virtio-net NICs on taps "
             f"in {net.wire}) ...")
@@ -255,11 +256,17 @@ def drive(args, net: vmnet.HostNet, xchg: Path, proc, timeline: dict, report: li
         say("FAIL: not native XDP on every virtio-net NIC")
         rc = 1
     t2 = time.monotonic()
-    waited = vmnet.wait_vip(net.client, 120)
+    try:
+        waited = vmnet.wait_vip(net.client, 120)
+    except TimeoutError as err:
+        say(f"FAIL: {err}")
+        report.append(f"FAIL: {err}")
+        return 1
     say(f"the VIP answers (after {waited:.1f} s); sending {args.tcp} TCP connections and "
         f"{args.udp} UDP datagrams from {net.client} ...")
     result = vmnet.drive(net, args.tcp, args.udp)
     timeline["traffic_s"] = round(time.monotonic() - t2, 1)
+    before_pktgen = net.received()
     (xchg / "go").touch()
     for be, c in result["received"].items():
         say(f"received at {be}: {c['tcp']} TCP connections, {c['udp']} UDP datagrams")
@@ -272,12 +279,45 @@ def drive(args, net: vmnet.HostNet, xchg: Path, proc, timeline: dict, report: li
     for p in problems:
         say(f"FAIL: {p}")
         report.append(f"FAIL: {p}")
-    if wait_file(xchg / "node.json", proc, 120):
+    if wait_file(xchg / "node.json", proc, 300 if args.pktgen else 120):
+        if args.pktgen:
+            problems += pktgen_check(xchg, net, before_pktgen, report)
         node = json.loads((xchg / "node.json").read_text())
         say("zfast stats (guest), services: " + json.dumps(node["stats"].get("services")))
         for i in node["interfaces"]:
             say(f"after the traffic, {i['ifname']}: XDP mode {i['xdp']}")
     return 1 if problems else rc
+
+
+def pktgen_verdict(sent: int | None, zfast: dict[str, int], received: dict[str, int],
+                   backends: list[str]) -> list[str]:
+    """What is wrong with a pktgen run: zfast's count of the service must be pktgen's, each
+    backend's count zfast's for it."""
+    if sent is None:
+        return ["pktgen: no count of what it sent"]
+    problems = []
+    if zfast.get("app") != sent:
+        problems.append(f"pktgen: sent {sent}, zfast stats counted {zfast.get('app')}")
+    for i, addr in enumerate(backends):
+        name = f"be{i + 1}"
+        if received.get(name) != zfast.get(addr):
+            problems.append(f"pktgen: zfast sent {zfast.get(addr)} to {name}, it received "
+                            f"{received.get(name)}")
+    return problems
+
+
+def pktgen_check(xchg: Path, net: vmnet.HostNet, before: list[dict], report: list[str]
+                 ) -> list[str]:
+    pg = json.loads((xchg / "pktgen.json").read_text()) if (xchg / "pktgen.json").exists() \
+        else {"sent": None, "zfast": {}, "output": "(the guest wrote no pktgen result)"}
+    received = {f"be{i + 1}": a["udp"] - b["udp"]
+                for i, (a, b) in enumerate(zip(net.received(), before))}
+    report.append(f"pktgen: {pg['output']}; zfast stats: {pg['zfast']}; received {received}")
+    problems = pktgen_verdict(pg["sent"], pg["zfast"], received, vmnet.BACKENDS)
+    for p in problems:
+        say(f"FAIL: {p}")
+        report.append(f"FAIL: {p}")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", default="3G")
     p.add_argument("--queues", type=int, default=1, help="queue pairs of each virtio-net NIC")
+    p.add_argument("--pktgen", action="store_true",
+                   help="then the guest's pktgen through the VIP, counts against zfast stats")
     p.add_argument("--tcp", type=int, default=50)
     p.add_argument("--udp", type=int, default=200)
     p.add_argument("--timeout", type=float, default=3600.0,

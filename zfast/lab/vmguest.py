@@ -73,8 +73,9 @@ class Ticker:
         self.done.set()
 
 
-def prepare() -> dict[str, str]:
-    """bpffs, forwarding, the NICs by their MACs: {"pub": ifname, "priv": ifname}."""
+def prepare(pktgen: bool) -> dict[str, str]:
+    """bpffs, forwarding, the NICs by their MACs: {"pub": ifname, "priv": ifname[, "gen":
+    pktgen's]}."""
     for where in ("/sys/fs/bpf", "/run/zfast/bpffs"):
         if sh("mountpoint", "-q", where, check=False).returncode:
             os.makedirs(where, exist_ok=True)
@@ -84,11 +85,16 @@ def prepare() -> dict[str, str]:
     links = json.loads(sh("ip", "-j", "link", "show").stdout)
     by_mac = {link.get("address"): link["ifname"] for link in links}
     nics = {}
-    for role, (_tap, mac) in vmnet.TAPS.items():
+    for role, (_tap, mac) in vmnet.taps(pktgen).items():
         if mac not in by_mac:
             raise RuntimeError(f"no NIC with MAC {mac} in the guest (links: {sorted(by_mac)})")
         nics[role] = by_mac[mac]
-    addrs = {"pub": [f"{vmnet.GUEST_PUB}/24", f"{VIP4}/32"], "priv": [f"{vmnet.GUEST_PRIV}/24"]}
+    addrs = {"pub": [f"{vmnet.GUEST_PUB}/24", f"{VIP4}/32"], "priv": [f"{vmnet.GUEST_PRIV}/24"],
+             "gen": []}
+    if "gen" in nics:
+        # the guest's addresses are answered for on their own NIC only: else the client's ARP
+        # for the VIP may be answered from pktgen's NIC, which has no XDP (the kernel's RST)
+        sh("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
     for role, ifname in nics.items():
         for a in addrs[role]:
             sh("ip", "addr", "replace", a, "dev", ifname)
@@ -149,7 +155,7 @@ def project(nics: dict[str, str]) -> dict:
     }
 
 
-def node(nics: dict[str, str], xchg: Path, go_timeout: float) -> int:
+def node(nics: dict[str, str], xchg: Path, go_timeout: float, repo: Path) -> int:
     NODE_STATE.mkdir(parents=True, exist_ok=True)
     cfg = NODE_STATE / "project.yaml"
     cfg.write_text(yaml.safe_dump(project(nics), sort_keys=False))
@@ -172,7 +178,8 @@ def node(nics: dict[str, str], xchg: Path, go_timeout: float) -> int:
     up_s = time.monotonic() - t0
     interfaces = []
     dmesg = sh("dmesg", check=False).stdout.splitlines()
-    for role, ifname in nics.items():
+    for role in ("pub", "priv"):
+        ifname = nics[role]
         prog = attached_prog(ifname)
         locked = [ln.strip() for ln in dmesg if f" {ifname}: XDP request" in ln]
         interfaces.append({"role": role, "ifname": ifname, "driver": driver(ifname),
@@ -191,6 +198,8 @@ def node(nics: dict[str, str], xchg: Path, go_timeout: float) -> int:
     while not (xchg / "go").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     rc = 0
+    if "gen" in nics:
+        rc = pktgen(client, nics, xchg, repo)
     try:
         stats = client.get("/stats")
     except ApiError as err:
@@ -206,6 +215,40 @@ def node(nics: dict[str, str], xchg: Path, go_timeout: float) -> int:
     return rc
 
 
+def service_packets(stats: dict) -> dict[str, int]:
+    """{"app": packets, "10.1.0.2": packets, ...} of zfast stats' services and backends."""
+    out = {}
+    for svc in stats.get("services", []):
+        out[svc["name"]] = svc["packets"]
+        for be in svc.get("backends", []):
+            out[be["address"]] = be["packets"]
+    return out
+
+
+def pktgen(client: Client, nics: dict[str, str], xchg: Path, repo: Path,
+           rate: int = 2000, seconds: float = 5.0, flows: int = 64) -> int:
+    """The guest kernel's pktgen (tools/trafficgen.py --pktgen) from the third NIC to the public
+    NIC's MAC, UDP to the VIP from 64 source ports: what it sent and what zfast counted."""
+    before = service_packets(client.get("/stats"))
+    say(f"pktgen: {rate} pps for {seconds:.0f} s from {nics['gen']} to the VIP ({flows} flows)")
+    res = sh(sys.executable, str(repo / "tools" / "trafficgen.py"), "--pktgen",
+             "--dev", nics["gen"], "--dst-mac", vmnet.PUB_MAC, "--src", vmnet.PKTGEN_SRC,
+             "--dst", VIP4, "--dport", str(UDP_PORT), "--sport", "20000", "--flows", str(flows),
+             "--rate", str(rate), "--duration", str(seconds), "--size", "64", check=False)
+    out = (res.stdout + res.stderr).strip()
+    say(f"pktgen: {out}")
+    sent = None
+    for word in out.split("sent ")[1:2]:
+        sent = int(word.split()[0])
+    time.sleep(2)               # the last frames through the guest and the backends' flush
+    after = service_packets(client.get("/stats"))
+    doc = {"rc": res.returncode, "output": out, "sent": sent,
+           "zfast": {k: after.get(k, 0) - before.get(k, 0) for k in after}}
+    write_json(xchg / "pktgen.json", doc)
+    say(f"pktgen: zfast stats counted {doc['zfast']}")
+    return 1 if res.returncode or sent is None else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zfast.lab.vmguest")
     p.add_argument("--repo", type=Path, required=True)
@@ -214,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tests", nargs="+", default=FIXTURES)
     p.add_argument("--all-loads", action="store_true")
     p.add_argument("--go-timeout", type=float, default=600.0)
+    p.add_argument("--pktgen", action="store_true", help="after the host's traffic, pktgen's")
     args = p.parse_args(argv)
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     write_json(args.xchg / "booted.json", {"uptime_s": uptime})
     say(f"kernel {os.uname().release}, {os.cpu_count()} vCPUs, up {uptime:.1f} s")
     os.environ["ZFAST_CACHE_DIR"] = str(args.cache)
-    nics = prepare()
+    nics = prepare(args.pktgen)
     rc = fixtures(args.repo, args.cache, args.xchg, args.tests, args.all_loads)
-    rc_node = node(nics, args.xchg, args.go_timeout)
+    rc_node = node(nics, args.xchg, args.go_timeout, args.repo)
     return rc or rc_node
 
 

@@ -31,13 +31,23 @@ BACKENDS = ["10.1.0.2", "10.1.0.3"]
 # the guest's NICs, found in the guest by these MACs
 PUB_MAC, PRIV_MAC = "52:54:00:7a:00:01", "52:54:00:7a:00:02"
 TAPS = {"pub": ("tpub", PUB_MAC), "priv": ("tpriv", PRIV_MAC)}
+# a third NIC on the public bridge, no address and no XDP: pktgen in the guest sends from it
+# to the public NIC's MAC, so its frames come back in through zfast like a client's
+GEN_MAC = "52:54:00:7a:00:03"
+GEN_TAP = ("tgen", GEN_MAC)
+PKTGEN_SRC = "10.0.0.50"
 
 
-def nic_opts(queues: int = 1) -> list[str]:
-    """qemu options for the two NICs on the taps of the wire namespace. queues > 1: a
-    multi-queue tap and virtio-net (2 vectors a queue pair, plus config and control)."""
+def taps(pktgen: bool = False) -> dict[str, tuple[str, str]]:
+    return {**TAPS, "gen": GEN_TAP} if pktgen else dict(TAPS)
+
+
+def nic_opts(queues: int = 1, pktgen: bool = False) -> list[str]:
+    """qemu options for the NICs on the taps of the wire namespace (two, three with pktgen's).
+    queues > 1: a multi-queue tap and virtio-net (2 vectors a queue pair, plus config and
+    control)."""
     opts = []
-    for role, (tap, mac) in TAPS.items():
+    for role, (tap, mac) in taps(pktgen).items():
         mq = f",queues={queues}" if queues > 1 else ""
         dev = f",mq=on,vectors={2 * queues + 2}" if queues > 1 else ""
         opts += ["-netdev", f"tap,id={role},ifname={tap},script=no,downscript=no{mq}",
@@ -58,15 +68,17 @@ class HostNet:
                 for p in self.counts]
 
 
-def build(topo: Topology, run_dir: Path, queues: int = 1) -> HostNet:
+def build(topo: Topology, run_dir: Path, queues: int = 1, pktgen: bool = False) -> HostNet:
     wire = topo.add_ns("wire")
     client = topo.add_ns("cli")
-    for role, (tap, _mac) in TAPS.items():
+    for role, (tap, _mac) in taps(pktgen).items():
         mq = ["multi_queue"] if queues > 1 else []
         topo.run(wire, ["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", *mq],
                  check=True)
-        topo.bridge(wire, f"br{role}")
-        topo.attach_to_bridge(wire, tap, f"br{role}")
+        bridge = "brpub" if role == "gen" else f"br{role}"
+        if role != "gen":
+            topo.bridge(wire, bridge)
+        topo.attach_to_bridge(wire, tap, bridge)
         topo.run(wire, ["ip", "link", "set", tap, "up"], check=True)
     topo.veth(client, "eth0", wire, "cpub", [f"{CLIENT}/24"], [])
     topo.attach_to_bridge(wire, "cpub", "brpub")
@@ -204,9 +216,18 @@ def serve(name: str, out: Path, tcp_port: int = TARGET_TCP, udp_port: int = TARG
     def count(proto: str) -> None:
         with lock:
             counts[proto] += 1
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(counts))
-            os.replace(tmp, out)
+
+    def flush() -> None:        # every 0.1 s, not at every datagram: pktgen sends thousands
+        written = None
+        while True:
+            with lock:
+                now = dict(counts)
+            if now != written:
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(now))
+                os.replace(tmp, out)
+                written = now
+            time.sleep(0.1)
 
     class TCP(socketserver.StreamRequestHandler):
         def handle(self):
@@ -227,7 +248,11 @@ def serve(name: str, out: Path, tcp_port: int = TARGET_TCP, udp_port: int = TARG
         daemon_threads = True
 
     out.write_text(json.dumps(counts))
-    udp = socketserver.UDPServer(("0.0.0.0", udp_port), UDP)
+    threading.Thread(target=flush, daemon=True).start()
+    udp = socketserver.UDPServer(("0.0.0.0", udp_port), UDP, bind_and_activate=False)
+    udp.socket.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
+    udp.server_bind()
+    udp.server_activate()
     threading.Thread(target=udp.serve_forever, daemon=True).start()
     TCPServer(("0.0.0.0", tcp_port), TCP).serve_forever()
 
