@@ -11,6 +11,8 @@ usage: $0 COMMAND [ARGS...]
   demo  [args]         run 'zfast demo' (throw-away namespaces, live stats, failover)
   test  [pytest args]  run the test suite (default args: -q -ra)
   bench [args]         run tools/bench.py
+  vmtest [args]        Debian 12's kernel in a VM: packet fixtures and native XDP on
+                       virtio-net (zfast.lab.vm; --help for its options; docs/vm.md)
 Each command first runs scripts/bootstrap.sh (needs root, Debian); \`test -m unit\`
 runs as any user once the venv exists.
 USAGE
@@ -40,6 +42,10 @@ case "$cmd" in
         bash "$REPO/scripts/bootstrap.sh"
         cd "$REPO"
         exec "$REPO/.venv/bin/python" tools/bench.py "$@" ;;
+    vmtest)
+        bash "$REPO/scripts/bootstrap.sh"
+        cd "$REPO"
+        exec nice -n 19 "$REPO/.venv/bin/python" -m zfast.lab.vm "$@" ;;
     -h|--help|help)
         usage ;;
     *)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:         # numpy at first use: `zfast up` starts the kernel's w
     import numpy as np  # the data plane before it imports it (zfast/node/prestart.py)
 
 from zfast.config import Datapath as Sizes
-from zfast.dataplane import bpflib, progcache
+from zfast.dataplane import bpflib, progcache, virtio
 from zfast.dataplane.background import Background
 from zfast.dataplane.mapbatch import read_all
 from zfast.dataplane.reasons import defines, reasons
@@ -547,6 +547,11 @@ class Loaded:
         ifindex(ifname)  # a clear error for a missing interface
         tries, why = choose_hook(ifname, mode)
         last = None
+        virtio_nic = "native" in tries and virtio.is_virtio(ifname)
+        if virtio_nic:
+            tries, why = virtio_tries(ifname, mode, tries, why, virtio.refusal(ifname))
+            # read before the attach: with XDP on, the driver counts its XDP queues in use too
+            queue_note = virtio.attach_note(ifname)
         for m in tries:
             try:
                 if m == "tc":
@@ -560,6 +565,8 @@ class Loaded:
                 continue
             if m == "generic" and len(tries) > 1:
                 why += f"; no native XDP in this driver ({last})"
+            if m == "native" and virtio_nic and queue_note:
+                why += f"; {queue_note}"
             att = Attachment(ifname, m, self.prog_id_of(m), why)
             self.attached[ifname] = att
             return att
@@ -575,6 +582,20 @@ class Loaded:
                 self.detach(ifname)
             except DatapathError:
                 pass
+
+
+def virtio_tries(ifname: str, mode: str, tries: list[str], why: str,
+                 problems: list[str]) -> tuple[list[str], str]:
+    """The modes to try on a virtio-net NIC whose driver would refuse native XDP for these
+    problems (zfast.dataplane.virtio): native named in the project file is refused in one
+    line; auto goes on to generic XDP, and why says what native needs."""
+    if not problems:
+        return tries, why
+    if mode == "native":
+        raise DatapathError(f"cannot attach zfast to {ifname} in native mode: virtio_net "
+                            f"refuses XDP here: {'; '.join(problems)}")
+    rest = [m for m in tries if m != "native"]
+    return rest, why + f"; not native: virtio_net refuses XDP here ({'; '.join(problems)})"
 
 
 def tc_attach(ifname: str, prog_fd: int) -> None:
