@@ -468,3 +468,19 @@ def test_the_launcher_passes_over_a_spare_on_the_surviving_peers_member(tmp_path
     assert not launcher._beside_a_balancer(spare)
     lb_b.member = spare.member = None        # no cluster: never
     assert not launcher._beside_a_balancer(spare)
+
+
+def test_a_spare_alone_of_its_group_on_its_member_stays_put(fake, runtime, tmp_path):
+    """Only the spare's own container is left out of the count, not another one on its
+    member: a router beside it does not make it misplaced."""
+    _cluster(fake, "m1", "m2", "m3", "m4")
+    fake.members["m4"] = "Offline"
+    router = runtime.create(_router(tmp_path, "rt-a"))
+    a = runtime.create(_spec(tmp_path))
+    b = runtime.create(_spec(tmp_path, name="lb-b", state_dir=tmp_path / "lb-b"))
+    assert (router.member, a.member, b.member) == ("m1", "m2", "m3")
+    spare = runtime.create(_spec(tmp_path, name="spare1", kind="spare",
+                                 state_dir=tmp_path / "spare1"))
+    assert spare.member == "m1"              # beside the router: no balancer there
+    fake.members["m4"] = "Online"
+    assert not runtime.better_placed(spare)

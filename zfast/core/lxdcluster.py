@@ -50,11 +50,15 @@ class ClusterView:
         except (OSError, ValueError):
             return False
 
-    def placed(self) -> list[tuple[str, str]]:
-        """(kind, member) of every container of this core."""
-        return [((c.get("config") or {}).get("user.zfast.kind", ""), c.get("location") or "")
-                for c in self.client.get("/1.0/instances?recursion=1") or []
+    def containers(self) -> list[dict]:
+        """This core's containers (tagged user.zfast.core), as LXD lists them."""
+        return [c for c in self.client.get("/1.0/instances?recursion=1") or []
                 if (c.get("config") or {}).get("user.zfast.core") == self.prefix]
+
+    def placed(self, without: str | None = None) -> list[tuple[str, str]]:
+        """(kind, member) of every container of this core but ``without``."""
+        return [((c.get("config") or {}).get("user.zfast.kind", ""), c.get("location") or "")
+                for c in self.containers() if c["name"] != without]
 
     def target(self, spec: InstanceSpec) -> str | None:
         """The member for a new instance (None: no cluster); a balancer or router that
@@ -80,13 +84,11 @@ class ClusterView:
             return False
         try:
             online = self.online()
-            placed = self.placed()
+            others = self.placed(without=inst.netns)     # its container's name
         except (OSError, LxdError):
             return False
         if not online:
             return False
-        here = [(k, m) for k, m in placed if m == inst.member]
-        others = [(k, m) for k, m in placed if m != inst.member] + here[1:]   # without itself
         if not shares_member(inst.spec.kind, inst.member, others):
             return False
         target = choose_member(inst.spec.kind, online, others)
