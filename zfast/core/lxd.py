@@ -231,12 +231,8 @@ class LxdRuntime(Runtime):
             self.imported = None
 
     def containers(self) -> dict[str, str | None]:
-        """This core's containers (tagged user.zfast.core): their members."""
-        out = {}
-        for c in self.client.get("/1.0/instances?recursion=1") or []:
-            if (c.get("config") or {}).get("user.zfast.core") == self.prefix:
-                out[c["name"]] = c.get("location") or None
-        return out
+        """This core's containers: their members."""
+        return {c["name"]: c.get("location") or None for c in self.cluster.containers()}
 
     # ---- placement (zfast/core/lxdcluster.py) ------------------------------------------
 
@@ -427,33 +423,29 @@ class LxdRuntime(Runtime):
             pins.remove_pins(pin_dir(node))
 
     def _delete(self, name: str, member: str | None) -> bool:
-        """Stopped (forced) and deleted; an orphan when LXD cannot (its member is down)."""
-        if not self.cluster.reachable(member):
-            if name not in self.orphans:
-                self.log("repair", action="orphaned", container=name, member=member,
-                         error=f"member {member} unreachable")
-            self.orphans[name] = member
-            return False
-        try:
+        """Stopped (forced) and deleted (or gone already); an orphan when LXD cannot (its
+        member is down)."""
+        error = None if self.cluster.reachable(member) else f"member {member} unreachable"
+        if error is None:
             try:
-                self.client.request("PUT", f"{self._url(name)}/state",
-                                    {"action": "stop", "force": True}, timeout=DELETE_TIMEOUT_S)
-            except LxdError as err:
-                if err.code == 404:
-                    self.orphans.pop(name, None)
-                    return True
-            self.client.request("DELETE", self._url(name), timeout=DELETE_TIMEOUT_S)
-        except (OSError, LxdError) as err:
-            if isinstance(err, LxdError) and err.code == 404:
-                self.orphans.pop(name, None)
-                return True
-            if name not in self.orphans:
-                self.log("repair", action="orphaned", container=name, member=member,
-                         error=str(err))
-            self.orphans[name] = member
-            return False
-        self.orphans.pop(name, None)
-        return True
+                try:
+                    self.client.request("PUT", f"{self._url(name)}/state",
+                                        {"action": "stop", "force": True}, timeout=DELETE_TIMEOUT_S)
+                except LxdError as err:
+                    if err.code == 404:
+                        raise
+                    # not running: deleted all the same
+                self.client.request("DELETE", self._url(name), timeout=DELETE_TIMEOUT_S)
+            except (OSError, LxdError) as err:
+                if not (isinstance(err, LxdError) and err.code == 404):     # 404: gone
+                    error = str(err)
+        if error is None:
+            self.orphans.pop(name, None)
+            return True
+        if name not in self.orphans:
+            self.log("repair", action="orphaned", container=name, member=member, error=error)
+        self.orphans[name] = member
+        return False
 
     def housekeeping(self) -> None:
         """Orphans deleted once their member is online again: a member that returns must
